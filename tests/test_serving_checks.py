@@ -1,0 +1,116 @@
+"""Bad deployments are refused before vLLM starts, each with a message naming the problem."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import pytest
+
+from serving.adapters import AdapterError, check_adapters
+from serving.config import ConfigError, from_dict, load_config
+from serving.launcher import VLLMServer
+from tests.conftest import EXPERTS, deployment
+from training.random_adapter import make_random_adapter
+from training.tiny_model import TinyModelSpec, build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def bad_adapters(tmp_path_factory, tiny_model_dir):
+    """Adapters that must be refused, each broken in one way."""
+    root = tmp_path_factory.mktemp("bad")
+    make_random_adapter(str(tiny_model_dir), root / "rank16", rank=16)
+    make_random_adapter(str(tiny_model_dir), root / "dora", use_dora=True)
+    make_random_adapter(str(tiny_model_dir), root / "saves", modules_to_save=["lm_head"])
+    make_random_adapter(str(tiny_model_dir), root / "router4", labels=[*EXPERTS, "chandra-ocr"])
+    other_base = build_tiny_model(TinyModelSpec(seed=5), tmp_path_factory.mktemp("other-base"))
+    make_random_adapter(str(other_base), root / "other-base")
+    return root
+
+
+def _with_expert(adapters_dir, path, **engine):
+    """The good deployment with its calendar expert replaced by the adapter at `path`."""
+    cfg = deployment(adapters_dir, engine={"port": 0, **engine})
+    cfg.experts[0].path = str(path)
+    return cfg
+
+
+CASES = [
+    # (case, build the config from (good adapters, bad adapters, tmp), expected message fragment)
+    ("missing adapter folder", lambda g, b, t: _with_expert(g, t / "nope"), "calendar: adapter folder not found"),
+    ("rank above max", lambda g, b, t: _with_expert(g, b / "rank16", max_lora_rank=8), "rank 16 is above engine.max_lora_rank=8"),
+    ("DoRA adapter", lambda g, b, t: _with_expert(g, b / "dora"), "calendar: DoRA adapters"),
+    ("modules_to_save", lambda g, b, t: _with_expert(g, b / "saves"), "calendar: modules_to_save"),
+    ("router labels differ from experts", lambda g, b, t: deployment(g, router={"name": "router", "path": str(b / "router4")}),
+     "router labels ['calendar', 'claim-window', 'provider-select', 'chandra-ocr'] do not match"),
+    ("max_loras too small", lambda g, b, t: deployment(g, engine={"port": 0, "max_loras": 2}), "engine.max_loras=2 is too small"),
+    ("trained on another base", lambda g, b, t: _with_expert(g, b / "other-base"), "calendar: trained on another base model"),
+]
+
+
+@pytest.mark.parametrize("case, make, message", CASES, ids=[c[0] for c in CASES])
+def test_bad_deployment_refused_before_vllm_starts(case, make, message, adapters_dir, bad_adapters, tmp_path):
+    config = make(adapters_dir, bad_adapters, tmp_path)
+    server = VLLMServer(config, log_path=tmp_path / "vllm.log")
+    with pytest.raises(AdapterError) as info:
+        asyncio.run(server.start())
+    assert message in str(info.value)
+    assert server.process is None and not (tmp_path / "vllm.log").exists()
+
+
+def test_weights_on_the_vision_tower_are_refused(adapters_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "visual"
+    shutil.copytree(adapters_dir / "calendar", bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    save_file({k.replace(".language_model.", ".visual."): v for k, v in weights.items()},
+              str(bad / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="on the vision tower"):
+        check_adapters(_with_expert(adapters_dir, bad))
+
+
+def test_good_deployment_passes_and_derives_rank(adapters_dir, tiny_model_dir):
+    infos = check_adapters(deployment(adapters_dir), str(tiny_model_dir))
+    assert [i.name for i in infos] == ["router", *EXPERTS]
+    assert {i.rank for i in infos} == {8}
+
+
+def test_every_problem_is_listed_at_once(adapters_dir, tmp_path):
+    cfg = deployment(adapters_dir, engine={"port": 0, "max_loras": 1})
+    cfg.experts[1].path = str(tmp_path / "gone")
+    with pytest.raises(AdapterError) as info:
+        check_adapters(cfg)
+    assert len(info.value.problems) == 2
+
+
+CONFIG_CASES = [
+    ("unknown top-level key", {"expert": []}, "unknown top-level key(s): expert"),
+    ("unknown engine key", {"engine": {"gpus": 2}}, "unknown key(s) in engine: gpus"),
+    ("bad device", {"engine": {"device": "tpu"}}, "engine.device must be 'cpu' or 'cuda'"),
+    ("rank vLLM does not accept", {"engine": {"max_lora_rank": 12}}, "engine.max_lora_rank must be one of"),
+    ("duplicate adapter names", {"experts": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "repeated: a"),
+    ("adapter without a path", {"experts": [{"name": "a"}]}, "experts[0]"),
+    ("bad adapter name", {"experts": [{"name": "a b", "path": "x"}]}, "adapter name 'a b'"),
+    ("base name clashes with adapter", {"model": {"served_name": "a"}, "experts": [{"name": "a", "path": "x"}]}, "clashes"),
+    ("zero KV cache on CPU", {"engine": {"kv_cache_gib": 0}}, "kv_cache_gib must be > 0 on CPU"),
+]
+
+
+@pytest.mark.parametrize("case, data, message", CONFIG_CASES, ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_values_are_refused(case, data, message):
+    with pytest.raises(ConfigError) as info:
+        from_dict(data)
+    assert message in str(info.value)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "configs" / "d.yaml"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"experts": [{"name": "a", "path": "ck/a"}], "engine": {"port": 9000}}))
+    cfg = load_config(path, ["engine.port=9100", "engine.max_loras=4"])
+    assert (cfg.engine.port, cfg.engine.max_loras) == (9100, 4)
+    assert cfg.adapter_path(cfg.experts[0]) == tmp_path / "ck" / "a"  # relative to the project root
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(path, ["engine.port"])

@@ -1,0 +1,109 @@
+"""A real vLLM CPU server: tiny base model, router and three experts, started from a deployment config."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import aiohttp
+import pytest
+
+from serving.launcher import ServerError, VLLMServer, probe_image
+from tests.conftest import EXPERTS, deployment, start_server
+
+pytestmark = pytest.mark.integration
+
+
+async def _chat(server: VLLMServer, model: str, image_url: str, text: str = "Describe this screen.",
+                headers: dict | None = None) -> tuple[int, dict]:
+    body = {"model": model, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                      {"type": "text", "text": text}]}]}
+    async with aiohttp.ClientSession(headers=server.headers if headers is None else headers) as session:
+        async with session.post(server.base_url + "/chat/completions", json=body) as r:
+            return r.status, await r.json()
+
+
+def test_models_lists_base_and_every_adapter(served):
+    async def models():
+        async with aiohttp.ClientSession(headers=served.headers) as session:
+            async with session.get(served.base_url + "/models") as r:
+                return {m["id"] for m in (await r.json())["data"]}
+
+    assert {"base", "router", *EXPERTS} <= asyncio.run(models())
+
+
+def test_base_model_answers_an_image_request(served):
+    status, body = asyncio.run(_chat(served, "base", probe_image(seed=11)))
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens"] > 300  # 640x480 screenshot = 300 image tokens plus the text
+    assert body["choices"][0]["message"]["content"]
+
+
+def test_each_adapter_answers_by_name_and_differently_from_base(served):
+    image = probe_image(seed=12)
+
+    async def all_answers():
+        names = ["base", "router", *EXPERTS]
+        results = await asyncio.gather(*(_chat(served, n, image) for n in names))
+        return dict(zip(names, results))
+
+    answers = asyncio.run(all_answers())
+    assert all(status == 200 for status, _ in answers.values()), answers
+    texts = {n: body["choices"][0]["message"]["content"] for n, (_, body) in answers.items()}
+    assert all(texts[n] != texts["base"] for n in ["router", *EXPERTS]), texts
+
+
+@pytest.mark.parametrize("case, headers, status", [
+    ("no key", {}, 401),
+    ("wrong key", {"Authorization": "Bearer nope"}, 401),
+])
+def test_requests_without_the_api_key_are_refused(served, case, headers, status):
+    got, _ = asyncio.run(_chat(served, "calendar", probe_image(seed=13), headers=headers))
+    assert got == status
+
+
+def test_unknown_adapter_is_a_404_naming_the_model(served):
+    status, body = asyncio.run(_chat(served, "no-such-expert", probe_image(seed=14)))
+    assert status == 404 and "no-such-expert" in body["error"]["message"]
+
+
+def test_first_request_after_ready_is_not_a_cold_start(served):
+    """The warm-up paid vLLM's first-request cost: request 1 is within 3x the median of the next ten."""
+    names = ["router", *EXPERTS]
+
+    async def timed():
+        times = []
+        for i in range(11):  # unseen images, so no cache flatters the later requests
+            start = time.perf_counter()
+            status, body = await _chat(served, names[i % len(names)], probe_image(seed=100 + i))
+            assert status == 200, body
+            times.append(time.perf_counter() - start)
+        return times
+
+    times = asyncio.run(timed())
+    assert times[0] <= 3 * statistics.median(times[1:]), times
+
+
+def test_noop_adapter_is_caught_by_the_probe(tmp_path, adapters_dir, tiny_model_dir):
+    from training.random_adapter import make_random_adapter
+
+    make_random_adapter(str(tiny_model_dir), tmp_path / "noop", zero_b=True)
+    config = deployment(adapters_dir, router=None,
+                        experts=[{"name": "calendar", "path": str(adapters_dir / "calendar")},
+                                 {"name": "noop", "path": str(tmp_path / "noop")}])
+    with pytest.raises(ServerError, match=r"\['noop'\] answer the probe exactly as the base model"):
+        start_server(config, tmp_path / "vllm.log")
+
+
+def test_vllm_dying_at_start_reports_its_own_error(tmp_path):
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no_such_architecture"}')
+    config = deployment(tmp_path, model={"path": str(broken), "served_name": "base"}, router=None, experts=[])
+    server = VLLMServer(config, log_path=tmp_path / "vllm.log")
+    with pytest.raises(ServerError, match="vLLM exited with code") as info:
+        asyncio.run(server.start())
+    assert "no_such_architecture" in str(info.value)
+    assert server.process is None or server.process.poll() is not None
