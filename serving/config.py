@@ -19,7 +19,6 @@ import yaml
 
 # vLLM accepts only these LoRA ranks for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-TINY_MODEL = "tiny"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -36,7 +35,7 @@ def _check_name(what: str, name: str) -> None:
 class ModelConfig:
     """The base model every adapter sits on."""
 
-    path: str = field(default=TINY_MODEL, metadata={
+    path: str = field(default="tiny", metadata={
         "help": "Local folder or hub id of the base model; 'tiny' builds (once) and uses the embedded tiny model."})
     served_name: str = field(default="base", metadata={
         "help": "Name clients use for the base model without any adapter."})

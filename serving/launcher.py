@@ -29,7 +29,8 @@ import aiohttp
 
 from serving.adapters import AdapterInfo, check_adapters
 from serving.command import ServerCommand, build_command
-from serving.config import TINY_MODEL, DeploymentConfig
+from serving.config import DeploymentConfig
+from training.tiny_model import resolve_base_model
 
 # Seconds between readiness polls, and the grace period between SIGTERM and SIGKILL on stop.
 _POLL_S = 1.0
@@ -60,15 +61,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def resolve_model(path: str) -> str:
-    """The base model folder vLLM loads: 'tiny' builds (once) the embedded model."""
-    if path == TINY_MODEL:
-        from training.tiny_model import build_tiny_model
-
-        return str(build_tiny_model())
-    return path
 
 
 def probe_image(seed: int, size: tuple[int, int] = (640, 480)) -> str:
@@ -140,7 +132,7 @@ class VLLMServer:
 
     async def start(self) -> None:
         """Check adapters, start vLLM, and return once it is ready (or raise ServerError / AdapterError)."""
-        model_path = resolve_model(self.config.model.path)
+        model_path = resolve_base_model(self.config.model.path)
         self.adapters = check_adapters(self.config, model_path)  # before anything starts
         self.command = build_command(self.config, model_path, self.adapters, self.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,19 +14,11 @@ from pathlib import Path
 
 from training.manifest import AdapterManifest, model_fingerprint
 from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from training.tiny_model import resolve_base_model
 
 # Language-model projections of Qwen3-VL; the vision tower's modules are named differently (qkv, proj,
 # linear_fc1/2), so these names never put LoRA on it (vLLM ignores vision LoRA anyway).
 LANGUAGE_MODEL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def resolve_base(base: str) -> str:
-    """'tiny' -> the embedded tiny model's folder (built on demand); anything else unchanged."""
-    if base == "tiny":
-        from training.tiny_model import build_tiny_model
-
-        return str(build_tiny_model())
-    return base
 
 
 def make_random_adapter(base: str, out: str | Path, *, rank: int = 8, alpha: int | None = None, seed: int = 0,
@@ -41,7 +33,7 @@ def make_random_adapter(base: str, out: str | Path, *, rank: int = 8, alpha: int
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
 
-    base_path = resolve_base(base)
+    base_path = resolve_base_model(base)
     model = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(LANGUAGE_MODEL_TARGETS),
                         lora_dropout=0.0, bias="none", use_dora=use_dora, modules_to_save=modules_to_save)

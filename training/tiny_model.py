@@ -126,6 +126,8 @@ class TinyModelSpec:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
+# The name configs use for the embedded default model.
+TINY_MODEL = "tiny"
 # Bump when the build changes in a way the spec does not capture, so stale caches are not reused.
 BUILD_VERSION = 1
 
@@ -280,6 +282,13 @@ def build_tiny_model(spec: TinyModelSpec | None = None, cache_dir: Path | None =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def resolve_base_model(path: str) -> str:
+    """The base model folder a config names: 'tiny' is the embedded model (built on first use); else unchanged."""
+    if path == TINY_MODEL:
+        return str(build_tiny_model())
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
