@@ -1,0 +1,130 @@
+"""Expert training data: one task's generated examples as LLaVA-style JSONL lines plus JPEG screenshots.
+
+    python -m training.expert_datasets --kind calendar --train 2000 --eval 200 --seed 0 --output datasets/calendar
+
+writes DIR/train.jsonl, DIR/eval.jsonl and DIR/images/<kind>_<NNNNN>.jpg (JPEG quality 90); train ids are
+numbered 0 .. N-1 and eval ids continue at N, so ids and image files are unique across the two. A line:
+
+    {"id": "calendar_00001", "image": "images/calendar_00001.jpg",
+     "conversations": [{"from": "human", "value": "<image>\\n<prompt>"}, {"from": "gpt", "value": "<answer>"}],
+     "adapter": "calendar", "metadata": {"task_type": "calendar", "target": {...}, "seed": 123...}}
+
+Sample seeds: sample_seed(seed, split, index) is the first 8 bytes of SHA-256("<seed>:<split>:<index>"), so
+train and eval (and any other split name) draw unrelated screens; a collision between two of them has a
+probability of about 2**-64 per pair, and the tests check the splits are disjoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from training.screens import KINDS
+from training.tasks import Example, build_example, score
+
+JPEG_QUALITY = 90
+
+
+def sample_seed(seed: int, split: str, index: int) -> int:
+    """The screen seed of the index-th example of split in a dataset built from seed."""
+    digest = hashlib.sha256(f"{seed}:{split}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def write_example(example: Example, example_id: str, out_dir: Path, seed: int) -> dict:
+    """Saves the example's image under out_dir/images and returns its JSONL record."""
+    image_path = Path("images") / f"{example_id}.jpg"
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    example.image.save(out_dir / image_path, format="JPEG", quality=JPEG_QUALITY)
+    return {
+        "id": example_id,
+        "image": image_path.as_posix(),
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{example.prompt}"},
+            {"from": "gpt", "value": example.answer},
+        ],
+        "adapter": example.kind,
+        "metadata": {"task_type": example.kind, "target": example.target, "seed": seed},
+    }
+
+
+def write_examples(kind: str, split: str, count: int, seed: int, out_dir: Path, start: int = 0,
+                   progress: bool = True) -> list[dict]:
+    """Generates count examples of kind for split, saves their images and returns their records.
+
+    Ids are <kind>_<start+i:05d>; pass a different start per split that shares out_dir.
+    """
+    records = []
+    for index in tqdm(range(count), desc=f"{kind} {split}", unit="img", disable=not progress):
+        example_seed = sample_seed(seed, split, index)
+        example = build_example(kind, example_seed)
+        records.append(write_example(example, f"{kind}_{start + index:05d}", out_dir, example_seed))
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One compact JSON record per line."""
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file."""
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def score_file(data_jsonl: Path, predictions: dict[str, str]) -> dict[str, float]:
+    """Mean metrics of predictions (id -> model answer) over a dataset file.
+
+    An id without a prediction is scored as an empty answer and counted in "missing"; "count" is the number
+    of records.
+    """
+    records = read_jsonl(Path(data_jsonl))
+    totals: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    missing = 0
+    for record in records:
+        if record["id"] not in predictions:
+            missing += 1
+        metadata = record["metadata"]
+        metrics = score(metadata["task_type"], predictions.get(record["id"], ""), metadata["target"])
+        for name, value in metrics.items():
+            totals[name] += value
+            counts[name] += 1
+    means = {name: totals[name] / counts[name] for name in totals}
+    return {"count": len(records), "missing": missing, **means}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.expert_datasets", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", required=True, choices=KINDS, help="expert task to generate")
+    parser.add_argument("--train", type=int, default=1000, help="number of training examples")
+    parser.add_argument("--eval", type=int, default=100, help="number of evaluation examples")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed (per-sample seeds derive from it)")
+    parser.add_argument("--output", type=Path, required=True, help="output folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.train < 0 or args.eval < 0:
+        raise SystemExit("--train and --eval must not be negative")
+    args.output.mkdir(parents=True, exist_ok=True)
+    train = write_examples(args.kind, "train", args.train, args.seed, args.output)
+    evaluation = write_examples(args.kind, "eval", args.eval, args.seed, args.output, start=args.train)
+    write_jsonl(args.output / "train.jsonl", train)
+    write_jsonl(args.output / "eval.jsonl", evaluation)
+    print(f"wrote {len(train)} train and {len(evaluation)} eval {args.kind} examples to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""Each expert's task on a generated screen (prompt, gold answer, scoring target) and its evaluator.
+
+    example = build_example("calendar", seed=3)   # prompt "Click on March 14, 2026.", answer a click tool call
+    score("calendar", reply, example.target)       # {"valid_json", "right_action", "in_box", "score"}: 0.0 or 1.0
+
+Tasks: calendar and provider-select answer with a click tool call {"name": "click", "arguments": {"x", "y"}} in
+the screenshot's pixel coordinates; claim-window with a JSON object {field name: value}; chandra-ocr with the
+page's markdown. Every scorer returns a "score" in [0, 1] and never raises on whatever a model writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from rapidfuzz.distance import Levenshtein
+
+from training.screens import KINDS, Box, generate
+
+CLAIM_PROMPT = "Extract the claim fields as JSON."
+OCR_PROMPT = "Transcribe this page to markdown."
+DATE_PROMPTS = ("Click on {date}.", "Select {date} in the calendar.", "Pick the date {date}.")
+SLOT_PROMPTS = ("Click the {label} time slot.", "Select the {label} time slot.", "Book the {label} slot.")
+PROVIDER_PROMPTS = ("Select the provider {name}.", "Click on {name}.", "Choose {name} from the providers.")
+
+
+@dataclass
+class Example:
+    """A screenshot, the expert's prompt and gold answer, and the target its scorer needs (JSON-serialisable)."""
+
+    kind: str
+    image: Image.Image
+    prompt: str
+    answer: str
+    target: dict
+
+
+def compact_json(value: Any) -> str:
+    """JSON without spaces (short to tokenize); non-ASCII kept as is."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def click_call(x: int, y: int) -> str:
+    """The click tool call the grounding experts answer with."""
+    return compact_json({"name": "click", "arguments": {"x": x, "y": y}})
+
+
+def build_example(kind: str, seed: int) -> Example:
+    """generate(kind, seed) and a task on it drawn deterministically from the same seed."""
+    screen = generate(kind, seed)
+    rng = random.Random(f"task:{kind}:{seed}")
+    truth = screen.truth
+    if kind == "calendar":
+        if truth["time_slots"] and rng.random() < 0.3:
+            slot = rng.choice(truth["time_slots"])
+            prompt = rng.choice(SLOT_PROMPTS).format(label=slot["label"])
+            box = slot["box"]
+        else:
+            day = rng.choice(truth["days"])
+            prompt = rng.choice(DATE_PROMPTS).format(date=f"{truth['month_name']} {day['day']}, {truth['year']}")
+            box = day["box"]
+        return Example(kind, screen.image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box})
+    if kind == "provider-select":
+        provider = rng.choice(truth["providers"])
+        prompt = rng.choice(PROVIDER_PROMPTS).format(name=provider["name"])
+        box = provider["box"]
+        return Example(kind, screen.image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box})
+    if kind == "claim-window":
+        fields = {field["name"]: field["value"] for field in truth["fields"]}
+        return Example(kind, screen.image, CLAIM_PROMPT, compact_json(fields), {"fields": fields})
+    return Example(kind, screen.image, OCR_PROMPT, truth["markdown"], {"markdown": truth["markdown"]})
+
+
+def _first_json_object(text: str) -> dict | None:
+    """The first JSON object in text (bare, in a code fence or between tags), or None."""
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, _ = decoder.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            value = None
+        if isinstance(value, dict):
+            return value
+        start = text.find("{", start + 1)
+    return None
+
+
+def parse_tool_call(text: str) -> dict | None:
+    """The first tool call in a model's reply as {"name": str, "arguments": dict}, or None.
+
+    Accepts bare JSON, JSON wrapped in <tool_call>...</tool_call> or a code fence, and arguments given as a
+    JSON-encoded string (as OpenAI-style APIs return them).
+    """
+    if not isinstance(text, str):
+        return None
+    call = _first_json_object(text)
+    if call is None or not isinstance(call.get("name"), str):
+        return None
+    arguments = call.get("arguments", {})
+    if isinstance(arguments, str):
+        arguments = _first_json_object(arguments)
+    if not isinstance(arguments, dict):
+        return None
+    return {"name": call["name"], "arguments": arguments}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _score_click(answer: str, target: dict) -> dict[str, float]:
+    call = parse_tool_call(answer)
+    right_action = call is not None and call["name"] == target["action"]
+    x, y = (call["arguments"].get("x"), call["arguments"].get("y")) if call else (None, None)
+    in_box = right_action and _is_number(x) and _is_number(y) and Box(*target["box"]).contains(x, y)
+    return {"valid_json": float(call is not None), "right_action": float(right_action), "in_box": float(in_box),
+            "score": float(in_box)}
+
+
+def _score_fields(answer: str, target: dict) -> dict[str, float]:
+    fields = target["fields"]
+    predicted = _first_json_object(answer) if isinstance(answer, str) else None
+    correct = 0
+    if predicted is not None:
+        correct = sum(isinstance(predicted.get(name), str) and predicted[name].strip() == value
+                      for name, value in fields.items())
+    accuracy = correct / max(1, len(fields))
+    return {"valid_json": float(predicted is not None), "field_accuracy": accuracy, "score": accuracy}
+
+
+def _score_markdown(answer: str, target: dict) -> dict[str, float]:
+    reference = target["markdown"]
+    hypothesis = answer.strip() if isinstance(answer, str) else ""
+    cer = Levenshtein.distance(hypothesis, reference) / max(1, len(reference))
+    return {"cer": cer, "score": max(0.0, 1.0 - cer)}
+
+
+def score(kind: str, answer: str, target: dict) -> dict[str, float]:
+    """Metrics of a model's answer against an example's target; always includes "score" in [0, 1].
+
+    calendar / provider-select: valid_json, right_action, in_box (score = in_box). claim-window: valid_json,
+    field_accuracy (fraction of fields whose value matches exactly, surrounding whitespace aside; score =
+    field_accuracy). chandra-ocr: cer (Levenshtein distance / reference length; score = max(0, 1 - cer)).
+    """
+    if kind in ("calendar", "provider-select"):
+        return _score_click(answer, target)
+    if kind == "claim-window":
+        return _score_fields(answer, target)
+    if kind == "chandra-ocr":
+        return _score_markdown(answer, target)
+    raise ValueError(f"unknown task kind {kind!r}; known kinds: {', '.join(KINDS)}")
