@@ -1,1 +1,41 @@
-"""router_client package."""
+"""Async client of a router + LoRA experts deployment on vLLM: route a screenshot, then run the chosen expert.
+
+    from router_client import ClientConfig, RouterClient
+    from serving.config import load_config
+
+    cfg = ClientConfig.from_deployment(load_config("configs/tiny-cpu.yaml"))
+    async with RouterClient(cfg) as client:
+        result = await client.process("screen.png")
+
+Command lines: `python -m router_client` (one screenshot) and `python -m router_client.batch` (many).
+"""
+
+from router_client.client import RouterClient
+from router_client.config import ClientConfig
+from router_client.errors import (
+    APIConnectionError,
+    APIResponseError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ClientConfigError,
+    InternalServerError,
+    InvalidImageError,
+    LowConfidenceError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RouterClientError,
+    UnknownExpertError,
+)
+from router_client.images import PreparedImage, prepare_image
+from router_client.types import ClientStats, ExpertResult, ProcessResult, RouteDecision, StageTimings, ToolCall
+
+__all__ = [
+    "APIConnectionError", "APIResponseError", "APIStatusError", "APITimeoutError", "AuthenticationError",
+    "BadRequestError", "ClientConfig", "ClientConfigError", "ClientStats", "ExpertResult", "InternalServerError",
+    "InvalidImageError", "LowConfidenceError", "NotFoundError", "PermissionDeniedError", "PreparedImage",
+    "ProcessResult", "RateLimitError", "RouteDecision", "RouterClient", "RouterClientError", "StageTimings",
+    "ToolCall", "UnknownExpertError", "prepare_image",
+]

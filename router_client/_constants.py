@@ -1,0 +1,43 @@
+"""Every default of the client in one place; ClientConfig fields and per-call arguments override them."""
+
+from __future__ import annotations
+
+# Timeouts in seconds. vLLM sends nothing until a non-streamed answer is complete, so the read timeout
+# bounds queueing plus generation of one request.
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+DEFAULT_READ_TIMEOUT_S = 300.0
+
+# Retries of connection errors, timeouts, 429 and 5xx: attempt n (from 0) waits
+# min(INITIAL * 2**n, MAX) seconds, less up to 25 % jitter.
+DEFAULT_MAX_RETRIES = 2
+INITIAL_RETRY_DELAY_S = 0.5
+MAX_RETRY_DELAY_S = 8.0
+# A server's Retry-After is honoured up to this many seconds.
+MAX_RETRY_AFTER_S = 60.0
+
+# Open connections to the server at most (aiohttp TCPConnector limit).
+DEFAULT_MAX_CONNECTIONS = 64
+
+# Router modes and fallback policies.
+ROUTER_MODES = ("auto", "choice", "one-token")
+DEFAULT_ROUTER_MODE = "auto"
+DEFAULT_FALLBACK = "error"
+DEFAULT_MIN_CONFIDENCE = 0.0
+# One-token mode reads the router's first-token distribution from this many alternatives (vLLM's maximum
+# unless the server raises --max-logprobs).
+ONE_TOKEN_TOP_LOGPROBS = 20
+
+# Longest expert answer in tokens.
+DEFAULT_EXPERT_MAX_TOKENS = 512
+# Task prompt for the base model when a route falls back to it and the caller gave none.
+DEFAULT_BASE_PROMPT = "Do the task shown on this screen."
+
+# Images: refuse more pixels than this before decoding (decompression bombs); PNG level 1 because encoding
+# time, not upload size, dominates next to the server.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+PNG_COMPRESS_LEVEL = 1
+
+# Batch CLI.
+DEFAULT_BATCH_CONCURRENCY = 16
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

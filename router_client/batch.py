@@ -1,0 +1,252 @@
+"""Route and run a whole folder or JSONL list of screenshots, writing one JSON line per item.
+
+    python -m router_client.batch --config configs/tiny-cpu.yaml --input screens/ --output results.jsonl
+
+Input: a folder of images (.png .jpg .jpeg .webp, searched recursively, sorted; custom_id = the path relative
+to the folder), or a JSONL file of {"custom_id"?, "image", "prompt"?} lines (image paths relative to the JSONL
+file; custom_id defaults to the image path as written). Without a prompt, the routed expert's default prompt
+from the config is used.
+
+Output: one line per item, appended and flushed as items finish:
+    {"custom_id", "status": "ok", "expert", "confidence", "fallback_reason", "answer", "tool_call", "timings"}
+    {"custom_id", "status": "error", "error": {"type", "message"}}
+
+Resuming: a rerun with the same output skips the ids that already have an "ok" line, cuts off a torn last line
+(a crash mid-write), and redoes everything else. An id that failed before gets a new line on the rerun, so a
+file may hold several lines for one id: the last one is its current state, and at most one is "ok". The exit
+status is 1 when any item of this run failed (rerun to retry them), 2 for bad arguments or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from router_client._constants import DEFAULT_BATCH_CONCURRENCY, IMAGE_SUFFIXES
+from router_client.client import RouterClient
+from router_client.config import ClientConfig
+from router_client.errors import ClientConfigError, RouterClientError
+from router_client.types import ProcessResult
+from serving.config import ConfigError, load_config
+
+_JSONL_KEYS = {"custom_id", "image", "prompt"}
+
+
+class BatchInputError(ValueError):
+    """An input or output file the batch cannot use; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One screenshot to process: its id in the output, its file, and an optional task prompt."""
+
+    custom_id: str
+    image: Path
+    prompt: str | None = None
+
+
+@dataclass
+class BatchSummary:
+    """What one run_batch call did. `skipped` items were already "ok" in the output before it started."""
+
+    total: int
+    skipped: int = 0
+    ok: int = 0
+    failed: int = 0
+    by_expert: Counter[str] = field(default_factory=Counter)
+    by_error: Counter[str] = field(default_factory=Counter)
+    latencies_s: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def percentile(self, q: float) -> float | None:
+        """Nearest-rank percentile `q` (0-100) of the per-item latencies of this run's ok items."""
+        if not self.latencies_s:
+            return None
+        ordered = sorted(self.latencies_s)
+        return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+    def table(self) -> str:
+        """The summary as a small text table: outcomes, experts, errors and latency percentiles."""
+        rows = [("items", str(self.total)), ("skipped (done before)", str(self.skipped)), ("ok", str(self.ok)),
+                ("failed", str(self.failed))]
+        rows += [(f"  expert {name}", str(n)) for name, n in sorted(self.by_expert.items())]
+        rows += [(f"  error {name}", str(n)) for name, n in sorted(self.by_error.items())]
+        for q in (50, 90, 99):
+            value = self.percentile(q)
+            rows.append((f"latency p{q}", "-" if value is None else f"{value:.3f} s"))
+        rows.append(("wall time", f"{self.wall_s:.1f} s"))
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in rows)
+
+
+def load_items(path: str | Path) -> list[BatchItem]:
+    """The items of a folder of images or of a JSONL file; raises BatchInputError for unusable input."""
+    path = Path(path)
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        items = sorted((BatchItem(p.relative_to(path).as_posix(), p) for p in files), key=lambda i: i.custom_id)
+    elif path.is_file():
+        items = _read_jsonl_items(path)
+    else:
+        raise BatchInputError(f"{path}: no such file or folder")
+    if not items:
+        raise BatchInputError(f"{path}: no items (images: {', '.join(IMAGE_SUFFIXES)})")
+    counts = Counter(item.custom_id for item in items)
+    repeated = sorted(custom_id for custom_id, n in counts.items() if n > 1)
+    if repeated:
+        raise BatchInputError(f"{path}: custom_id repeated: {', '.join(repeated[:5])}")
+    return items
+
+
+def _read_jsonl_items(path: Path) -> list[BatchItem]:
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise BatchInputError(f"{where}: not JSON ({exc})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+            raise BatchInputError(f'{where}: expected an object with an "image" path')
+        unknown = sorted(set(entry) - _JSONL_KEYS)
+        if unknown:
+            known = ", ".join(sorted(_JSONL_KEYS))
+            raise BatchInputError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {known})")
+        custom_id, prompt = entry.get("custom_id", entry["image"]), entry.get("prompt")
+        if not isinstance(custom_id, str) or not (prompt is None or isinstance(prompt, str)):
+            raise BatchInputError(f"{where}: custom_id and prompt must be strings")
+        items.append(BatchItem(custom_id, path.parent / entry["image"], prompt))
+    return items
+
+
+def read_output(path: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """The result lines of an output file by custom_id, in file order; a torn last line is cut off the file.
+
+    Raises BatchInputError for a complete line that is no result line (the file is not ours to repair).
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        with path.open("r+b") as f:
+            f.truncate(complete)
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for number, line in enumerate(data[:complete].splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            custom_id = record["custom_id"]
+        except (ValueError, KeyError, TypeError):
+            raise BatchInputError(f"{path}:{number}: not a result line: {line[:120]!r}") from None
+        lines.setdefault(custom_id, []).append(record)
+    return lines
+
+
+async def run_batch(cfg: ClientConfig, items: Sequence[BatchItem], output: str | Path,
+                    concurrency: int = DEFAULT_BATCH_CONCURRENCY, *, progress: bool = True) -> BatchSummary:
+    """Process the items not yet "ok" in `output`, `concurrency` at a time, appending one line per item.
+
+    Per-item failures (bad image, API errors after retries, routing errors) become error lines; the batch
+    goes on. An error reaching the server at start-up (router mode resolution) is raised.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = {cid for cid, records in read_output(output).items() if any(r.get("status") == "ok" for r in records)}
+    pending = [item for item in items if item.custom_id not in done]
+    summary = BatchSummary(total=len(items), skipped=len(items) - len(pending))
+    start = time.perf_counter()
+    async with RouterClient(cfg) as client:
+        with output.open("a", encoding="utf-8") as out, \
+                tqdm(total=len(pending), unit="img", disable=not progress, dynamic_ncols=True) as bar:
+            todo = iter(pending)
+
+            async def worker() -> None:
+                # One shared iterator: each item is taken by exactly one worker.
+                for item in todo:
+                    record = await _process_item(client, item)
+                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    out.flush()
+                    _count(summary, record)
+                    bar.set_postfix({**summary.by_expert, "failed": summary.failed}, refresh=False)
+                    bar.update()
+
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(pending)))))
+    summary.wall_s = time.perf_counter() - start
+    return summary
+
+
+async def _process_item(client: RouterClient, item: BatchItem) -> dict[str, Any]:
+    try:
+        result = await client.process(item.image, item.prompt)
+    except RouterClientError as exc:
+        return {"custom_id": item.custom_id, "status": "error",
+                "error": {"type": type(exc).__name__, "message": str(exc)}}
+    return _ok_record(item.custom_id, result)
+
+
+def _ok_record(custom_id: str, result: ProcessResult) -> dict[str, Any]:
+    call = result.result.tool_call
+    return {"custom_id": custom_id, "status": "ok", "expert": result.decision.expert,
+            "confidence": result.decision.confidence, "fallback_reason": result.decision.fallback_reason,
+            "answer": result.result.text, "tool_call": None if call is None else asdict(call),
+            "timings": asdict(result.timings)}
+
+
+def _count(summary: BatchSummary, record: dict[str, Any]) -> None:
+    if record["status"] == "ok":
+        summary.ok += 1
+        summary.by_expert[record["expert"]] += 1
+        summary.latencies_s.append(record["timings"]["total_s"])
+    else:
+        summary.failed += 1
+        summary.by_error[record["error"]["type"]] += 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The batch command line; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m router_client.batch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="Deployment YAML (e.g. configs/tiny-cpu.yaml).")
+    parser.add_argument("--input", required=True, help="Folder of images, or JSONL of {custom_id?, image, prompt?}.")
+    parser.add_argument("--output", required=True, help="Result JSONL (appended; a rerun resumes it).")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_BATCH_CONCURRENCY, help="Items in flight.")
+    parser.add_argument("--base-url", help="API root of the server (default: engine host and port of the config).")
+    parser.add_argument("--mode", choices=("auto", "choice", "one-token"), help="Router mode (default: config).")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be >= 1")
+    overrides = {k: v for k, v in (("base_url", args.base_url), ("router_mode", args.mode)) if v is not None}
+    try:
+        cfg = ClientConfig.from_deployment(load_config(args.config), **overrides)
+        items = load_items(args.input)
+        summary = asyncio.run(run_batch(cfg, items, args.output, args.concurrency, progress=not args.no_progress))
+    except (ConfigError, ClientConfigError, BatchInputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RouterClientError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(summary.table())
+    return 1 if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

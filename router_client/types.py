@@ -1,0 +1,112 @@
+"""Typed results of the client: a routing decision, an expert's answer, a whole process() call, and counters."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RouterMode = Literal["choice", "one-token"]
+FallbackReason = Literal["unknown_label", "low_confidence"]
+
+# A tool call may come bare, in Qwen's <tool_call> tags or in a code fence.
+_WRAPPERS = (re.compile(r"^<tool_call>(.*)</tool_call>$", re.S), re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S))
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A JSON tool call answered by an expert: {"name": ..., "arguments": {...}}."""
+
+    name: str
+    arguments: dict[str, Any]
+
+    @classmethod
+    def parse(cls, text: str) -> ToolCall | None:
+        """The tool call when the whole answer is one (bare, in <tool_call> tags or a code fence), else None.
+
+        Arguments given as a JSON-encoded string (as OpenAI-style APIs return them) are decoded.
+        """
+        text = text.strip()
+        for wrapper in _WRAPPERS:
+            match = wrapper.match(text)
+            if match:
+                text = match.group(1).strip()
+        try:
+            value = json.loads(text)
+            if isinstance(value, dict) and isinstance(value.get("arguments"), str):
+                value["arguments"] = json.loads(value["arguments"])
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            return None
+        if not isinstance(value.get("arguments"), dict):
+            return None
+        return cls(name=value["name"], arguments=value["arguments"])
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """The router's answer for one screenshot, after the fallback policy.
+
+    `expert` is who handles the image: the routed label, or, when `fallback_reason` is set, the fallback
+    target (an expert, or the base model's served name). `raw` is the router's own text.
+    """
+
+    expert: str
+    confidence: float
+    probabilities: dict[str, float]
+    mode: RouterMode
+    latency_s: float
+    raw: str
+    prompt_tokens: int
+    completion_tokens: int
+    fallback_reason: FallbackReason | None = None
+
+
+@dataclass(frozen=True)
+class ExpertResult:
+    """An expert's (or the base model's) answer to a task on a screenshot."""
+
+    expert: str
+    text: str
+    tool_call: ToolCall | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Seconds spent per stage of process(): image preparation, routing, the expert, and all of it."""
+
+    image_s: float
+    route_s: float
+    expert_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    """A routed screenshot: the decision, the handling expert's result, and the stage timings."""
+
+    decision: RouteDecision
+    result: ExpertResult
+    timings: StageTimings
+
+
+@dataclass
+class ClientStats:
+    """Counters of one RouterClient since it was made."""
+
+    requests: int = 0
+    """HTTP attempts sent (retries and /tokenize included)."""
+    routes: int = 0
+    """Router answers received."""
+    retries: int = 0
+    """Attempts repeated after a connection error, timeout, 429 or 5xx."""
+    fallbacks: Counter[str] = field(default_factory=Counter)
+    """Routes sent to the fallback target, by reason ('unknown_label', 'low_confidence')."""
+    errors: Counter[str] = field(default_factory=Counter)
+    """Errors raised by route / run_expert / process, by exception class name."""

@@ -1,0 +1,185 @@
+"""A scripted stand-in for vLLM's OpenAI-compatible server, for client tests only.
+
+A real server cannot be made to fail on cue; this one speaks the endpoints the client uses
+(/v1/chat/completions, /tokenize, /v1/models, /health) and plays scripted faults, one per request, in order.
+
+    fake.faults.append(Fault(status=503))          # the next chat request answers 503
+    fake.route = lambda png: "claim-window"        # the router's answer per image
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+LABELS = ("calendar", "claim-window", "provider-select")
+BODY = web.RequestKey("body", dict)
+CLICK = '{"name": "click", "arguments": {"x": 10, "y": 20}}'
+
+
+@dataclass
+class Fault:
+    """One scripted misbehaviour: wait `stall_s`, then drop the connection (`reset`) or answer `status`."""
+
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    stall_s: float = 0.0
+    reset: bool = False
+    message: str = "scripted failure"
+
+
+@dataclass
+class Seen:
+    """One request as the fake received it."""
+
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    at: float
+
+
+class FakeVLLM:
+    """The scripted server; attributes are the script, `requests` the record."""
+
+    def __init__(self, labels: tuple[str, ...] = LABELS) -> None:
+        self.labels = labels
+        self.models = ("base", "router", *labels)
+        self.faults: deque[Fault] = deque()
+        self.requests: list[Seen] = []
+        # The router's answer for an image's PNG bytes, and the (constrained) probability of that answer.
+        self.route: Callable[[bytes], str] = lambda png: labels[0]
+        self.choice_probability = 0.9
+        # One-token mode: first-token string -> logprob; None derives it from `route`.
+        self.first_token_logprobs: dict[str, float] | None = None
+        # Tokenisation of each label for /tokenize and logprobs; default one token per label.
+        self.tokens: dict[str, list[str]] = {label: [label] for label in labels}
+        self.answers: dict[str, str] = {}
+        self.api_key: str | None = None
+        self.request_id = itertools.count(1)
+        self._vocab: dict[str, int] = {}
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def chat_requests(self, model: str | None = None) -> list[Seen]:
+        """The chat requests received, optionally only those for `model`."""
+        return [r for r in self.requests
+                if r.path == "/v1/chat/completions" and (model is None or r.body.get("model") == model)]
+
+    def token_id(self, token: str) -> int:
+        return self._vocab.setdefault(token, 100 + len(self._vocab))
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._record_and_fault])
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        # Cancel a handler whose client went away (stalls), and do not wait for stragglers at shutdown.
+        self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _record_and_fault(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        body = await request.json() if request.method == "POST" else {}
+        request[BODY] = body
+        self.requests.append(Seen(request.path, body, dict(request.headers), time.monotonic()))
+        headers = {"x-request-id": f"req-{next(self.request_id)}"}
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return _error(401, "bad api key", headers)
+        fault = self.faults.popleft() if self.faults and request.path == "/v1/chat/completions" else None
+        if fault is not None:
+            await asyncio.sleep(fault.stall_s)
+            if fault.reset:
+                request.transport.close()
+                return web.Response()  # never sent: the connection is gone
+            if fault.status is not None:
+                return _error(fault.status, fault.message, {**headers, **fault.headers})
+        response = await handler(request)
+        response.headers.update(headers)
+        return response
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        body = request[BODY]
+        tokens = self.tokens.get(body["prompt"], list(body["prompt"]))
+        return web.json_response({"count": len(tokens), "max_model_len": 4096,
+                                  "tokens": [self.token_id(t) for t in tokens],
+                                  "token_strs": tokens if body.get("return_token_strs") else None})
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        body = request[BODY]
+        model = body["model"]
+        if model not in self.models:
+            return _error(404, f"The model `{model}` does not exist.", {})
+        content = body["messages"][-1]["content"]
+        png = base64.b64decode(content[0]["image_url"]["url"].split(",", 1)[1])
+        if model != "router":
+            return _completion(model, self.answers.get(model, CLICK), None)
+        answer = self.route(png)
+        as_ids = bool(body.get("return_tokens_as_token_ids"))
+        if "structured_outputs" in body:
+            tokens = self.tokens.get(answer, [answer])
+            each = math.log(self.choice_probability) / len(tokens)
+            entries = [{"token": self._token(t, as_ids), "logprob": each, "top_logprobs": []} for t in tokens]
+            return _completion(model, answer, entries)
+        firsts = self.first_token_logprobs or {
+            **{self.tokens[label][0]: -6.0 for label in self.labels}, "The": -5.0,
+            self.tokens.get(answer, [answer])[0]: -0.1}
+        ranked = sorted(firsts.items(), key=lambda item: -item[1])[: body.get("top_logprobs") or 0]
+        top = [{"token": self._token(t, as_ids), "logprob": lp} for t, lp in ranked]
+        best, best_lp = ranked[0]
+        return _completion(model, best, [{"token": self._token(best, as_ids), "logprob": best_lp, "top_logprobs": top}])
+
+    def _token(self, token: str, as_id: bool) -> str:
+        return f"token_id:{self.token_id(token)}" if as_id else token
+
+
+def _completion(model: str, text: str, logprobs: list[dict] | None) -> web.Response:
+    return web.json_response({
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": None if logprobs is None else {"content": logprobs}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 50, "completion_tokens": max(1, len(logprobs or [1, 2, 3])),
+                  "total_tokens": 53},
+    })
+
+
+def _error(status: int, message: str, headers: dict[str, str]) -> web.Response:
+    body = {"error": {"message": message, "type": "ScriptedError", "param": None, "code": status}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+@pytest.fixture
+async def fake_vllm() -> FakeVLLM:
+    """A started FakeVLLM on a free port of 127.0.0.1."""
+    server = FakeVLLM()
+    await server.start()
+    yield server
+    await server.stop()
