@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Sequence
 
@@ -42,17 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RouterClientError as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    decision, call = result.decision, result.result.tool_call
-    fallback = ""
-    if decision.fallback_reason:
-        fallback = f" (fallback: {decision.fallback_reason}; router said {decision.raw!r})"
-    print(f"route:      {decision.expert}{fallback}")
-    print(f"confidence: {decision.confidence:.4f} ({decision.mode})")
-    print(f"answer:     {result.result.text}")
-    if call is not None:
-        print(f"tool call:  {json.dumps({'name': call.name, 'arguments': call.arguments})}")
-    print(f"timings:    route {result.timings.route_s:.3f} s, expert {result.timings.expert_s:.3f} s, "
-          f"total {result.timings.total_s:.3f} s")
+    print(result.describe())
     return 0
 
 

@@ -95,6 +95,19 @@ class ProcessResult:
     result: ExpertResult
     timings: StageTimings
 
+    def describe(self) -> str:
+        """The route, its confidence, the expert's answer and the timings, as lines a person reads."""
+        decision, call = self.decision, self.result.tool_call
+        fallback = f" (fallback: {decision.fallback_reason}; router said {decision.raw!r})" if decision.fallback_reason else ""
+        lines = [f"route:      {decision.expert}{fallback}",
+                 f"confidence: {decision.confidence:.4f} ({decision.mode})",
+                 f"answer:     {self.result.text}"]
+        if call is not None:
+            lines.append(f"tool call:  {json.dumps({'name': call.name, 'arguments': call.arguments})}")
+        lines.append(f"timings:    route {self.timings.route_s:.3f} s, expert {self.timings.expert_s:.3f} s, "
+                     f"total {self.timings.total_s:.3f} s")
+        return "\n".join(lines)
+
 
 @dataclass
 class ClientStats:
