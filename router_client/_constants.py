@@ -24,9 +24,6 @@ ROUTER_MODES = ("auto", "choice", "one-token")
 DEFAULT_ROUTER_MODE = "auto"
 DEFAULT_FALLBACK = "error"
 DEFAULT_MIN_CONFIDENCE = 0.0
-# One-token mode reads the router's first-token distribution from this many alternatives (vLLM's maximum
-# unless the server raises --max-logprobs).
-ONE_TOKEN_TOP_LOGPROBS = 20
 
 # Longest expert answer in tokens.
 DEFAULT_EXPERT_MAX_TOKENS = 512

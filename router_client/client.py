@@ -159,9 +159,10 @@ class RouterClient:
             body["max_tokens"] = max(len(label.encode()) for label in labels) + 1
             body["structured_outputs"] = {"choice": labels}
         else:
-            # Alternatives come back as "token_id:N", matched against /tokenize's ids: exact, whatever the
-            # tokenizer's byte-level spelling of a token.
-            body.update(max_tokens=1, top_logprobs=C.ONE_TOKEN_TOP_LOGPROBS, return_tokens_as_token_ids=True)
+            # vLLM returns the full-vocabulary log-probability of exactly these ids (as "token_id:N", matched
+            # against /tokenize's ids whatever the tokenizer's byte-level spelling), so no label goes unseen.
+            body.update(max_tokens=1, logprob_token_ids=list(self._first_token_ids.values()),
+                        return_tokens_as_token_ids=True)
         start = time.perf_counter()
         answer = await self._post(self.config.base_url + "/chat/completions", body, timeout, max_retries)
         latency = time.perf_counter() - start
@@ -174,9 +175,9 @@ class RouterClient:
             probabilities = {label: math.exp(sum(_entry_logprob(e) for e in logprobs))} if label else {}
         else:
             probabilities = self._one_token_probabilities(logprobs[0])
-            label = max(labels, key=probabilities.__getitem__)
-            if probabilities[label] == 0.0:
-                label = None
+            # The router's own greedy token must start a label; otherwise its answer is no expert.
+            sampled = {f"token_id:{i}": name for name, i in self._first_token_ids.items()}.get(logprobs[0].get("token"))
+            label = max(labels, key=probabilities.__getitem__) if sampled else None
         self.stats.routes += 1
         confidence = probabilities[label] if label else 0.0
         reason: FallbackReason | None = None
@@ -190,8 +191,7 @@ class RouterClient:
                              completion_tokens=completion_tokens, fallback_reason=reason)
 
     def _one_token_probabilities(self, first: dict[str, Any]) -> dict[str, float]:
-        """Softmax over the labels' first-token log-probabilities among the generated token's top
-        alternatives; a label absent from them gets 0."""
+        """Softmax over the labels' first-token log-probabilities (a label vLLM did not return gets 0)."""
         by_token = {f"token_id:{token_id}": label for label, token_id in self._first_token_ids.items()}
         found: dict[str, float] = {}
         for alternative in first.get("top_logprobs") or []:

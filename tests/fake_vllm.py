@@ -152,9 +152,12 @@ class FakeVLLM:
         firsts = self.first_token_logprobs or {
             **{self.tokens[label][0]: -6.0 for label in self.labels}, "The": -5.0,
             self.tokens.get(answer, [answer])[0]: -0.1}
-        ranked = sorted(firsts.items(), key=lambda item: -item[1])[: body.get("top_logprobs") or 0]
-        top = [{"token": self._token(t, as_ids), "logprob": lp} for t, lp in ranked]
-        best, best_lp = ranked[0]
+        # As vLLM does for logprob_token_ids: the sampled token, then every requested id with its full-vocabulary
+        # log-probability (here -30 for a token the script does not name).
+        best, best_lp = max(firsts.items(), key=lambda item: item[1])
+        by_id = {self.token_id(t): lp for t, lp in firsts.items()}
+        top = [{"token": self._token(best, as_ids), "logprob": best_lp}]
+        top += [{"token": f"token_id:{i}", "logprob": by_id.get(i, -30.0)} for i in body.get("logprob_token_ids") or []]
         return _completion(model, best, [{"token": self._token(best, as_ids), "logprob": best_lp, "top_logprobs": top}])
 
     def _token(self, token: str, as_id: bool) -> str:

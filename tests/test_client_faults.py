@@ -183,32 +183,33 @@ async def test_choice_mode_request_and_confidence_from_non_canonical_tokens(fake
     assert not [r for r in fake_vllm.requests if r.path == "/tokenize"]
 
 
-async def test_one_token_mode_picks_argmax_label_from_top_logprobs(fake_vllm):
-    # "The" is the likeliest token overall; provider-select is not among the top alternatives.
-    fake_vllm.first_token_logprobs = {"The": -0.1, "calendar": -2.0, "claim-window": -1.0}
+async def test_one_token_mode_reads_every_label_from_one_token(fake_vllm):
+    # provider-select's first token is far less likely (-30) than the others, yet still counted.
+    fake_vllm.first_token_logprobs = {"The": -1.5, "calendar": -2.0, "claim-window": -1.0}
     async with RouterClient(config(fake_vllm, router_mode="one-token")) as client:
         decision = await client.route(screenshot())
     body = fake_vllm.chat_requests("router")[0].body
-    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+    assert body["max_tokens"] == 1 and body["logprobs"] is True
+    assert sorted(body["logprob_token_ids"]) == sorted(client._first_token_ids.values())
     assert "structured_outputs" not in body
     assert decision.mode == "one-token" and decision.expert == "claim-window"
     assert decision.completion_tokens == 1
-    expected = math.exp(-1.0) / (math.exp(-1.0) + math.exp(-2.0))
-    assert decision.confidence == pytest.approx(expected)
-    assert decision.probabilities == {"calendar": pytest.approx(1 - expected),
-                                      "claim-window": pytest.approx(expected), "provider-select": 0.0}
+    weights = {"calendar": math.exp(-2.0), "claim-window": math.exp(-1.0), "provider-select": math.exp(-30.0)}
+    total = sum(weights.values())
+    assert decision.confidence == pytest.approx(weights["claim-window"] / total)
+    assert decision.probabilities == {k: pytest.approx(w / total) for k, w in weights.items()}
 
 
 async def test_one_token_mode_low_confidence_names_the_chosen_label(fake_vllm):
-    fake_vllm.first_token_logprobs = {"The": -0.1, "calendar": -1.1, "claim-window": -1.0}
+    fake_vllm.first_token_logprobs = {"The": -1.5, "calendar": -1.1, "claim-window": -1.0}
     async with RouterClient(config(fake_vllm, router_mode="one-token", min_confidence=0.9)) as client:
         with pytest.raises(LowConfidenceError) as caught:
             await client.route(screenshot())
     assert caught.value.expert == "claim-window" and caught.value.confidence < 0.6
 
 
-async def test_one_token_mode_without_any_label_is_unknown(fake_vllm):
-    fake_vllm.first_token_logprobs = {"The": -0.1, "A": -2.0}
+async def test_one_token_mode_whose_greedy_token_starts_no_label_is_unknown(fake_vllm):
+    fake_vllm.first_token_logprobs = {"The": -0.1, "calendar": -2.0, "claim-window": -1.0}
     async with RouterClient(config(fake_vllm, router_mode="one-token", fallback="base")) as client:
         decision = await client.route(screenshot())
     assert decision.fallback_reason == "unknown_label" and decision.expert == "base" and decision.raw == "The"
