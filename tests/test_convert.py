@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from training.convert_routing_to_classification import ConversionError, convert_dataset, main
+from training.jsonl import read_jsonl
 
 CLASSES = ["calendar", "claim-window", "provider-select", "chandra-ocr"]
 SYSTEM_4 = (
@@ -45,10 +46,6 @@ def make_dataset(root: Path, train: list, eval_: list, classes: list[str] | None
     if classes is not None:
         (root / "dataset.json").write_text(json.dumps({"classes": classes}))
     return root
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(text) for text in path.read_text().splitlines()]
 
 
 def test_exact_output_and_counts(tmp_path, capsys):

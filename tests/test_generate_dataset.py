@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from training.generate_dataset import RoutingDatasetConfig, main, parse_config
+from training.jsonl import read_jsonl
 
 # N per class with --train-val-split 0.5 and --eval-images 1: train keeps floor(N/2), eval gets the rest + 1.
 SMALL = {"calendar": 4, "claim-window": 3, "provider-select": 2, "chandra-ocr": 1}
@@ -18,10 +19,6 @@ EXPECTED = {"calendar": (2, 3), "claim-window": (1, 3), "provider-select": (1, 2
 def small_argv(out: Path) -> list[str]:
     argv = [arg for name, n in SMALL.items() for arg in (f"--train-images-{name}", str(n))]
     return [*argv, "--eval-images", "1", "--train-val-split", "0.5", "--seed", "5", "--output", str(out)]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(text) for text in path.read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")

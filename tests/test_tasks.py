@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.expert_datasets import main, read_jsonl, sample_seed, score_file, write_examples
+from training.expert_datasets import main, sample_seed, score_file, write_examples
+from training.jsonl import read_jsonl
 from training.screens import KINDS
 from training.tasks import build_example, parse_tool_call, score
 

@@ -35,6 +35,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from training.jsonl import iter_jsonl
 from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
 
 SPLITS = ("train", "eval")
@@ -53,20 +54,11 @@ def output_path(dataset_dir: Path, split: str) -> Path:
 
 def read_routing_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, record) for each non-blank line of a routing JSONL file, checking its fields."""
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ConversionError(f"{path}:{number}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ConversionError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            for name in REQUIRED_FIELDS:
-                if not isinstance(record.get(name), str) or not record[name]:
-                    raise ConversionError(f"{path}:{number}: missing or non-string field {name!r}")
-            yield number, record
+    for number, record in iter_jsonl(path, ConversionError):
+        for name in REQUIRED_FIELDS:
+            if not isinstance(record.get(name), str) or not record[name]:
+                raise ConversionError(f"{path}:{number}: missing or non-string field {name!r}")
+        yield number, record
 
 
 def resolve_labels(dataset_dir: Path, classes: Sequence[str] | None = None) -> list[str]:

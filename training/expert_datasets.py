@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from tqdm import tqdm
 
+from training.jsonl import read_jsonl, write_jsonl
 from training.screens import KINDS
 from training.tasks import Example, build_example, score
 
@@ -65,19 +65,6 @@ def write_examples(kind: str, split: str, count: int, seed: int, out_dir: Path, 
         example = build_example(kind, example_seed)
         records.append(write_example(example, f"{kind}_{start + index:05d}", out_dir, example_seed))
     return records
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """One compact JSON record per line."""
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a JSONL file."""
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def score_file(data_jsonl: Path, predictions: dict[str, str]) -> dict[str, float]:

@@ -47,7 +47,8 @@ import yaml
 from tqdm import tqdm
 
 from training.convert_routing_to_classification import format_count_table
-from training.expert_datasets import write_examples, write_jsonl
+from training.expert_datasets import write_examples
+from training.jsonl import iter_jsonl, write_jsonl
 from training.screens import KINDS
 
 DEFAULT_CLASSES = ("calendar", "claim-window", "provider-select")
@@ -143,19 +144,12 @@ def read_user_dataset(folder: Path) -> list[dict]:
         raise DatasetError(f"no *.jsonl file in dataset folder {folder}")
     samples = []
     for path in files:
-        with path.open(encoding="utf-8") as f:
-            for number, text in enumerate(f, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    sample = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}:{number}: malformed JSON ({e.msg})") from None
-                if not isinstance(sample, dict) or not isinstance(sample.get("image"), str):
-                    raise DatasetError(f"{path}:{number}: expected an object with a string 'image' field")
-                if not (folder / sample["image"]).is_file():
-                    raise DatasetError(f"{path}:{number}: image file not found: {folder / sample['image']}")
-                samples.append(sample)
+        for number, sample in iter_jsonl(path, DatasetError):
+            if not isinstance(sample.get("image"), str):
+                raise DatasetError(f"{path}:{number}: expected an object with a string 'image' field")
+            if not (folder / sample["image"]).is_file():
+                raise DatasetError(f"{path}:{number}: image file not found: {folder / sample['image']}")
+            samples.append(sample)
     return samples
 
 
