@@ -1,0 +1,121 @@
+"""Score an expert adapter on its task against the base model without it, on the same eval set.
+
+    python -m training.evaluate_expert --adapter checkpoints/tiny/calendar --data datasets/calendar/eval.jsonl \\
+        [--out runs/eval-calendar] [--limit 50] [--max-new-tokens N]
+
+The data is an expert dataset (`python -m training.expert_datasets`): each line's metadata holds its task
+kind and scoring target, and training.tasks.score grades a reply. Both models answer greedily with the same
+rendering (training.llava_data; the adapter's trained image limits); the report gives the mean task metrics
+of each and the difference in "score". Writes metrics.json and predictions.jsonl to --out when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from training.llava_data import DataError, read_conversations
+from training.tasks import score
+
+
+def mean_scores(conversations, answers) -> dict[str, float]:
+    """Mean of every metric training.tasks.score returns, over the lines."""
+    totals: dict[str, float] = defaultdict(float)
+    for conversation, answer in zip(conversations, answers):
+        meta = conversation.metadata
+        for name, value in score(meta["task_type"], answer, meta["target"]).items():
+            totals[name] += value
+    return {name: round(value / len(conversations), 4) for name, value in totals.items()}
+
+
+def evaluate(adapter: Path, data: Path, out: Path | None = None, base: str | None = None, limit: int | None = None,
+             max_new_tokens: int | None = None, batch_size: int = 8, quiet: bool = False) -> dict:
+    """Greedy answers of base and base + adapter on `data`, scored with training.tasks.score."""
+    from tqdm import tqdm
+
+    from training.inference import greedy_generate, load_model, load_processor
+    from training.manifest import AdapterManifest, model_fingerprint
+    from training.validate_router import trained_pixels
+
+    conversations = read_conversations(data)[:limit] if limit else read_conversations(data)
+    for c in conversations:
+        if not {"task_type", "target"} <= set(c.metadata):
+            raise DataError(f"{c.source}: metadata lacks task_type/target (not an expert dataset line)")
+    manifest = AdapterManifest.read(adapter)
+    base_path = base or manifest.base_model
+    if model_fingerprint(base_path) != manifest.base_model_fingerprint:
+        raise ValueError(f"{base_path} is not the base model {adapter} was trained on")
+    processor = load_processor(base_path)
+    tok = processor.tokenizer
+    longest = max(len(tok(c.answer, add_special_tokens=False)["input_ids"]) for c in conversations)
+    max_new_tokens = max_new_tokens or min(1024, int(longest * 1.25) + 4)
+    min_pixels, max_pixels = trained_pixels(adapter)
+    model = load_model(base_path, adapter)
+    results = {}
+    predictions = {}
+    for name in ("base", "adapter"):
+        with tqdm(total=len(conversations), desc=name, unit="ex", file=sys.stderr, disable=quiet) as bar:
+            if name == "base":
+                with model.disable_adapter():
+                    answers = greedy_generate(model, processor, conversations, max_new_tokens=max_new_tokens,
+                                              batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels,
+                                              progress=bar.update)
+            else:
+                answers = greedy_generate(model, processor, conversations, max_new_tokens=max_new_tokens,
+                                          batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels,
+                                          progress=bar.update)
+        results[name] = mean_scores(conversations, answers)
+        predictions[name] = answers
+    kinds = sorted({c.metadata["task_type"] for c in conversations})
+    report = {"adapter": str(adapter), "data": str(data), "task": kinds[0] if len(kinds) == 1 else kinds,
+              "count": len(conversations), "max_new_tokens": max_new_tokens, "base": results["base"],
+              "adapter_scores": results["adapter"],
+              "score_gain": round(results["adapter"]["score"] - results["base"]["score"], 4)}
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+        with (out / "predictions.jsonl").open("w") as f:
+            for c, b, a in zip(conversations, predictions["base"], predictions["adapter"]):
+                f.write(json.dumps({"id": c.id, "gold": c.answer, "base": b, "adapter": a}, ensure_ascii=False) + "\n")
+    if not quiet:
+        names = sorted(set(results["base"]) | set(results["adapter"]))
+        print(f"{report['task']} on {len(conversations)} eval lines ({data})")
+        print(f"{'metric':<16} {'base':>8} {'adapter':>8}")
+        for n in names:
+            print(f"{n:<16} {results['base'].get(n, 0):>8.4f} {results['adapter'].get(n, 0):>8.4f}")
+        print(f"score gain {report['score_gain']:+.4f}")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate_expert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", type=Path, required=True, help="expert adapter folder")
+    parser.add_argument("--data", type=Path, required=True, help="expert eval JSONL (training.expert_datasets)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for metrics.json and predictions.jsonl")
+    parser.add_argument("--base", default=None, help="base model folder (default: the adapter manifest's)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N lines")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="greedy tokens per answer (default: 1.25 x the longest gold answer)")
+    parser.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from training.inference import set_threads
+
+    set_threads()
+    try:
+        evaluate(args.adapter, args.data, args.out, args.base, args.limit, args.max_new_tokens, args.batch_size)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,445 @@
+"""A pre-trained tiny base: the random tiny Qwen3-VL, fully fine-tuned (vision tower included) on screen captions.
+
+A random vision tower cannot tell screen kinds apart well enough for a LoRA on the language model to route
+(held-out accuracy stopped at 60-87%; see the vLLM-on-CPU notes). A real deployment starts from a pre-trained
+VLM, so the tiny stand-in gets a short pre-training of its own: synthetic screens of every generator kind and
+layout (month calendars, date pickers, booking pages, claim forms in four layouts, provider lists, tables and
+dropdowns, document pages), each captioned from the generator's ground truth with what is on it: the kind of
+screen in plain words, its layout, and a few visible facts (month and year, field names, the first provider,
+the document title). Never the router's prompt, never a bare adapter name as an answer.
+
+    python -m training.pretrain                 # build (or find) it and print its folder
+
+The result is cached next to the random model (`tiny-qwen3-vl-pretrained-<fingerprint>` in the cache root),
+keyed by the pre-training spec and the random base's fingerprint, written atomically, and saved with its
+processor so vLLM serves it. `training.tiny_model.resolve_base_model("tiny-pretrained")` returns it (building it on first
+use); "tiny-random" is the random model. `pretrain_log.json` in the folder holds the wall time, the loss curve
+and the held-out caption scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from training.expert_datasets import sample_seed
+from training.screens import KINDS, generate
+from training.tiny_model import TinyModelSpec, build_tiny_model, default_cache_dir
+
+# Bump when captions, data or the loop change in a way PretrainSpec does not capture.
+PRETRAIN_VERSION = 1
+DONE_MARKER = "pretrain_log.json"
+PROMPTS = ("Describe this screen.", "What is on this screen?", "Describe the screenshot.",
+           "Caption this screenshot.", "What does this screenshot show?")
+SYSTEMS = (None, None, "You are a helpful assistant.", "You describe screenshots accurately.")
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """How the tiny base is pre-trained; every field is part of the cache fingerprint."""
+
+    seed: int = field(default=0, metadata={"help": "Seed of screens, prompts, shuffling and init."})
+    train_screens: int = field(default=2000, metadata={
+        "help": "Distinct training screens, the generator kinds in turn (drawn once, kept encoded in memory)."})
+    epochs: int = field(default=5, metadata={"help": "Passes over the training screens."})
+    eval_screens: int = field(default=16, metadata={"help": "Held-out screens per kind for the caption score."})
+    batch_size: int = field(default=16, metadata={"help": "Screens per optimizer step."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate of the language model."})
+    vision_learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate of the vision tower."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps with linear warm-up."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    kind_weight: float = field(default=3.0, metadata={
+        "help": "Loss weight of the caption's first sentence (the kind of screen) relative to its other tokens."})
+    layout_aux_weight: float = field(default=1.0, metadata={
+        "help": "Weight of an auxiliary loss: a linear probe on the mean image embedding predicts the screen's "
+                "kind and layout (from the generator's truth); the probe is dropped after training."})
+    min_pixels: int = field(default=16 * 32 * 32, metadata={
+        "help": "Smallest image area of the pre-trained model's processor (its default for every later use)."})
+    max_pixels: int = field(default=64 * 32 * 32, metadata={
+        "help": "Largest image area of the pre-trained model's processor: 64 image tokens keep training and "
+                "serving on 2 CPU cores fast; saved as the processor default, so vLLM uses the same."})
+    base: TinyModelSpec = field(default_factory=TinyModelSpec, metadata={"help": "The random model trained."})
+
+    def __post_init__(self) -> None:
+        if self.train_screens < self.batch_size or self.batch_size < 1:
+            raise ValueError("need 1 <= batch_size <= train_screens")
+        if self.eval_screens < 1 or self.epochs < 1:
+            raise ValueError("eval_screens and epochs must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError("need 0 < min_pixels <= max_pixels")
+
+    @property
+    def fingerprint(self) -> str:
+        blob = json.dumps({"spec": asdict(self), "base": self.base.fingerprint, "version": PRETRAIN_VERSION},
+                          sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------- captions
+
+_CALENDAR = {"month": "A month calendar", "picker": "A date picker",
+             "booking": "A booking page with a calendar and time slots"}
+_CLAIM = {"side": "An insurance claim form with labels beside the fields",
+          "stacked": "An insurance claim form with labels above the fields",
+          "two-column": "An insurance claim form in two columns",
+          "details": "A page of insurance claim details"}
+_PROVIDER = {"list": "A list of healthcare providers", "table": "A table of healthcare providers",
+             "dropdown": "A dropdown menu of healthcare providers"}
+
+
+def kind_sentence(kind: str, truth: dict) -> str:
+    """The first sentence of a caption: what kind of screen it is, in plain words."""
+    if kind == "calendar":
+        return _CALENDAR[truth["layout"]] + "."
+    if kind == "claim-window":
+        return _CLAIM[truth["layout"]] + "."
+    if kind == "provider-select":
+        return _PROVIDER[truth["layout"]] + "."
+    if kind == "chandra-ocr":
+        return "A document page."
+    raise ValueError(f"no caption for screen kind {kind!r}")
+
+
+def caption(kind: str, truth: dict) -> str:
+    """A descriptive caption of a generated screen, built from its ground truth."""
+    first = kind_sentence(kind, truth)
+    if kind == "calendar":
+        rest = f"{truth['month_name']} {truth['year']}, day {truth['highlighted_day']} highlighted."
+        if truth.get("time_slots"):
+            rest += f" {len(truth['time_slots'])} time slots from {truth['time_slots'][0]['label']}."
+    elif kind == "claim-window":
+        names = ", ".join(f["name"] for f in truth["fields"])
+        buttons = ", ".join(b["label"] for b in truth.get("buttons", []))
+        rest = f"Fields: {names}." + (f" Buttons: {buttons}." if buttons else "")
+    elif kind == "provider-select":
+        providers = truth["providers"]
+        first_one = providers[0]
+        rest = f"{len(providers)} providers, first {first_one['name']}, {first_one['specialty']}."
+    else:
+        lines = truth["markdown"].splitlines()
+        title = next((line[2:] for line in lines if line.startswith("# ")), "")
+        parts = []
+        if any(line.startswith("|") for line in lines):
+            parts.append("a table")
+        if any(line[:3].rstrip(".").isdigit() and ". " in line[:4] for line in lines):
+            parts.append("a numbered list")
+        if any(line.startswith("- ") for line in lines):
+            parts.append("a bullet list")
+        sections = sum(line.startswith("## ") for line in lines)
+        if sections:
+            parts.append(f"{sections} section{'s' if sections > 1 else ''}")
+        rest = f"Title: {title}." + (f" It has {', '.join(parts)}." if parts else "")
+    return f"{first} {rest}"
+
+
+LAYOUTS = tuple(f"calendar/{k}" for k in _CALENDAR) + tuple(f"claim-window/{k}" for k in _CLAIM) + tuple(
+    f"provider-select/{k}" for k in _PROVIDER) + ("chandra-ocr/page",)
+
+
+def layout_id(kind: str, truth: dict) -> int:
+    """Index of the screen's kind/layout in LAYOUTS."""
+    return LAYOUTS.index(f"{kind}/{truth.get('layout', 'page')}")
+
+
+def caption_example(index: int, split: str, seed: int):
+    """(kind, messages, image, caption, layout id) of screen `index` of a split: kinds in turn, seeds from
+    (seed, split, index)."""
+    kind = KINDS[index % len(KINDS)]
+    screen_seed = sample_seed(seed, f"pretrain-{split}", index)
+    screen = generate(kind, screen_seed)
+    rng = random.Random(f"pretrain-prompt:{seed}:{split}:{index}")
+    system = rng.choice(SYSTEMS)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": rng.choice(PROMPTS)}]}]
+    return kind, messages, screen.image, caption(kind, screen.truth), layout_id(kind, screen.truth)
+
+
+def encode_caption(processor, index: int, split: str, seed: int, kind_weight: float) -> dict:
+    """One encoded caption example (training.llava_data.encode) plus per-token loss weights and the layout id.
+
+    pixel_values are kept as uint8 (the processor's normalisation inverted), a quarter of the memory.
+    """
+    import torch
+
+    from training.llava_data import encode
+
+    kind, messages, image, text, layout = caption_example(index, split, seed)
+    out = encode(processor, messages, [image], text)
+    first = len(processor.tokenizer(text.split(". ")[0] + ".", add_special_tokens=False)["input_ids"])
+    answer = (out["labels"] != -100).nonzero().flatten()
+    weights = torch.zeros(out["labels"].shape, dtype=torch.float32)
+    weights[answer] = 1.0
+    weights[answer[:first]] = kind_weight
+    out["loss_weights"] = weights
+    out["layout"] = torch.tensor(layout)
+    out["pixel_values"] = _to_uint8(out["pixel_values"], processor)
+    return out
+
+
+def _to_uint8(pixels, processor):
+    import torch
+
+    ip = processor.image_processor
+    mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
+    channels = pixels.view(pixels.shape[0], 3, -1)
+    raw = (channels * std[None, :, None] + mean[None, :, None]) * 255
+    return raw.round().clamp(0, 255).to(torch.uint8).view(pixels.shape)
+
+
+def _from_uint8(pixels, processor):
+    import torch
+
+    ip = processor.image_processor
+    mean, std = torch.tensor(ip.image_mean), torch.tensor(ip.image_std)
+    channels = pixels.view(pixels.shape[0], 3, -1).float() / 255
+    return ((channels - mean[None, :, None]) / std[None, :, None]).view(pixels.shape)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def _weighted_loss(model, batch: dict, probe, captured: dict, spec: PretrainSpec):
+    """(total loss, caption loss, layout loss or None, per-example layout logits or None) of one batch."""
+    import torch
+
+    weights, layouts, labels = batch.pop("loss_weights"), batch.pop("layout"), batch.pop("labels")
+    logits = model(**batch).logits[:, :-1]
+    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100,
+                                                   reduction="none")
+    w = weights[:, 1:]
+    caption_loss = (token_loss * w).sum() / w.sum()
+    if not spec.layout_aux_weight:
+        return caption_loss, caption_loss, None, None
+    sizes = (batch["image_grid_thw"].prod(-1) // model.model.visual.spatial_merge_size**2).tolist()
+    pooled = torch.stack([chunk.mean(0) for chunk in torch.split(captured.pop("pooled"), sizes)])
+    layout_logits = probe(pooled)
+    layout_loss = torch.nn.functional.cross_entropy(layout_logits, layouts)
+    return caption_loss + spec.layout_aux_weight * layout_loss, caption_loss, layout_loss, layout_logits
+
+
+def _evaluate(model, processor, spec: PretrainSpec, probe, captured: dict) -> dict:
+    """Held-out caption scores: token accuracy and loss (teacher forced), exact match of the first sentence (the
+    kind of screen) and of the whole caption (greedy), and the layout probe's accuracy."""
+    import torch
+
+    from training.llava_data import collate
+
+    n = spec.eval_screens * len(KINDS)
+    tok = processor.tokenizer
+    examples = [encode_caption(processor, i, "eval", spec.seed, 1.0) for i in range(n)]
+    refs = [caption_example(i, "eval", spec.seed) for i in range(n)]
+    loss_sum, tokens, correct, layout_ok = 0.0, 0, 0, 0
+    first_ok = full_ok = 0
+    per_kind = {kind: [0, 0] for kind in KINDS}
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, n, 16):
+            chunk = examples[start:start + 16]
+            batch = collate(chunk, tok.pad_token_id)
+            batch["pixel_values"] = _from_uint8(batch["pixel_values"], processor)
+            labels = batch["labels"].clone()
+            layouts = batch["layout"].clone()
+            _, _, _, layout_logits = _weighted_loss(model, dict(batch), probe, captured, spec)
+            if layout_logits is not None:
+                layout_ok += int((layout_logits.argmax(-1) == layouts).sum())
+            logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "loss_weights", "layout")}).logits
+            logits, target = logits[:, :-1], labels[:, 1:]
+            mask = target != -100
+            loss_sum += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
+            tokens += int(mask.sum())
+            correct += int((logits.argmax(-1)[mask] == target[mask]).sum())
+            # Greedy captions from the prompts alone (the answer part cut off).
+            prompts = []
+            for ex in chunk:
+                keep = ex["labels"] == -100
+                prompts.append({"input_ids": ex["input_ids"][keep], "attention_mask": ex["attention_mask"][keep],
+                                "mm_token_type_ids": ex["mm_token_type_ids"][keep], "labels": ex["labels"][keep],
+                                "pixel_values": ex["pixel_values"], "image_grid_thw": ex["image_grid_thw"]})
+            gen = collate(prompts, tok.pad_token_id, padding_side="left")
+            gen.pop("labels")
+            gen["pixel_values"] = _from_uint8(gen["pixel_values"], processor)
+            out = model.generate(**gen, max_new_tokens=96, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=tok.pad_token_id)
+            texts = tok.batch_decode(out[:, gen["input_ids"].shape[1]:], skip_special_tokens=True)
+            for (kind, _, _, ref, _), got in zip(refs[start:start + 16], texts):
+                got = got.strip()
+                ok = got.split(". ")[0] == ref.split(". ")[0]
+                first_ok += ok
+                full_ok += got == ref
+                per_kind[kind][0] += ok
+                per_kind[kind][1] += 1
+    model.train()
+    metrics = {
+        "eval_loss": round(loss_sum / max(1, tokens), 5),
+        "caption_token_accuracy": round(correct / max(1, tokens), 4),
+        "kind_sentence_exact_match": round(first_ok / n, 4),
+        "caption_exact_match": round(full_ok / n, 4),
+        "kind_sentence_exact_match_per_kind": {k: round(ok / max(1, total), 4) for k, (ok, total) in per_kind.items()},
+        "eval_screens": n,
+    }
+    if spec.layout_aux_weight:
+        metrics["layout_probe_accuracy"] = round(layout_ok / n, 4)
+    return metrics
+
+
+def pretrain(spec: PretrainSpec, random_dir: Path, out: Path, log=print) -> dict:
+    """Fully fine-tune the random model in `random_dir` on captions; save model + processor to `out`."""
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration, get_cosine_schedule_with_warmup
+
+    from training.llava_data import collate
+
+    start = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    processor = AutoProcessor.from_pretrained(random_dir)
+    # The pre-trained model's processor default image size: what training, validation and vLLM all use.
+    processor.image_processor.size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
+    model = Qwen3VLForConditionalGeneration.from_pretrained(random_dir, dtype=torch.float32)
+    model.train()
+    examples = [encode_caption(processor, i, "train", spec.seed, spec.kind_weight)
+                for i in tqdm(range(spec.train_screens), desc="draw screens", unit="screen")]
+    data_s = time.perf_counter() - start
+    per_epoch = spec.train_screens // spec.batch_size
+    steps = per_epoch * spec.epochs
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, len(LAYOUTS))
+    captured: dict = {}
+    if spec.layout_aux_weight:
+        model.model.visual.register_forward_hook(lambda _m, _i, o: captured.__setitem__("pooled", o.pooler_output))
+    visual = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]
+    others = [p for n, p in model.named_parameters() if ".visual." not in f".{n}"]
+    optimizer = torch.optim.AdamW(
+        [{"params": others + list(probe.parameters()), "lr": spec.learning_rate},
+         {"params": visual, "lr": spec.vision_learning_rate}],
+        weight_decay=spec.weight_decay, betas=(0.9, 0.98))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(spec.warmup_ratio * steps), steps)
+    curve: list[list] = []
+    order_gen = torch.Generator().manual_seed(spec.seed)
+    bar = tqdm(total=steps, desc="pretrain tiny base", unit="step")
+    for epoch in range(spec.epochs):
+        order = torch.randperm(spec.train_screens, generator=order_gen).tolist()
+        for step in range(per_epoch):
+            chunk = [examples[i] for i in order[step * spec.batch_size:(step + 1) * spec.batch_size]]
+            batch = collate(chunk, processor.tokenizer.pad_token_id)
+            batch["pixel_values"] = _from_uint8(batch["pixel_values"], processor)
+            loss, caption_loss, layout_loss, _ = _weighted_loss(model, batch, probe, captured, spec)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            curve.append([round(caption_loss.item(), 4), round(layout_loss.item(), 4) if layout_loss is not None else None])
+            bar.update(1)
+            bar.set_postfix(caption=f"{curve[-1][0]:.3f}", layout=curve[-1][1])
+    bar.close()
+    train_s = time.perf_counter() - start
+    metrics = _evaluate(model, processor, spec, probe, captured)
+    model.to(torch.bfloat16).save_pretrained(out)
+    processor.save_pretrained(out)
+    if (random_dir / "generation_config.json").exists():
+        shutil.copy(random_dir / "generation_config.json", out / "generation_config.json")
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return round(sum(values) / len(values), 4) if values else None
+
+    result = {
+        "train_wall_s": round(train_s, 1),
+        "draw_screens_s": round(data_s, 1),
+        "total_wall_s": round(time.perf_counter() - start, 1),
+        "steps": steps,
+        "caption_loss_first": curve[0][0],
+        "caption_loss_last10_mean": mean([c[0] for c in curve[-10:]]),
+        "layout_loss_first": curve[0][1],
+        "layout_loss_last10_mean": mean([c[1] for c in curve[-10:]]),
+        "loss_curve": curve,
+        "held_out": metrics,
+        "torch_threads": torch.get_num_threads(),
+    }
+    log(f"pre-trained tiny base in {result['total_wall_s']} s ({steps} steps; caption loss "
+        f"{result['caption_loss_first']} -> {result['caption_loss_last10_mean']}); held out: caption token accuracy "
+        f"{metrics['caption_token_accuracy']}, kind sentence exact {metrics['kind_sentence_exact_match']}, "
+        f"caption exact {metrics['caption_exact_match']}, layout probe {metrics.get('layout_probe_accuracy')}")
+    return result
+
+
+def pretrained_dir(spec: PretrainSpec, cache_dir: Path | None = None) -> Path:
+    """Where the pre-trained model for `spec` lives (whether or not it is built yet)."""
+    return (cache_dir or default_cache_dir()) / f"tiny-qwen3-vl-pretrained-{spec.fingerprint}"
+
+
+def build_pretrained_model(spec: PretrainSpec | None = None, cache_dir: Path | None = None, log=print) -> Path:
+    """Return the folder of the pre-trained tiny base for `spec`, pre-training it first if the cache lacks it.
+
+    Written under a temporary name and renamed when complete (pretrain_log.json last), like the random model.
+    """
+    from training.inference import set_threads
+
+    spec = spec or PretrainSpec()
+    root = cache_dir or default_cache_dir()
+    out = pretrained_dir(spec, root)
+    if (out / DONE_MARKER).exists():
+        return out
+    random_dir = build_tiny_model(spec.base, root)
+    set_threads()
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=root))
+    tmp.chmod(0o755)
+    try:
+        result = pretrain(spec, random_dir, tmp, log=log)
+        (tmp / "pretrain_spec.json").write_text(json.dumps(
+            {"spec": asdict(spec), "random_base": str(random_dir), "random_base_fingerprint": spec.base.fingerprint,
+             "version": PRETRAIN_VERSION}, indent=2, default=str))
+        (tmp / DONE_MARKER).write_text(json.dumps(result, indent=2))
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished the same build first
+            if not (out / DONE_MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = PretrainSpec()
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="pre-training seed (default: %(default)s)")
+    parser.add_argument("--train-screens", type=int, default=defaults.train_screens,
+                        help="distinct training screens (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="default: %(default)s")
+    parser.add_argument("--eval-screens", type=int, default=defaults.eval_screens,
+                        help="held-out screens per kind (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="default: %(default)s")
+    parser.add_argument("--vision-learning-rate", type=float, default=defaults.vision_learning_rate,
+                        help="default: %(default)s")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="cache root (default: $LORA_ROUTER_CACHE or ~/.cache/lora-router)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    spec = PretrainSpec(seed=args.seed, train_screens=args.train_screens, epochs=args.epochs,
+                        eval_screens=args.eval_screens, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                        vision_learning_rate=args.vision_learning_rate)
+    out = build_pretrained_model(spec, args.cache_dir)
+    log = json.loads((out / DONE_MARKER).read_text())
+    print(json.dumps({k: v for k, v in log.items() if k != "loss_curve"}, indent=2))
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
