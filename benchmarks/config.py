@@ -1,0 +1,90 @@
+"""BenchConfig: every knob of one benchmark run, with its default and what it means.
+
+The deployment itself (model, adapters, engine) comes from the deployment YAML (serving.config); this file
+only says how hard, how long and in which ways to load it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# The seed's routing-dataset flags (--train-images-calendar 27, --train-images-claim-window 3000,
+# --train-images-provider-select 3000): the class mix production traffic is assumed to have.
+SEED_CLASS_MIX = {"calendar": 27.0, "claim-window": 3000.0, "provider-select": 3000.0}
+ROUTER_MODES = ("choice", "one-token")
+
+
+@dataclass
+class BenchConfig:
+    """How one benchmark run loads the deployment."""
+
+    base_url: str | None = field(default=None, metadata={
+        "help": "OpenAI API root of a running server (http://host:port/v1); None starts one from the deployment "
+                "config and stops it at the end."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of the screenshots, the class draw and the Poisson arrivals; same seed, same requests."})
+    concurrencies: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32], metadata={
+        "help": "Closed-loop sweep of the two-stage path: requests in flight at once."})
+    min_requests: int = field(default=24, metadata={
+        "help": "Fewest measured screenshots in one closed-loop phase."})
+    requests_per_slot: int = field(default=4, metadata={
+        "help": "Measured screenshots per concurrency slot: a phase at concurrency c sends "
+                "max(min_requests, requests_per_slot * c)."})
+    per_expert_requests: int = field(default=6, metadata={
+        "help": "Screenshots of each class for the per-expert routing overhead at concurrency 1 (0 skips it)."})
+    compare_concurrency: int = field(default=16, metadata={
+        "help": "Concurrency of the side-by-side phases (router-only, expert-only, modes, resolutions, base)."})
+    warmup_requests: int = field(default=2, metadata={
+        "help": "Unmeasured requests per request kind before the first measured phase."})
+    request_rate: float | None = field(default=None, metadata={
+        "help": "Open-loop Poisson arrival rate in screenshots/s; None: 0.7 x the best two-stage throughput of the "
+                "closed-loop phases before it."})
+    poisson_requests: int = field(default=64, metadata={
+        "help": "Screenshots sent open loop (0 skips the open-loop phase)."})
+    class_mix: dict[str, float] = field(default_factory=lambda: dict(SEED_CLASS_MIX), metadata={
+        "help": "Relative frequency of each screenshot class (an expert name and a screen generator kind)."})
+    router_mode: str | None = field(default=None, metadata={
+        "help": "Router mode of the two-stage path ('choice' or 'one-token'); None: the deployment client's "
+                "router_mode as the client resolves it. The other mode is measured beside it."})
+    router_max_pixels: int = field(default=80 * 32 * 32, metadata={
+        "help": "Pixel budget of reduced-resolution router images (Qwen3-VL: 32x32 px per image token)."})
+    expert_max_tokens: int | None = field(default=None, metadata={
+        "help": "Longest expert answer; None: each screenshot's gold answer length in tokens + 1, the length a "
+                "trained expert writes (random stand-ins seldom stop earlier)."})
+    peer_requests: int = field(default=64, metadata={
+        "help": "Requests `vllm bench serve` sends on the expert-only path (0 skips it)."})
+    hf_requests: int = field(default=8, metadata={
+        "help": "Screenshots per transformers + PEFT baseline, one at a time (0 skips them)."})
+    cpu_threads: int | None = field(default=None, metadata={
+        "help": "CPU deployments: OpenMP threads of the vLLM worker the benchmark starts (OMP_NUM_THREADS) and of "
+                "the transformers baselines; None: cores - 1, at least 1 (vLLM's own thread binding keeps one core "
+                "for its scheduler; more threads than free cores stall every OpenMP barrier)."})
+    timeout_s: float = field(default=300.0, metadata={
+        "help": "Seconds one HTTP request may take before it counts as an error."})
+
+    def __post_init__(self) -> None:
+        if not self.concurrencies or min(self.concurrencies) < 1:
+            raise ValueError(f"concurrencies must be >= 1, got {self.concurrencies}")
+        self.concurrencies = sorted(set(self.concurrencies))
+        for name in ("min_requests", "requests_per_slot", "compare_concurrency", "router_max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("per_expert_requests", "warmup_requests", "poisson_requests", "peer_requests", "hf_requests"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.request_rate is not None and self.request_rate <= 0:
+            raise ValueError(f"request_rate must be > 0, got {self.request_rate}")
+        if not self.class_mix or min(self.class_mix.values()) < 0 or sum(self.class_mix.values()) <= 0:
+            raise ValueError(f"class_mix needs non-negative weights with a positive sum, got {self.class_mix}")
+        if self.router_mode is not None and self.router_mode not in ROUTER_MODES:
+            raise ValueError(f"router_mode must be one of {ROUTER_MODES} or None, got {self.router_mode!r}")
+        if self.expert_max_tokens is not None and self.expert_max_tokens < 1:
+            raise ValueError(f"expert_max_tokens must be >= 1, got {self.expert_max_tokens}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+
+    def requests_at(self, concurrency: int) -> int:
+        """Measured screenshots of a closed-loop phase at `concurrency`."""
+        return max(self.min_requests, self.requests_per_slot * concurrency)

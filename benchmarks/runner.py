@@ -1,0 +1,413 @@
+"""One benchmark run: the plan of phases, closed and open loop load, the peer tool and the baselines.
+
+Phases run one after another on one server, each on screenshots it alone sends, so a phase's /metrics difference
+is its own. Phases that a target compares run next to each other, because the machine's load drifts.
+
+    plan  warm-up (every request kind, unmeasured)
+          per expert at c=1: expert-only, two-stage                         (routing overhead per expert)
+          c=1: router-only, expert-only, two-stage                          (chaining)
+          c=1: router-only at reduced resolution (same screenshots); the same in the other router mode
+          two-stage sweep below the compare concurrency C
+          c=C: router-only, expert-only, two-stage                          (pipelining, vs HF)
+               `vllm bench serve` on the expert-only path                   (the peer tool)
+          c=C: reduced router-only (same screenshots), the same two in the other mode, reduced two-stage
+          c=C: adapters mixed, base only
+          two-stage sweep above C, then two-stage open loop (Poisson)
+    then  the server stops; the transformers + PEFT baselines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import random
+import resource
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from benchmarks import environment, hf_baselines, peer
+from benchmarks.config import ROUTER_MODES, BenchConfig
+from benchmarks.hf_baselines import BaselineResult
+from benchmarks.metrics import PhaseMetrics, server_ttft, summarise
+from benchmarks.peer import PeerResult
+from benchmarks.pool import BenchItem, ScreenPool
+from benchmarks.server_metrics import ServerSnapshot, scrape
+from benchmarks.targets import Agreement, Roles, Target, agreement, evaluate
+from benchmarks.workloads import (ADAPTERS_MIXED, BASE_ONLY, EXPERT_ONLY, RequestRecord, Workload, router_only,
+                                  run_request, two_stage)
+from router_client import ClientConfig, RouterClient
+from serving.adapters import max_rank_for
+from serving.config import DeploymentConfig
+from serving.launcher import VLLMServer
+from training.inference import load_processor, pixel_limits
+from training.screens import KINDS
+from training.tiny_model import resolve_base_model
+
+# Open-loop arrival rate, as a fraction of the best closed-loop two-stage throughput, when none is given.
+OPEN_LOOP_LOAD = 0.7
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """One measured phase: a workload, how many screenshots, and closed loop (concurrency) or open loop."""
+
+    name: str
+    workload: Workload
+    requests: int
+    concurrency: int | None = None  # closed loop; None: open loop (Poisson)
+    kind: str | None = None  # every screenshot of this class; None: drawn from the class mix
+    reduced_router: bool = False  # router requests get reduced-resolution images
+    reuse: str | None = None  # take the screenshots of this earlier phase (with reduced router images)
+
+
+@dataclass
+class Plan:
+    """The phases in order and the roles they play in the targets."""
+
+    phases: list[PhaseSpec]
+    roles: Roles
+
+
+@dataclass
+class BenchmarkResult:
+    """Everything one run measured; benchmarks.report writes it out."""
+
+    setup: dict[str, Any]
+    phases: list[PhaseMetrics]
+    records: list[RequestRecord]
+    warmup: dict[str, int]
+    server_before: dict[str, float]
+    server_after: dict[str, float]
+    peer: PeerResult | None
+    baselines: list[BaselineResult]
+    resolution: list[Agreement]  # one per router mode
+    targets: list[Target]
+
+
+def phase_name(workload: Workload, concurrency: int | None, kind: str | None = None, reduced: bool = False) -> str:
+    """E.g. 'two-stage[one-token]@16', 'router-only[choice]+reduced@1', 'expert-only@1/calendar',
+    'two-stage[one-token]@poisson'."""
+    where = "poisson" if concurrency is None else str(concurrency)
+    return f"{workload.name}{'+reduced' if reduced else ''}@{where}{'/' + kind if kind else ''}"
+
+
+def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str]) -> Plan:
+    """The ordered phases for router `mode` (the other mode is measured beside it) and screenshot `kinds`."""
+    other = next(m for m in ROUTER_MODES if m != mode)
+    ts, ro, ro_other = two_stage(mode), router_only(mode), router_only(other)
+    c = bench.compare_concurrency
+    phases: list[PhaseSpec] = []
+    per_expert: dict[str, tuple[str, str]] = {}
+
+    def add(workload: Workload, concurrency: int | None, requests: int, kind: str | None = None,
+            reduced: bool = False, reuse: str | None = None) -> str:
+        name = phase_name(workload, concurrency, kind, reduced)
+        if all(p.name != name for p in phases):
+            phases.append(PhaseSpec(name, workload, requests, concurrency, kind, reduced, reuse))
+        return name
+
+    if bench.per_expert_requests:
+        for kind in kinds:
+            expert = add(EXPERT_ONLY, 1, bench.per_expert_requests, kind)
+            per_expert[kind] = (add(ts, 1, bench.per_expert_requests, kind), expert)
+    n1, nc = bench.requests_at(1), bench.requests_at(c)
+    router_1, expert_1, two_stage_1 = add(ro, 1, n1), add(EXPERT_ONLY, 1, n1), add(ts, 1, n1)
+    reduced_route_1 = add(ro, 1, n1, reduced=True, reuse=router_1)
+    other_1 = add(ro_other, 1, n1)
+    reduced_other_1 = add(ro_other, 1, n1, reduced=True, reuse=other_1)
+    sweep = [add(ts, k, bench.requests_at(k)) for k in bench.concurrencies if 1 < k < c]
+    router_c, expert_c, two_stage_c = add(ro, c, nc), add(EXPERT_ONLY, c, nc), add(ts, c, nc)
+    reduced_route_c = add(ro, c, nc, reduced=True, reuse=router_c)
+    other_c = add(ro_other, c, nc)
+    reduced_other_c = add(ro_other, c, nc, reduced=True, reuse=other_c)
+    reduced_two_stage_c = add(ts, c, nc, reduced=True)
+    mixed_c, base_c = add(ADAPTERS_MIXED, c, nc), add(BASE_ONLY, c, nc)
+    sweep += [add(ts, k, bench.requests_at(k)) for k in bench.concurrencies if k > c]
+    poisson = [add(ts, None, bench.poisson_requests)] if bench.poisson_requests else []
+    one_token_routes = [p.name for p in phases if p.workload.route_mode == "one-token"]
+    roles = Roles(
+        two_stage_1=two_stage_1, router_1=router_1, expert_1=expert_1, two_stage_c=two_stage_c, router_c=router_c,
+        expert_c=expert_c, mixed_c=mixed_c, base_c=base_c, reduced_route_1=reduced_route_1,
+        reduced_two_stage_c=reduced_two_stage_c, one_token=one_token_routes,
+        two_stage_all=list(dict.fromkeys([two_stage_1, two_stage_c, *sweep, *poisson,
+                                          *(ts_name for ts_name, _ in per_expert.values())])),
+        per_expert=per_expert,
+        resolution_pairs={mode: [(router_1, reduced_route_1), (router_c, reduced_route_c)],
+                          other: [(other_1, reduced_other_1), (other_c, reduced_other_c)]})
+    return Plan(phases=phases, roles=roles)
+
+
+async def closed_loop(client: RouterClient, workload: Workload, items: Sequence[BenchItem], concurrency: int,
+                      phase: str) -> tuple[list[RequestRecord], float]:
+    """`concurrency` workers, each sending its next screenshot as soon as its last one is answered."""
+    records: list[RequestRecord] = []
+    queue = iter(items)
+    start = time.perf_counter()
+
+    async def worker() -> None:
+        for item in queue:  # one iterator shared by the workers: every item is sent once
+            records.append(await run_request(client, workload, item, phase, start))
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(items)))))
+    return sorted(records, key=lambda r: r.index), time.perf_counter() - start
+
+
+async def open_loop(client: RouterClient, workload: Workload, items: Sequence[BenchItem], rate: float,
+                    rng: random.Random, phase: str) -> tuple[list[RequestRecord], float]:
+    """Screenshots sent at Poisson arrival times of `rate` per second, however many are already in flight."""
+    start = time.perf_counter()
+    at = 0.0
+    tasks = []
+    for item in items:
+        at += rng.expovariate(rate)
+        await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+        tasks.append(asyncio.create_task(run_request(client, workload, item, phase, start)))
+    records = await asyncio.gather(*tasks)
+    return sorted(records, key=lambda r: r.index), time.perf_counter() - start
+
+
+class _Run:
+    """State of one run against one server: the client, the screenshot pool, the /metrics session."""
+
+    def __init__(self, bench: BenchConfig, client: RouterClient, pool: ScreenPool, session: aiohttp.ClientSession):
+        self.bench = bench
+        self.client = client
+        self.pool = pool
+        self.session = session
+        self.phases: dict[str, PhaseMetrics] = {}
+        self.records: list[RequestRecord] = []
+        self.items: dict[str, list[BenchItem]] = {}
+
+    async def snapshot(self) -> ServerSnapshot:
+        return await scrape(self.session, self.client.config.server_root)
+
+    async def warm_up(self, plan: Plan) -> dict[str, int]:
+        """`warmup_requests` unmeasured screenshots per distinct request kind of the plan."""
+        kinds = {(p.workload, p.reduced_router or p.reuse is not None) for p in plan.phases}
+        sent = failed = 0
+        for workload, reduced in sorted(kinds, key=lambda k: (k[0].name, k[1])):
+            items = self.pool.take(self.bench.warmup_requests)
+            if reduced:
+                items = self.pool.reduced(items)
+            records, _ = await closed_loop(self.client, workload, items, self.bench.warmup_requests, "warm-up")
+            sent += len(records)
+            failed += sum(not r.ok for r in records)
+        return {"screenshots": sent, "failed": failed}
+
+    async def run_phase(self, spec: PhaseSpec) -> PhaseMetrics:
+        if spec.reuse:
+            items = self.pool.reduced(self.items[spec.reuse])
+        else:
+            items = self.pool.take(spec.requests, spec.kind)
+            if spec.reduced_router:
+                items = self.pool.reduced(items)
+        self.items[spec.name] = items
+        load_before, retries, cpu = os.getloadavg()[0], self.client.stats.retries, _cpu_s(resource.RUSAGE_SELF)
+        before = await self.snapshot()
+        rate = None
+        if spec.concurrency is None:
+            rate = self.bench.request_rate or OPEN_LOOP_LOAD * max(
+                (p.screenshots_per_s for p in self.phases.values()
+                 if p.workload == spec.workload.name and not p.reduced_router), default=1.0)
+            rng = random.Random(f"{self.bench.seed}:arrivals:{spec.name}")
+            records, duration = await open_loop(self.client, spec.workload, items, rate, rng, spec.name)
+        else:
+            records, duration = await closed_loop(self.client, spec.workload, items, spec.concurrency, spec.name)
+        server = (await self.snapshot()).minus(before)
+        metrics = summarise(spec.name, spec.workload.name, records, duration, server,
+                            (load_before, os.getloadavg()[0]), self.client.stats.retries - retries,
+                            _cpu_s(resource.RUSAGE_SELF) - cpu, spec.concurrency, rate, spec.kind,
+                            spec.reduced_router or spec.reuse is not None)
+        self.phases[spec.name] = metrics
+        self.records += records
+        print(f"{spec.name:<42} {metrics.completed:>3}/{metrics.screenshots:<3} ok  "
+              f"{metrics.screenshots_per_s:6.2f} screenshots/s  p50 {_ms(metrics.e2e_s.p50)}  "
+              f"load {metrics.load_after:.1f}", flush=True)
+        return metrics
+
+    async def run_peer(self, tokenizer: str, model: str, out_dir: Path) -> PeerResult:
+        """`vllm bench serve` on the expert-only path at the compare concurrency."""
+        items = self.pool.take(self.bench.peer_requests)
+        output_len = max(1, round(float(np.mean([i.max_tokens for i in items]))))
+        concurrency = self.bench.compare_concurrency
+        with tempfile.TemporaryDirectory() as tmp:
+            dataset = Path(tmp) / "screens.jsonl"
+            peer.write_dataset(items, dataset)
+            command = peer.bench_command(
+                root_url=self.client.config.server_root, model=model, tokenizer=tokenizer,
+                experts=self.client.config.labels, dataset=dataset, num_prompts=len(items),
+                max_concurrency=concurrency, output_len=output_len, seed=self.bench.seed, result_dir=out_dir)
+            before, cpu = await self.snapshot(), _cpu_s(resource.RUSAGE_CHILDREN)
+            code, result, tail = await peer.run_peer(command, self.client.config.api_key, out_dir,
+                                                     timeout_s=self.bench.timeout_s * 4)
+            server, cpu = (await self.snapshot()).minus(before), _cpu_s(resource.RUSAGE_CHILDREN) - cpu
+        print(f"vllm bench serve: exit {code}, {result.get('request_throughput', float('nan')):.2f} requests/s",
+              flush=True)
+        return PeerResult(command=command, num_prompts=len(items), max_concurrency=concurrency, output_len=output_len,
+                          returncode=code, result=result, server=server.counters,
+                          server_ttft_s=server_ttft(server), client_cpu_s=cpu, log_tail=tail)
+
+
+def _cpu_s(who: int) -> float:
+    """User + system CPU seconds of this process (RUSAGE_SELF) or of its finished children (RUSAGE_CHILDREN)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _ms(seconds: float | None) -> str:
+    return "   n/a" if seconds is None else f"{seconds * 1000:6.0f} ms"
+
+
+def _check_mix(bench: BenchConfig, deployment: DeploymentConfig) -> list[str]:
+    kinds = [k for k, w in bench.class_mix.items() if w > 0]
+    unknown = [k for k in kinds if k not in deployment.labels or k not in KINDS]
+    if unknown:
+        raise ValueError(f"class_mix names {unknown}: every class must be an expert of the deployment "
+                         f"({', '.join(deployment.labels)}) and a screen generator kind ({', '.join(KINDS)})")
+    return kinds
+
+
+def _image_token_counter(processor, deployment: DeploymentConfig):
+    """(width, height) -> image tokens, as the server's processor resizes (engine pixel limits win)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    image_processor = processor.image_processor
+    factor = image_processor.patch_size * image_processor.merge_size
+    low, high = pixel_limits(processor)
+    low, high = deployment.engine.min_pixels or low, deployment.engine.max_pixels or high
+
+    def count(width: int, height: int) -> int:
+        h, w = smart_resize(height, width, factor=factor, min_pixels=low, max_pixels=high)
+        return (h // factor) * (w // factor)
+
+    return count
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """os.environ with `values` set, restored afterwards (VLLMServer hands os.environ to the server process)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _token_stats(values: Sequence[int]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "min": int(min(values)), "max": int(max(values))} if values else {}
+
+
+def _setup(bench: BenchConfig, deployment: DeploymentConfig, config_path: str | None, model_dir: str,
+           server: VLLMServer | None, base_url: str, threads: int | None, mode: str, client_config: ClientConfig,
+           run: _Run) -> dict[str, Any]:
+    """What the report records about the run's setup."""
+    ranks = [a["rank"] for a in environment.adapters(deployment)]
+    command = server.command if server else None
+    return {
+        "config_path": config_path,
+        "deployment": environment.deployment_dict(deployment),
+        "bench": dataclasses.asdict(bench),
+        "model_dir": model_dir,
+        "versions": environment.versions(),
+        "machine": environment.machine(deployment.engine.device),
+        "adapters": environment.adapters(deployment),
+        "max_loras": deployment.engine.max_loras or len(deployment.adapters),
+        "max_lora_rank": deployment.engine.max_lora_rank or (max_rank_for(max(ranks)) if ranks else None),
+        "server": {"base_url": base_url, "started_by_benchmark": server is not None,
+                   "argv": command.argv if command else None,
+                   "env": {**command.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+                   if command else None},
+        "cpu_threads": threads,
+        "router_mode": mode,
+        "client": {"fallback": "base (unroutable answers then run the true expert)",
+                   "max_retries": client_config.max_retries, "timeout_s": bench.timeout_s},
+        "image_tokens": _token_stats([r.image_tokens for r in run.records]),
+        "reduced_router_image_tokens": _token_stats(
+            [r.router_image_tokens for r in run.records if run.phases[r.phase].reduced_router]),
+        "ttft_source": "vLLM /metrics histogram vllm:time_to_first_token_seconds, per phase (client does not stream)",
+    }
+
+
+async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_dir: Path,
+                        config_path: str | None = None) -> BenchmarkResult:
+    """Run every phase, the peer tool and the baselines; start (and stop) a server unless bench.base_url is set."""
+    kinds = _check_mix(bench, deployment)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = resolve_base_model(deployment.model.path)
+    processor = load_processor(model_dir)
+    started = datetime.now(timezone.utc)
+    load_start = os.getloadavg()[0]
+    on_cpu = deployment.engine.device == "cpu"
+    threads = bench.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
+    server: VLLMServer | None = None
+    if bench.base_url is None:
+        engine = dataclasses.replace(deployment.engine, port=0)
+        server = VLLMServer(dataclasses.replace(deployment, engine=engine), log_path=out_dir / "vllm.log")
+        print("starting vLLM ...", flush=True)
+        with _environment(**({"OMP_NUM_THREADS": str(threads)} if on_cpu else {})):
+            await server.start()
+    try:
+        base_url = bench.base_url or server.base_url
+        client_config = ClientConfig.from_deployment(
+            deployment, base_url=base_url, fallback="base", timeout_s=bench.timeout_s,
+            read_timeout_s=bench.timeout_s, **({"router_mode": bench.router_mode} if bench.router_mode else {}))
+        tokenizer = processor.tokenizer
+        pool = ScreenPool(
+            bench.seed, {k: bench.class_mix[k] for k in kinds}, image_max_pixels=client_config.max_pixels,
+            router_max_pixels=bench.router_max_pixels, expert_max_tokens=bench.expert_max_tokens,
+            answer_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+            image_tokens=_image_token_counter(processor, deployment))
+        headers = {"Authorization": f"Bearer {client_config.api_key}"} if client_config.api_key else {}
+        async with RouterClient(client_config) as client, aiohttp.ClientSession(headers=headers) as session:
+            mode = client.mode
+            plan = build_plan(bench, mode, kinds)
+            run = _Run(bench, client, pool, session)
+            before = await run.snapshot()
+            warmup = await run.warm_up(plan)
+            peer_result = None
+            for spec in plan.phases:
+                await run.run_phase(spec)
+                if spec.name == plan.roles.two_stage_c and bench.peer_requests:
+                    # Right after our phases at the compare concurrency, so it sees the same machine load.
+                    peer_result = await run.run_peer(model_dir, deployment.model.served_name, out_dir)
+            after = await run.snapshot()
+    finally:
+        if server is not None:
+            server.stop()
+    baselines = []
+    if bench.hf_requests:
+        print("transformers + PEFT baselines ...", flush=True)
+        baselines = hf_baselines.run_baselines(model_dir, processor, deployment, pool.take(bench.hf_requests),
+                                               "cpu" if on_cpu else "cuda", threads)
+    resolution = [agreement(m, [r for r in run.records if r.phase in {full for full, _ in pairs}],
+                            [r for r in run.records if r.phase in {reduced for _, reduced in pairs}])
+                  for m, pairs in plan.roles.resolution_pairs.items()]
+    targets = evaluate(run.phases, plan.roles, baselines, resolution)
+    setup = _setup(bench, deployment, config_path, model_dir, server, base_url, threads if on_cpu else None, mode,
+                   client_config, run)
+    setup.update(started_utc=started.isoformat(timespec="seconds"),
+                 finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 load_average_1m={"start": load_start, "end": os.getloadavg()[0]})
+    return BenchmarkResult(setup=setup, phases=list(run.phases.values()), records=run.records, warmup=warmup,
+                           server_before=before.counters, server_after=after.counters, peer=peer_result,
+                           baselines=baselines, resolution=resolution, targets=targets)
+
+
+def default_out_dir(root: Path = Path(__file__).parent / "results") -> Path:
+    """benchmarks/results/<YYYY-MM-DD_HHMMSS>/ (local time)."""
+    return root / datetime.now().strftime("%Y-%m-%d_%H%M%S")

@@ -1,0 +1,192 @@
+"""The issue's targets and side-by-side comparisons, as ratios of phases measured in the same run.
+
+Phase names are built by runner.phase_name; a target whose phases did not run (a smaller sweep) is reported
+as not measured rather than guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from benchmarks.hf_baselines import SINGLE_LOAD, TWO_STAGE_INFERENCE, BaselineResult
+from benchmarks.metrics import PhaseMetrics
+from benchmarks.workloads import RequestRecord
+
+
+@dataclass
+class Target:
+    """One target: the measured value, its threshold, and whether it was met (None: informational / not run)."""
+
+    name: str
+    measured: float | None
+    threshold: str
+    met: bool | None
+    detail: str
+
+
+@dataclass
+class Roles:
+    """Which phase plays which part in the targets (phase names; empty when that phase did not run)."""
+
+    two_stage_1: str
+    router_1: str
+    expert_1: str
+    two_stage_c: str
+    router_c: str
+    expert_c: str
+    mixed_c: str
+    base_c: str
+    reduced_route_1: str
+    reduced_two_stage_c: str
+    one_token: list[str]  # phases whose routes use one-token mode
+    two_stage_all: list[str]  # full-resolution two-stage phases
+    per_expert: dict[str, tuple[str, str]]  # expert -> (two-stage, expert-only) phases at concurrency 1
+    resolution_pairs: dict[str, list[tuple[str, str]]]  # router mode -> (full, reduced) router-only phases
+
+
+@dataclass
+class Agreement:
+    """Routing of the same screenshots at full and reduced router resolution, in one router mode."""
+
+    mode: str
+    pairs: int
+    agreement: float | None  # same routed expert (an unroutable answer counts as its own value)
+    accuracy_full: float | None  # routed expert == true class
+    accuracy_reduced: float | None
+    unroutable_full: int
+    unroutable_reduced: int
+
+
+def agreement(mode: str, full: Sequence[RequestRecord], reduced: Sequence[RequestRecord]) -> Agreement:
+    """Compare routes of the same screenshots (matched by item index; failed routes left out)."""
+    by_index = {r.index: r for r in reduced if r.route_s is not None}
+    pairs = [(f, by_index[f.index]) for f in full if f.route_s is not None and f.index in by_index]
+    n = len(pairs)
+
+    def frac(hits: int) -> float | None:
+        return hits / n if n else None
+
+    return Agreement(
+        mode=mode, pairs=n, agreement=frac(sum(f.routed == r.routed for f, r in pairs)),
+        accuracy_full=frac(sum(f.routed == f.kind for f, _ in pairs)),
+        accuracy_reduced=frac(sum(r.routed == r.kind for _, r in pairs)),
+        unroutable_full=sum(f.routed is None for f, _ in pairs),
+        unroutable_reduced=sum(r.routed is None for _, r in pairs))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _fmt(value: float | None, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:.3g}{unit}"
+
+
+def evaluate(phases: Mapping[str, PhaseMetrics], roles: Roles, baselines: Sequence[BaselineResult],
+             resolution: Sequence[Agreement]) -> list[Target]:
+    """Every target and comparison, from the phases that ran."""
+
+    def get(role: str) -> PhaseMetrics | None:
+        return phases.get(getattr(roles, role))
+
+    targets = []
+    ts1, r1, e1 = get("two_stage_1"), get("router_1"), get("expert_1")
+    chained = sum_p50 = None
+    if ts1 and r1 and e1 and None not in (ts1.e2e_s.p50, r1.e2e_s.p50, e1.e2e_s.p50):
+        chained, sum_p50 = ts1.e2e_s.p50, r1.e2e_s.p50 + e1.e2e_s.p50
+    ratio = _ratio(chained, sum_p50)
+    gap = ts1.chain_gap_s.p50 if ts1 else None
+    means = _ratio(ts1.e2e_s.mean if ts1 else None,
+                   r1.e2e_s.mean + e1.e2e_s.mean if r1 and e1 and None not in (r1.e2e_s.mean, e1.e2e_s.mean) else None)
+    targets.append(Target("chaining adds nothing: p50 two-stage / (p50 router-only + p50 expert-only), c=1",
+                          ratio, "<= 1.0", None if ratio is None else ratio <= 1.0,
+                          f"two-stage p50 {_fmt(chained, ' s')}, router-only + expert-only p50 {_fmt(sum_p50, ' s')}; "
+                          f"the same with means {_fmt(means)} (short and long answers make the p50 jumpy); client "
+                          f"time between the stages p50 {_fmt(gap, ' s')}"))
+    # The same per class, where latencies are not bimodal: router-only (class-blind) from the class-mix phase.
+    for expert, (ts_name, ex_name) in roles.per_expert.items():
+        ts, ex = phases.get(ts_name), phases.get(ex_name)
+        parts = r1.e2e_s.p50 + ex.e2e_s.p50 if r1 and ex and None not in (r1.e2e_s.p50, ex.e2e_s.p50) else None
+        ratio = _ratio(ts.e2e_s.p50 if ts else None, parts)
+        targets.append(Target(f"chaining for {expert}: p50 two-stage / (p50 router-only + p50 expert-only), c=1",
+                              ratio, "<= 1.0", None if ratio is None else ratio <= 1.0,
+                              f"{_fmt(ts.e2e_s.p50 if ts else None, ' s')} / {_fmt(parts, ' s')}"))
+
+    tsc, rc, ec = get("two_stage_c"), get("router_c"), get("expert_c")
+    ideal = None
+    if tsc and rc and ec and rc.screenshots_per_s and ec.screenshots_per_s:
+        ideal = 1 / (1 / rc.screenshots_per_s + 1 / ec.screenshots_per_s)
+    ratio = _ratio(tsc.screenshots_per_s if tsc else None, ideal)
+    targets.append(Target("pipelining adds nothing: two-stage screenshots/s / (1/(1/R + 1/E)), compare concurrency",
+                          ratio, ">= 0.95", None if ratio is None else ratio >= 0.95,
+                          f"two-stage {_fmt(tsc.screenshots_per_s if tsc else None, '/s')}, R "
+                          f"{_fmt(rc.screenshots_per_s if rc else None, '/s')}, E "
+                          f"{_fmt(ec.screenshots_per_s if ec else None, '/s')}, 1/(1/R+1/E) {_fmt(ideal, '/s')}"))
+
+    by_name = {b.name: b for b in baselines}
+    for baseline, threshold in ((TWO_STAGE_INFERENCE, 30.0), (SINGLE_LOAD, None)):
+        hf = by_name.get(baseline)
+        ratio = _ratio(tsc.screenshots_per_s if tsc else None, hf.screenshots_per_s if hf else None)
+        met = None if ratio is None or threshold is None else ratio >= threshold
+        targets.append(Target(f"vLLM multi-LoRA two-stage (compare concurrency) / {baseline} screenshots/s", ratio,
+                              f">= {threshold:g}" if threshold else "(informational)", met,
+                              f"vLLM {_fmt(tsc.screenshots_per_s if tsc else None, '/s')}, "
+                              f"{baseline} {_fmt(hf.screenshots_per_s if hf else None, '/s')}"))
+
+    # On generated tokens/s: LoRA costs per token, and an adapter or the base model may stop at EOS before
+    # max_tokens, so screenshots/s would reward whichever writes less.
+    mixed, base = get("mixed_c"), get("base_c")
+    ratio = _ratio(mixed.output_tokens_per_s if mixed else None, base.output_tokens_per_s if base else None)
+    shots = _ratio(mixed.screenshots_per_s if mixed else None, base.screenshots_per_s if base else None)
+    targets.append(Target("all expert adapters mixed / base model without LoRA, generated tokens/s", ratio,
+                          ">= 0.9", None if ratio is None else ratio >= 0.9,
+                          f"mixed {_fmt(mixed.output_tokens_per_s if mixed else None, ' tok/s')} "
+                          f"({_fmt(mixed.mean_expert_completion_tokens if mixed else None)} per request), base "
+                          f"{_fmt(base.output_tokens_per_s if base else None, ' tok/s')} "
+                          f"({_fmt(base.mean_expert_completion_tokens if base else None)} per request); "
+                          f"screenshots/s ratio {_fmt(shots)}"))
+
+    one_token = [phases[n] for n in roles.one_token if n in phases]
+    routes = sum(p.routes for p in one_token)
+    most = max((p.route_completion_tokens_max or 0 for p in one_token), default=None) if one_token else None
+    router_only = [p for p in one_token if p.workload.startswith("router-only")]
+    server_per_route = _ratio(sum(p.server.get("vllm:generation_tokens_total", 0.0) for p in router_only),
+                              sum(p.routes for p in router_only))
+    targets.append(Target("generated tokens per route in one-token mode (most in any route)", most, "== 1",
+                          None if most is None else most == 1 and server_per_route in (None, 1.0),
+                          f"{routes} routes; server generation_tokens per route in router-only one-token phases "
+                          f"{_fmt(server_per_route)}"))
+
+    two_stage = [phases[n] for n in roles.two_stage_all if n in phases]
+    hits = sum(p.server.get("vllm:mm_cache_hits_total", 0.0) for p in two_stage)
+    queries = sum(p.server.get("vllm:mm_cache_queries_total", 0.0) for p in two_stage)
+    rate = hits / queries if queries else None
+    targets.append(Target("multimodal cache hit rate on two-stage traffic", rate, ">= 0.45",
+                          None if rate is None else rate >= 0.45,
+                          f"{hits:g} hits / {queries:g} queries over {len(two_stage)} full-resolution two-stage "
+                          "phases"))
+
+    for expert, (ts_name, ex_name) in roles.per_expert.items():
+        ts, ex = phases.get(ts_name), phases.get(ex_name)
+        ratio = _ratio(ts.e2e_s.p50 if ts else None, ex.e2e_s.p50 if ex else None)
+        targets.append(Target(f"routing overhead for {expert}: p50 two-stage / p50 expert-only, c=1", ratio,
+                              "(informational)", None,
+                              f"{_fmt(ts.e2e_s.p50 if ts else None, ' s')} / "
+                              f"{_fmt(ex.e2e_s.p50 if ex else None, ' s')}"))
+
+    red1, red_c = get("reduced_route_1"), get("reduced_two_stage_c")
+    saved = _ratio(red1.e2e_s.p50 if red1 else None, r1.e2e_s.p50 if r1 else None)
+    speed = _ratio(red_c.screenshots_per_s if red_c else None, tsc.screenshots_per_s if tsc else None)
+    cost = "; ".join(
+        f"{a.mode}: agreement with full resolution {_fmt(a.agreement)} over {a.pairs} screenshots, accuracy full "
+        f"{_fmt(a.accuracy_full)} vs reduced {_fmt(a.accuracy_reduced)}, unroutable full {a.unroutable_full} vs "
+        f"reduced {a.unroutable_reduced}" for a in resolution)
+    tokens = (f"router image tokens {red1.mean_router_image_tokens:.0f} vs {r1.mean_router_image_tokens:.0f}"
+              if red1 and r1 else "router image tokens n/a")
+    mm = _fmt(red_c.mm_cache_hit_rate if red_c else None)
+    targets.append(Target("reduced-resolution router: p50 route latency reduced / full, c=1", saved,
+                          "(informational)", None,
+                          f"{tokens}; two-stage screenshots/s reduced / full at compare concurrency {_fmt(speed)} "
+                          f"(mm cache hit rate reduced {mm}); cost: {cost}"))
+    return targets
