@@ -47,14 +47,15 @@ def make_dataset(config: DeploymentConfig, work: Path, train_per_class: int, eva
     return folder
 
 
-def prepare_adapters(config: DeploymentConfig, base: str) -> None:
-    """Write every adapter the config names that does not exist yet.
+def prepare_adapters(config: DeploymentConfig, base: str) -> bool:
+    """Write every adapter the config names that does not exist yet; True if any is a stand-in.
 
-    Until the project's trainer lands these are random stand-ins (non-zero LoRA B): the serving and client
-    mechanics are real, the routes are not.
+    Until the trainer's router reaches its target on the tiny base these are random stand-ins (non-zero
+    LoRA B): the serving and client mechanics are real, the routes are not.
     """
     from training.random_adapter import make_random_adapter
 
+    made = False
     for seed, adapter in enumerate(config.adapters):
         path = config.adapter_path(adapter)
         if (path / "adapter_config.json").exists():
@@ -62,6 +63,8 @@ def prepare_adapters(config: DeploymentConfig, base: str) -> None:
         labels = config.labels if adapter is config.router else None
         make_random_adapter(base, path, seed=seed, labels=labels)
         print(f"  {adapter.name}: random stand-in at {path}")
+        made = True
+    return made
 
 
 def routing_table(results: Path, truth: dict[str, str]) -> str:
@@ -78,11 +81,13 @@ def routing_table(results: Path, truth: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-async def serve_and_route(config: DeploymentConfig, dataset: Path, work: Path) -> None:
+async def serve_and_route(config: DeploymentConfig, dataset: Path, work: Path, stand_ins: bool) -> None:
     step("4. start vLLM with the base model, the router and every expert")
     async with VLLMServer(config, log_path=work / "vllm.log") as server:
         print(ready_line(server, [a.name for a in config.adapters]), flush=True)
-        client_config = ClientConfig.from_deployment(config, base_url=server.base_url)
+        # A random router answers no label: send such routes to the base model so every screenshot gets an answer.
+        overrides = {"fallback": "base"} if stand_ins else {}
+        client_config = ClientConfig.from_deployment(config, base_url=server.base_url, **overrides)
         samples = [json.loads(line) for line in (dataset / "eval.jsonl").read_text().splitlines()]
 
         step("5. one screenshot: route, then the chosen expert")
@@ -128,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     step("2. routing dataset, converted for the router")
     dataset = make_dataset(config, args.work, args.train_per_class, args.eval_per_class)
     step("3. adapters")
-    prepare_adapters(config, base)
-    asyncio.run(serve_and_route(config, dataset, args.work))
+    stand_ins = prepare_adapters(config, base)
+    asyncio.run(serve_and_route(config, dataset, args.work, stand_ins))
     print(f"\ndone in {time.monotonic() - start:.0f} s; outputs in {args.work}")
     return 0
 
