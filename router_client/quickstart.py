@@ -29,6 +29,7 @@ from serving.config import DeploymentConfig, load_config
 from serving.launcher import VLLMServer, ready_line
 from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
+from training.manifest import AdapterManifest
 from training.tiny_model import resolve_base_model
 
 
@@ -48,14 +49,13 @@ def make_dataset(config: DeploymentConfig, work: Path, train_per_class: int, eva
 
 
 def prepare_adapters(config: DeploymentConfig, base: str) -> bool:
-    """Write every adapter the config names that does not exist yet; True if any is a stand-in.
+    """Write every adapter the config names that does not exist yet; True if the router is a random stand-in.
 
     Until the trainer's router reaches its target on the tiny base these are random stand-ins (non-zero
     LoRA B): the serving and client mechanics are real, the routes are not.
     """
     from training.random_adapter import make_random_adapter
 
-    made = False
     for seed, adapter in enumerate(config.adapters):
         path = config.adapter_path(adapter)
         if (path / "adapter_config.json").exists():
@@ -63,8 +63,7 @@ def prepare_adapters(config: DeploymentConfig, base: str) -> bool:
         labels = config.labels if adapter is config.router else None
         make_random_adapter(base, path, seed=seed, labels=labels)
         print(f"  {adapter.name}: random stand-in at {path}")
-        made = True
-    return made
+    return bool(AdapterManifest.read(config.adapter_path(config.router)).metrics.get("random"))
 
 
 def routing_table(results: Path, truth: dict[str, str]) -> str:
