@@ -252,7 +252,7 @@ BAD_INPUTS = [
     ("<image> count does not match", _edit_line("human", f"<image>\n<image>\n{ROUTER_USER_PROMPT}"),
      ":2: the human turn has 2 <image> placeholder(s) but the line has 1 image(s)"),
     ("rank above the serving limit", ["--lora_r", "64"],
-     "LoRA rank lora_r=64 is above the serving limit max_lora_rank=32 (engine.max_lora_rank of "),
+     "LoRA rank lora_r=64 is above the serving limit max_lora_rank=16 (engine.max_lora_rank of "),
     ("rank above an explicit limit", ["--lora_r", "16", "--max_lora_rank", "8"],
      "lora_r=16 is above the serving limit max_lora_rank=8 (--max_lora_rank)"),
 ]
