@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.jsonl import iter_jsonl
 from training.prompts import router_system_prompt
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -137,16 +138,7 @@ def read_conversations(path: str | Path, check_images: bool = True) -> list[Conv
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    out = []
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _line_error(path, number, f"malformed JSON ({exc.msg})") from None
-            out.append(parse_line(record, path, number, check_images))
+    out = [parse_line(record, path, number, check_images) for number, record in iter_jsonl(path, DataError)]
     if not out:
         raise DataError(f"{path}: no examples")
     return out
