@@ -36,7 +36,8 @@ class ModelConfig:
     """The base model every adapter sits on."""
 
     path: str = field(default="tiny", metadata={
-        "help": "Local folder or hub id of the base model; 'tiny' builds (once) and uses the embedded tiny model."})
+        "help": "Local folder or hub id of the base model; 'tiny' builds (once) and uses the embedded tiny model, "
+                "pre-trained on screen captions ('tiny-random': its random-init form)."})
     served_name: str = field(default="base", metadata={
         "help": "Name clients use for the base model without any adapter."})
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny model, random stand-in adapters, and a real vLLM server on a free port."""
+"""Shared fixtures: the random tiny model (mechanics need no pre-training), random stand-in adapters, and a real vLLM server on a free port."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def pretrained_base() -> Path:
+    """The default base 'tiny': the tiny model pre-trained on screen captions (cached per machine; a few minutes
+    on 2 cores the first time)."""
+    from training.tiny_model import resolve_base_model
+
+    return Path(resolve_base_model("tiny"))
+
+
+@pytest.fixture(scope="session")
 def adapters_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A router and three experts with random non-zero LoRA weights on the tiny model."""
     from training.random_adapter import make_random_adapter
@@ -35,7 +44,7 @@ def adapters_dir(tmp_path_factory, tiny_model_dir) -> Path:
 def deployment(adapters_dir: Path, **sections) -> DeploymentConfig:
     """A tiny-model deployment of the adapters in `adapters_dir`, on a free port; sections override."""
     data = {
-        "model": {"path": "tiny", "served_name": "base"},
+        "model": {"path": "tiny-random", "served_name": "base"},
         "router": {"name": "router", "path": str(adapters_dir / "router")},
         "experts": [{"name": n, "path": str(adapters_dir / n), "prompt": f"Do the {n} task."} for n in EXPERTS],
         "engine": {"port": 0, "kv_cache_gib": 1, "startup_timeout_s": 600},

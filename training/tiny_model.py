@@ -126,7 +126,8 @@ class TinyModelSpec:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-# Names configs use for the embedded model: random init ("tiny", alias "tiny-random"), and its pre-trained form.
+# Names configs use for the embedded model: the pre-trained base ("tiny", alias "tiny-pretrained", the default
+# every LoRA trains on) and the random-init model it starts from ("tiny-random").
 TINY_MODEL = "tiny"
 TINY_RANDOM_MODEL = "tiny-random"
 TINY_PRETRAINED_MODEL = "tiny-pretrained"
@@ -289,15 +290,15 @@ def build_tiny_model(spec: TinyModelSpec | None = None, cache_dir: Path | None =
 def resolve_base_model(path: str) -> str:
     """The base model folder a config names; anything else is returned unchanged.
 
-    'tiny' (or 'tiny-random') is the embedded random model. 'tiny-pretrained' is that model fully fine-tuned on
-    screen captions (training.pretrain, built and cached on first use); it is not yet the default because its
-    pre-training costs about 18 minutes on 2 shared cores, more than CI can pay on a fresh machine.
+    'tiny' (or 'tiny-pretrained') is the embedded default: the random model fully fine-tuned on screen captions
+    (training.pretrain; built and cached on first use, a few minutes on 2 cores), as a real deployment starts
+    from a pre-trained VLM. 'tiny-random' is the random-init model itself (cheap; for mechanics only).
     """
-    if path == TINY_PRETRAINED_MODEL:
+    if path in (TINY_MODEL, TINY_PRETRAINED_MODEL):
         from training.pretrain import build_pretrained_model
 
         return str(build_pretrained_model())
-    if path in (TINY_MODEL, TINY_RANDOM_MODEL):
+    if path == TINY_RANDOM_MODEL:
         return str(build_tiny_model())
     return path
 
