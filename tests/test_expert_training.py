@@ -1,0 +1,47 @@
+"""Experts: the router's trainer, with the expert recipe, trains each task's LoRA on the pre-trained tiny base,
+and the expert evaluator scores it above the untrained base on held-out screens of its own task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.evaluate_expert import evaluate
+from training.expert_datasets import write_examples
+from training.jsonl import write_jsonl
+from training.manifest import AdapterManifest
+from training.screens import KINDS
+from training.train_qwen import cli
+
+pytestmark = pytest.mark.integration
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "training" / "expert-tiny.yaml"
+TRAIN, EVAL = 300, 64
+# Measured on this base (30 image tokens a screen, too few to read text): claim-window learns the JSON shape
+# (valid_json 0.62) but no field value; chandra-ocr learns markdown that runs past the page (CER 1.76 against
+# the base's 0.89). Strict, so the day either expert starts to beat the base, this marker has to go.
+CANNOT_READ = pytest.mark.xfail(strict=True, reason="needs legible text: no field value / page read at 30 image tokens")
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=CANNOT_READ) if k in ("claim-window", "chandra-ocr") else k
+                                  for k in KINDS])
+def test_expert_beats_the_untrained_base_on_its_task(kind, pretrained_base, tmp_path):
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", write_examples(kind, "train", TRAIN, 0, data, progress=False))
+    write_jsonl(data / "eval.jsonl", write_examples(kind, "eval", EVAL, 0, data, start=TRAIN, progress=False))
+    adapter = tmp_path / kind
+    code = cli(["--config", str(RECIPE), "--data_path", str(data / "train.jsonl"), "--eval_data_path",
+                str(data / "eval.jsonl"), "--output_dir", str(adapter), "--disable_tqdm", "True"])
+    assert code == 0
+    manifest = AdapterManifest.read(adapter)
+    assert manifest.labels is None and manifest.base_model == str(pretrained_base)
+    train = json.loads((adapter / "metrics.json").read_text())
+    report = evaluate(adapter, data / "eval.jsonl", out=tmp_path / "eval", quiet=True)
+    base, trained = report["base"], report["adapter_scores"]
+    print(f"\n{kind} expert: trained in {train['train_wall_s']} s, loss {train['loss_first']} -> {train['loss_last']}; "
+          f"task score {trained['score']:.4f} vs base {base['score']:.4f} on {report['count']} held-out screens "
+          f"(adapter {json.dumps(trained)}, base {json.dumps(base)})")
+    assert train["loss_last"] < train["loss_first"]
+    assert trained["score"] > base["score"]

@@ -1,0 +1,139 @@
+"""End to end on the pre-trained tiny base: generate a routing dataset, train the router LoRA with the trainer CLI,
+validate it in-process and as served by a real vLLM CPU server; 3 classes, then 4 (chandra-ocr added, same
+command). Held-out screens come from seeds disjoint from the training ones (generate_dataset's eval-only split).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import deployment, start_server
+from training.convert_routing_to_classification import convert_dataset
+from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
+from training.train_qwen import cli
+from training.validate_router import validate
+
+pytestmark = pytest.mark.integration
+
+THREE = ("calendar", "claim-window", "provider-select")
+FOUR = (*THREE, "chandra-ocr")
+TRAIN_PER_CLASS = 300
+EVAL_PER_CLASS = 30
+# Issue 3 asks for 0.95; this base and recipe measured 0.92 on 3 classes (see the README's Status). The floor
+# catches a regression without pretending the target is met.
+ACCURACY_FLOOR = 0.88
+# The router recipe a user runs (configs/training/router-tiny.yaml: the seed's flags as YAML keys), paths appended.
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "training" / "router-tiny.yaml"
+
+
+def _routing_data(root: Path, classes: tuple[str, ...]) -> Path:
+    out = root / f"routing-{len(classes)}"
+    cfg = RoutingDatasetConfig(classes=classes, train_images={c: TRAIN_PER_CLASS for c in classes},
+                               eval_images=EVAL_PER_CLASS, train_val_split=1.0, seed=7, output=out)
+    generate_routing_dataset(cfg)
+    convert_dataset(out)
+    return out
+
+
+def _train_router(data: Path, out: Path) -> dict:
+    started = time.perf_counter()
+    code = cli(["--config", str(RECIPE), "--disable_tqdm", "True", "--data_path", str(data / "train-classification.jsonl"),
+                "--eval_data_path", str(data / "eval-classification.jsonl"), "--output_dir", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["wall_s"] = round(time.perf_counter() - started, 1)
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def routers(pretrained_base, tmp_path_factory) -> dict:
+    """Both routers trained and validated in-process: {3: {...}, 4: {...}}."""
+    root = tmp_path_factory.mktemp("router-training")
+    result = {}
+    for classes in (THREE, FOUR):
+        n = len(classes)
+        data = _routing_data(root, classes)
+        adapter = root / f"router{n}"
+        metrics = _train_router(data, adapter)
+        report = validate(data / "eval-classification.jsonl", root / f"validate{n}-in-process", adapter=adapter,
+                          quiet=True)
+        result[n] = {"data": data, "adapter": adapter, "train": metrics, "in_process": report}
+        print(f"\n{n}-class router: trained in {metrics['wall_s']} s, loss {metrics['loss_first']} -> "
+              f"{metrics['loss_last']}, in-process accuracy {report['accuracy']} ({report['correct']}/"
+              f"{report['count']})")
+    return result
+
+
+@pytest.fixture(scope="module")
+def served_routers(routers, pretrained_base, tmp_path_factory):
+    """One vLLM CPU server with both routers as named adapters (router3, router4) on the pre-trained base."""
+    adapters = tmp_path_factory.mktemp("served-routers")
+    config = deployment(adapters, model={"path": str(pretrained_base), "served_name": "base"}, router=None,
+                        experts=[{"name": f"router{n}", "path": str(routers[n]["adapter"])} for n in (3, 4)],
+                        engine={"port": 0, "kv_cache_gib": 1, "max_lora_rank": 32, "startup_timeout_s": 600})
+    server = start_server(config, tmp_path_factory.mktemp("logs") / "vllm-routers.log")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_router_is_accurate_on_held_out_screens(routers, n):
+    run = routers[n]
+    report = run["in_process"]
+    assert report["count"] >= EVAL_PER_CLASS * n >= 90
+    assert all(m["support"] == EVAL_PER_CLASS for m in report["per_class"].values())
+    assert report["accuracy"] >= ACCURACY_FLOOR, report
+    # Never trained on: eval ids are disjoint from training ids (and their screens come from other seeds).
+    train_ids = {json.loads(t)["id"] for t in (run["data"] / "train-classification.jsonl").read_text().splitlines()}
+    eval_ids = {json.loads(t)["id"] for t in (run["data"] / "eval-classification.jsonl").read_text().splitlines()}
+    assert not train_ids & eval_ids
+    # The trainer's own per-epoch evaluation and metrics file agree with the validation CLI's number.
+    assert run["train"]["final_eval"]["eval_accuracy"] == pytest.approx(report["accuracy"], abs=0.02)
+    assert run["train"]["loss_last"] < run["train"]["loss_first"]
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_served_router_agrees_with_in_process_within_2_points(routers, served_routers, tmp_path, n):
+    run = routers[n]
+    served = validate(run["data"] / "eval-classification.jsonl", tmp_path / "served", adapter=run["adapter"],
+                      base_url=served_routers.base_url, model=f"router{n}", api_key=served_routers.config.engine.api_key,
+                      quiet=True)
+    print(f"\n{n}-class router served: accuracy {served['accuracy']} vs in-process {run['in_process']['accuracy']}")
+    assert served["accuracy"] >= ACCURACY_FLOOR
+    assert abs(served["accuracy"] - run["in_process"]["accuracy"]) <= 0.02
+    assert (tmp_path / "served" / "confusion.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_client_routes_match_the_validated_router_in_both_modes(routers, served_routers, n):
+    """router_client against the served router: choice and one-token mode pick the same label on every held-out
+    screenshot, and their accuracy is the validation CLI's."""
+    import asyncio
+
+    from router_client.client import RouterClient
+    from router_client.config import ClientConfig
+    from training.llava_data import read_conversations
+
+    run = routers[n]
+    conversations = read_conversations(run["data"] / "eval-classification.jsonl")
+    labels = list(FOUR if n == 4 else THREE)
+
+    async def route_all(mode: str) -> list:
+        config = ClientConfig(base_url=served_routers.base_url, router_name=f"router{n}", labels=labels,
+                              api_key=served_routers.config.engine.api_key, router_mode=mode)
+        async with RouterClient(config) as client:
+            return await asyncio.gather(*(client.route(c.images[0]) for c in conversations))
+
+    choice, one_token = asyncio.run(route_all("choice")), asyncio.run(route_all("one-token"))
+    assert {d.mode for d in choice} == {"choice"} and {d.mode for d in one_token} == {"one-token"}
+    assert [d.expert for d in choice] == [d.expert for d in one_token]
+    assert all(d.completion_tokens == 1 for d in one_token)
+    gold = [c.answer for c in conversations]
+    accuracy = sum(d.expert == g for d, g in zip(choice, gold)) / len(gold)
+    print(f"\n{n}-class router via router_client: accuracy {accuracy} in both modes "
+          f"(validation CLI in-process {run['in_process']['accuracy']})")
+    assert abs(accuracy - run["in_process"]["accuracy"]) <= 0.02
