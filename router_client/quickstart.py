@@ -2,9 +2,10 @@
 
     python -m router_client.quickstart [--config configs/tiny-cpu.yaml] [--work runs/quickstart]
 
-1. builds (once) the tiny base model;
+1. builds (once) the tiny base model: the random Qwen3-VL, pre-trained on screen captions (cached);
 2. generates a routing dataset and converts it to the router's classification format;
-3. makes the adapters the config names (see `prepare_adapters`);
+3. trains the router and every expert with the one trainer (configs/training/*.yaml; small but real) and
+   scores each expert against the base model on its own task;
 4. starts vLLM with the base model, the router and every expert (checked, warmed up, probed);
 5. routes one screenshot and prints the route, its confidence and the expert's answer;
 6. batch-processes a folder of sample screenshots and prints the routing table;
@@ -29,8 +30,11 @@ from serving.config import DeploymentConfig, load_config
 from serving.launcher import VLLMServer, ready_line
 from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
-from training.manifest import AdapterManifest
+from training.manifest import AdapterManifest, model_fingerprint
 from training.tiny_model import resolve_base_model
+from training.train_qwen import cli as train_cli
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "training"
 
 
 def step(title: str) -> None:
@@ -48,22 +52,58 @@ def make_dataset(config: DeploymentConfig, work: Path, train_per_class: int, eva
     return folder
 
 
-def prepare_adapters(config: DeploymentConfig, base: str) -> bool:
-    """Write every adapter the config names that does not exist yet; True if the router is a random stand-in.
+def trained_for(path: Path, base: str, labels: list[str] | None) -> AdapterManifest | None:
+    """The manifest of a trained adapter at `path` on `base` (with these router labels), else None."""
+    try:
+        manifest = AdapterManifest.read(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    if manifest.metrics.get("random") or manifest.base_model_fingerprint != model_fingerprint(base):
+        return None
+    return manifest if manifest.labels == labels else None
 
-    Until the trainer's router reaches its target on the tiny base these are random stand-ins (non-zero
-    LoRA B): the serving and client mechanics are real, the routes are not.
-    """
-    from training.random_adapter import make_random_adapter
 
-    for seed, adapter in enumerate(config.adapters):
-        path = config.adapter_path(adapter)
-        if (path / "adapter_config.json").exists():
-            continue
-        labels = config.labels if adapter is config.router else None
-        make_random_adapter(base, path, seed=seed, labels=labels)
-        print(f"  {adapter.name}: random stand-in at {path}")
-    return bool(AdapterManifest.read(config.adapter_path(config.router)).metrics.get("random"))
+def train(recipe: Path, model: str, data: Path, train_file: str, eval_file: str, out: Path) -> None:
+    """One run of the trainer CLI (the command a user types) with `recipe` and these paths."""
+    code = train_cli(["--config", str(recipe), "--model_name_or_path", model, "--data_path", str(data / train_file),
+                      "--eval_data_path", str(data / eval_file), "--output_dir", str(out),
+                      "--overwrite_output_dir", "True"])
+    if code:
+        raise SystemExit(f"training {out} failed (exit {code})")
+
+
+def train_adapters(config: DeploymentConfig, base: str, routing: Path, work: Path, args) -> None:
+    """Train the router on `routing` and each expert on its generated task data, unless already trained on this
+    base (and `--retrain` is not given); then score each expert against the base model on held-out examples."""
+    from training.evaluate_expert import evaluate
+    from training.expert_datasets import write_examples
+    from training.jsonl import write_jsonl
+    from training.screens import KINDS
+
+    router_path = config.adapter_path(config.router)
+    if not args.retrain and (manifest := trained_for(router_path, base, config.labels)):
+        print(f"  router: already trained ({router_path}, eval accuracy {manifest.metrics.get('eval_accuracy')})")
+    else:
+        train(args.router_recipe, config.model.path, routing, "train-classification.jsonl",
+              "eval-classification.jsonl", router_path)
+    for expert in config.experts:
+        path = config.adapter_path(expert)
+        data = work / "experts" / expert.name
+        if expert.name not in KINDS:
+            raise SystemExit(f"expert {expert.name!r}: no task generator for it (known: {', '.join(KINDS)}); "
+                             f"train it yourself and point its path at the adapter")
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        write_jsonl(data / "train.jsonl", write_examples(expert.name, "train", args.expert_train, 0, data))
+        write_jsonl(data / "eval.jsonl", write_examples(expert.name, "eval", args.expert_eval, 0, data,
+                                                        start=args.expert_train))
+        if not args.retrain and trained_for(path, base, None):
+            print(f"  {expert.name}: already trained ({path})")
+        else:
+            train(args.expert_recipe, config.model.path, data, "train.jsonl", "eval.jsonl", path)
+        report = evaluate(path, data / "eval.jsonl", quiet=True)
+        print(f"  {expert.name}: task score {report['adapter_scores']['score']:.3f} vs base model {report['base']['score']:.3f}"
+              f" on {report['count']} held-out screenshots")
 
 
 def routing_table(results: Path, truth: dict[str, str]) -> str:
@@ -80,13 +120,11 @@ def routing_table(results: Path, truth: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-async def serve_and_route(config: DeploymentConfig, dataset: Path, work: Path, stand_ins: bool) -> None:
+async def serve_and_route(config: DeploymentConfig, dataset: Path, work: Path) -> None:
     step("4. start vLLM with the base model, the router and every expert")
     async with VLLMServer(config, log_path=work / "vllm.log") as server:
         print(ready_line(server, [a.name for a in config.adapters]), flush=True)
-        # A random router answers no label: send such routes to the base model so every screenshot gets an answer.
-        overrides = {"fallback": "base"} if stand_ins else {}
-        client_config = ClientConfig.from_deployment(config, base_url=server.base_url, **overrides)
+        client_config = ClientConfig.from_deployment(config, base_url=server.base_url)
         samples = [json.loads(line) for line in (dataset / "eval.jsonl").read_text().splitlines()]
 
         step("5. one screenshot: route, then the chosen expert")
@@ -116,8 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=Path("configs/tiny-cpu.yaml"), help="deployment YAML")
     parser.add_argument("--work", type=Path, default=Path("runs/quickstart"), help="folder for data, logs, results")
-    parser.add_argument("--train-per-class", type=int, default=40, help="routing train screenshots per class")
+    parser.add_argument("--train-per-class", type=int, default=300, help="routing train screenshots per class")
     parser.add_argument("--eval-per-class", type=int, default=10, help="held-out screenshots per class")
+    parser.add_argument("--expert-train", type=int, default=120, help="training examples per expert")
+    parser.add_argument("--expert-eval", type=int, default=16, help="held-out examples per expert (task score)")
+    parser.add_argument("--router-recipe", type=Path, default=RECIPES / "router-tiny.yaml",
+                        help="trainer YAML for the router (the trainer's flags as keys)")
+    parser.add_argument("--expert-recipe", type=Path, default=RECIPES / "expert-tiny.yaml",
+                        help="trainer YAML for the experts")
+    parser.add_argument("--retrain", action="store_true",
+                        help="train every adapter again even if one trained on this base model is already there")
     return parser
 
 
@@ -131,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {base}")
     step("2. routing dataset, converted for the router")
     dataset = make_dataset(config, args.work, args.train_per_class, args.eval_per_class)
-    step("3. adapters")
-    stand_ins = prepare_adapters(config, base)
-    asyncio.run(serve_and_route(config, dataset, args.work, stand_ins))
+    step("3. train the router and the experts (one trainer)")
+    train_adapters(config, base, dataset, args.work, args)
+    asyncio.run(serve_and_route(config, dataset, args.work))
     print(f"\ndone in {time.monotonic() - start:.0f} s; outputs in {args.work}")
     return 0
 
