@@ -43,7 +43,6 @@ import random
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -394,7 +393,6 @@ class Trainer:
         self.device = torch.device("cuda" if cuda else "cpu")
         self.use_bf16, notes = resolve_precision(cfg, cuda, cuda and torch.cuda.is_bf16_supported())
         for note in notes:
-            warnings.warn(note, stacklevel=2)
             self.log(f"warning: {note}")
         if cfg.tf32 and cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
