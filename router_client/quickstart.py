@@ -52,13 +52,14 @@ def make_dataset(config: DeploymentConfig, work: Path, train_per_class: int, eva
     return folder
 
 
-def trained_for(path: Path, base: str, labels: list[str] | None) -> AdapterManifest | None:
-    """The manifest of a trained adapter at `path` on `base` (with these router labels), else None."""
+def trained_for(path: Path, base_fingerprint: str, labels: list[str] | None) -> AdapterManifest | None:
+    """The manifest of a trained adapter at `path` on the base with this fingerprint (and these router labels),
+    else None."""
     try:
         manifest = AdapterManifest.read(path)
     except (FileNotFoundError, ValueError):
         return None
-    if manifest.metrics.get("random") or manifest.base_model_fingerprint != model_fingerprint(base):
+    if manifest.metrics.get("random") or manifest.base_model_fingerprint != base_fingerprint:
         return None
     return manifest if manifest.labels == labels else None
 
@@ -76,12 +77,12 @@ def train_adapters(config: DeploymentConfig, base: str, routing: Path, work: Pat
     """Train the router on `routing` and each expert on its generated task data, unless already trained on this
     base (and `--retrain` is not given); then score each expert against the base model on held-out examples."""
     from training.evaluate_expert import evaluate
-    from training.expert_datasets import write_examples
-    from training.jsonl import write_jsonl
+    from training.expert_datasets import write_dataset
     from training.screens import KINDS
 
+    fingerprint = model_fingerprint(base)
     router_path = config.adapter_path(config.router)
-    if not args.retrain and (manifest := trained_for(router_path, base, config.labels)):
+    if not args.retrain and (manifest := trained_for(router_path, fingerprint, config.labels)):
         print(f"  router: already trained ({router_path}, eval accuracy {manifest.metrics.get('eval_accuracy')})")
     else:
         train(args.router_recipe, config.model.path, routing, "train-classification.jsonl",
@@ -93,11 +94,8 @@ def train_adapters(config: DeploymentConfig, base: str, routing: Path, work: Pat
             raise SystemExit(f"expert {expert.name!r}: no task generator for it (known: {', '.join(KINDS)}); "
                              f"train it yourself and point its path at the adapter")
         shutil.rmtree(data, ignore_errors=True)
-        data.mkdir(parents=True)
-        write_jsonl(data / "train.jsonl", write_examples(expert.name, "train", args.expert_train, 0, data))
-        write_jsonl(data / "eval.jsonl", write_examples(expert.name, "eval", args.expert_eval, 0, data,
-                                                        start=args.expert_train))
-        if not args.retrain and trained_for(path, base, None):
+        write_dataset(expert.name, args.expert_train, args.expert_eval, 0, data)
+        if not args.retrain and trained_for(path, fingerprint, None):
             print(f"  {expert.name}: already trained ({path})")
         else:
             train(args.expert_recipe, config.model.path, data, "train.jsonl", "eval.jsonl", path)

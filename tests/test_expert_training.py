@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from training.evaluate_expert import evaluate
-from training.expert_datasets import write_examples
-from training.jsonl import write_jsonl
+from training.expert_datasets import write_dataset
 from training.manifest import AdapterManifest
 from training.screens import KINDS
 from training.train_qwen import cli
@@ -29,8 +28,7 @@ CANNOT_READ = pytest.mark.xfail(strict=True, reason="needs legible text: no fiel
                                   for k in KINDS])
 def test_expert_beats_the_untrained_base_on_its_task(kind, pretrained_base, tmp_path):
     data = tmp_path / "data"
-    write_jsonl(data / "train.jsonl", write_examples(kind, "train", TRAIN, 0, data, progress=False))
-    write_jsonl(data / "eval.jsonl", write_examples(kind, "eval", EVAL, 0, data, start=TRAIN, progress=False))
+    write_dataset(kind, TRAIN, EVAL, 0, data, progress=False)
     adapter = tmp_path / kind
     code = cli(["--config", str(RECIPE), "--data_path", str(data / "train.jsonl"), "--eval_data_path",
                 str(data / "eval.jsonl"), "--output_dir", str(adapter), "--disable_tqdm", "True"])

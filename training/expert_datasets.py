@@ -67,6 +67,14 @@ def write_examples(kind: str, split: str, count: int, seed: int, out_dir: Path, 
     return records
 
 
+def write_dataset(kind: str, train: int, evaluation: int, seed: int, out_dir: Path, progress: bool = True) -> None:
+    """out_dir/train.jsonl and out_dir/eval.jsonl (eval ids continuing after train's), with their images."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "train.jsonl", write_examples(kind, "train", train, seed, out_dir, progress=progress))
+    write_jsonl(out_dir / "eval.jsonl", write_examples(kind, "eval", evaluation, seed, out_dir, start=train,
+                                                       progress=progress))
+
+
 def score_file(data_jsonl: Path, predictions: dict[str, str]) -> dict[str, float]:
     """Mean metrics of predictions (id -> model answer) over a dataset file.
 
@@ -104,12 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.train < 0 or args.eval < 0:
         raise SystemExit("--train and --eval must not be negative")
-    args.output.mkdir(parents=True, exist_ok=True)
-    train = write_examples(args.kind, "train", args.train, args.seed, args.output)
-    evaluation = write_examples(args.kind, "eval", args.eval, args.seed, args.output, start=args.train)
-    write_jsonl(args.output / "train.jsonl", train)
-    write_jsonl(args.output / "eval.jsonl", evaluation)
-    print(f"wrote {len(train)} train and {len(evaluation)} eval {args.kind} examples to {args.output}")
+    write_dataset(args.kind, args.train, args.eval, args.seed, args.output)
+    print(f"wrote {args.train} train and {args.eval} eval {args.kind} examples to {args.output}")
     return 0
 
 
