@@ -1,7 +1,8 @@
-"""The embedded default model: a tiny Qwen3-VL (same architecture, random weights, its own tokenizer).
+"""The embedded model: a tiny Qwen3-VL (same architecture, random weights, its own tokenizer).
 
 No weights can be downloaded on development and CI machines, so every command runs on this model unless a
-config names another. It is built from a seed, written once to a cache folder and reused; the same spec and
+config names another: as 'tiny-random' directly, and as the default 'tiny' after caption pre-training
+(training.pretrain). It is built from a seed, written once to a cache folder and reused; the same spec and
 seed give byte-identical files. Both transformers and the vLLM CPU server load it.
 
     python -m training.tiny_model            # build (or find) it and print its folder
