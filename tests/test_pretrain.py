@@ -49,6 +49,7 @@ def test_layouts_tell_every_kind_apart():
 @pytest.mark.parametrize(("case", "changes", "message"), [
     ("batch larger than the data", {"train_screens": 8, "batch_size": 16}, "batch_size"),
     ("no epochs", {"epochs": 0}, "epochs"),
+    ("negative vision stage", {"vision_steps": -1}, "vision_steps"),
     ("no held-out screens", {"eval_screens": 0}, "eval_screens"),
     ("warm-up of every step", {"warmup_ratio": 1.0}, "warmup_ratio"),
     ("image limits reversed", {"min_pixels": 4096, "max_pixels": 1024}, "min_pixels"),
@@ -63,4 +64,5 @@ def test_fingerprint_follows_every_setting():
     assert PretrainSpec().fingerprint == spec.fingerprint
     assert replace(spec, seed=1).fingerprint != spec.fingerprint
     assert replace(spec, epochs=spec.epochs + 1).fingerprint != spec.fingerprint
+    assert replace(spec, vision_steps=0).fingerprint != spec.fingerprint
     assert replace(spec, max_pixels=spec.max_pixels * 2).fingerprint != spec.fingerprint
