@@ -23,9 +23,8 @@ THREE = ("calendar", "claim-window", "provider-select")
 FOUR = (*THREE, "chandra-ocr")
 TRAIN_PER_CLASS = 300
 EVAL_PER_CLASS = 30
-# Issue 3 asks for 0.95; this base and recipe measured 0.92 on 3 classes (see the README's Status). The floor
-# catches a regression without pretending the target is met.
-ACCURACY_FLOOR = 0.88
+# Issue 3's target for the validation CLI's held-out accuracy (measured 0.967 with 3 classes, 0.958 with 4).
+ACCURACY_TARGET = 0.95
 # The router recipe a user runs (configs/training/router-tiny.yaml: the seed's flags as YAML keys), paths appended.
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "training" / "router-tiny.yaml"
 
@@ -86,7 +85,7 @@ def test_router_is_accurate_on_held_out_screens(routers, n):
     report = run["in_process"]
     assert report["count"] >= EVAL_PER_CLASS * n >= 90
     assert all(m["support"] == EVAL_PER_CLASS for m in report["per_class"].values())
-    assert report["accuracy"] >= ACCURACY_FLOOR, report
+    assert report["accuracy"] >= ACCURACY_TARGET, report
     # Never trained on: eval ids are disjoint from training ids (and their screens come from other seeds).
     train_ids = {json.loads(t)["id"] for t in (run["data"] / "train-classification.jsonl").read_text().splitlines()}
     eval_ids = {json.loads(t)["id"] for t in (run["data"] / "eval-classification.jsonl").read_text().splitlines()}
@@ -103,7 +102,6 @@ def test_served_router_agrees_with_in_process_within_2_points(routers, served_ro
                       base_url=served_routers.base_url, model=f"router{n}", api_key=served_routers.config.engine.api_key,
                       quiet=True)
     print(f"\n{n}-class router served: accuracy {served['accuracy']} vs in-process {run['in_process']['accuracy']}")
-    assert served["accuracy"] >= ACCURACY_FLOOR
     assert abs(served["accuracy"] - run["in_process"]["accuracy"]) <= 0.02
     assert (tmp_path / "served" / "confusion.png").stat().st_size > 0
 
