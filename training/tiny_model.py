@@ -1,8 +1,8 @@
 """The embedded model: a tiny Qwen3-VL (same architecture, random weights, its own tokenizer).
 
 No weights can be downloaded on development and CI machines, so every command runs on this model unless a
-config names another: as 'tiny-random' directly, and as the default 'tiny' after caption pre-training
-(training.pretrain). It is built from a seed, written once to a cache folder and reused; the same spec and
+config names another: as 'tiny-random' directly, and as the default 'tiny' after pre-training (vision
+stage, then captions: training.pretrain). It is built from a seed, written once to a cache folder and reused; the same spec and
 seed give byte-identical files. Both transformers and the vLLM CPU server load it.
 
     python -m training.tiny_model            # build (or find) it and print its folder
@@ -291,8 +291,8 @@ def build_tiny_model(spec: TinyModelSpec | None = None, cache_dir: Path | None =
 def resolve_base_model(path: str) -> str:
     """The base model folder a config names; anything else is returned unchanged.
 
-    'tiny' (or 'tiny-pretrained') is the embedded default: the random model fully fine-tuned on screen captions
-    (training.pretrain; built and cached on first use, a few minutes on 2 cores), as a real deployment starts
+    'tiny' (or 'tiny-pretrained') is the embedded default: the random model pre-trained on synthetic screens
+    (training.pretrain; built and cached on first use, about 7.5 minutes on 2 cores), as a real deployment starts
     from a pre-trained VLM. 'tiny-random' is the random-init model itself (cheap; for mechanics only).
     """
     if path in (TINY_MODEL, TINY_PRETRAINED_MODEL):
