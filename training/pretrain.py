@@ -368,7 +368,8 @@ def _evaluate(model, processor, spec: PretrainSpec, probe, captured: dict) -> di
 
 
 def pretrain(spec: PretrainSpec, random_dir: Path, out: Path, log=print) -> dict:
-    """Fully fine-tune the random model in `random_dir` on captions; save model + processor to `out`."""
+    """Pre-train the random model in `random_dir` (vision stage, then caption stage); save model + processor to
+    `out` and return the log (wall times, loss curves, held-out scores)."""
     import torch
     from tqdm import tqdm
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
