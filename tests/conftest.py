@@ -9,7 +9,7 @@ import pytest
 
 from serving.config import DeploymentConfig, from_dict
 from serving.launcher import VLLMServer
-from training.tiny_model import build_tiny_model
+from training.tiny_random import build_tiny_model
 
 EXPERTS = ("calendar", "claim-window", "provider-select")
 

@@ -13,7 +13,7 @@ from serving.config import ConfigError, from_dict, load_config
 from serving.launcher import VLLMServer
 from tests.conftest import EXPERTS, deployment
 from training.random_adapter import make_random_adapter
-from training.tiny_model import TinyModelSpec, build_tiny_model
+from training.tiny_random import TinyModelSpec, build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from training.tiny_model import TinyModelSpec, build_tiny_model, mrope_section
+from training.tiny_random import TinyModelSpec, build_tiny_model, mrope_section
 
 
 def _digests(folder):

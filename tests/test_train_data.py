@@ -11,7 +11,7 @@ from training.llava_data import (
     IGNORE_INDEX, DataError, collate, describe, encode, load_images, read_conversations, router_labels, split_user,
 )
 from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
-from training.tiny_model import build_tiny_model
+from training.tiny_random import build_tiny_model
 
 LABELS = ["calendar", "claim-window", "provider-select"]
 SMALL = {"size": {"shortest_edge": 32 * 32 * 4, "longest_edge": 32 * 32 * 12}}

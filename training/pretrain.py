@@ -42,7 +42,7 @@ from pathlib import Path
 
 from training.expert_datasets import sample_seed
 from training.screens import KINDS, generate
-from training.tiny_model import TinyModelSpec, build_tiny_model, default_cache_dir
+from training.tiny_random import TinyModelSpec, build_tiny_model, default_cache_dir
 
 # Bump when captions, data or the loop change in a way PretrainSpec does not capture.
 PRETRAIN_VERSION = 3
