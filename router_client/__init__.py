@@ -10,7 +10,7 @@
 Command lines: `python -m router_client` (one screenshot) and `python -m router_client.batch` (many).
 """
 
-from router_client.client import RouterClient
+from router_client.client import RouterClient, prepare_image
 from router_client.config import ClientConfig
 from router_client.errors import (
     APIConnectionError,
@@ -29,7 +29,7 @@ from router_client.errors import (
     RouterClientError,
     UnknownExpertError,
 )
-from router_client.images import PreparedImage, prepare_image
+from serving.images import PreparedImage
 from router_client.types import ClientStats, ExpertResult, ProcessResult, RouteDecision, StageTimings, ToolCall
 
 __all__ = [
