@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.metrics import Percentiles
 from benchmarks.pool import BenchItem
+from router_client.percentiles import Percentiles
 
 RESULT_FILE = "vllm_bench_serve.json"
 # The figures of vllm bench serve's result JSON the report shows.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
 import time
 from collections import Counter
@@ -37,6 +36,7 @@ from router_client._constants import DEFAULT_BATCH_CONCURRENCY, IMAGE_SUFFIXES
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
 from router_client.errors import ClientConfigError, RouterClientError
+from router_client.percentiles import Percentiles, percentiles
 from router_client.types import ProcessResult
 from serving.config import ConfigError, load_config
 
@@ -69,12 +69,10 @@ class BatchSummary:
     latencies_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
 
-    def percentile(self, q: float) -> float | None:
-        """Nearest-rank percentile `q` (0-100) of the per-item latencies of this run's ok items."""
-        if not self.latencies_s:
-            return None
-        ordered = sorted(self.latencies_s)
-        return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+    @property
+    def latency(self) -> Percentiles:
+        """Percentiles of the per-item latencies of this run's ok items."""
+        return percentiles(self.latencies_s)
 
     def table(self) -> str:
         """The summary as a small text table: outcomes, experts, errors and latency percentiles."""
@@ -82,9 +80,9 @@ class BatchSummary:
                 ("failed", str(self.failed))]
         rows += [(f"  expert {name}", str(n)) for name, n in sorted(self.by_expert.items())]
         rows += [(f"  error {name}", str(n)) for name, n in sorted(self.by_error.items())]
-        for q in (50, 90, 99):
-            value = self.percentile(q)
-            rows.append((f"latency p{q}", "-" if value is None else f"{value:.3f} s"))
+        latency = self.latency
+        for name, value in (("p50", latency.p50), ("p90", latency.p90), ("p99", latency.p99)):
+            rows.append((f"latency {name}", "-" if value is None else f"{value:.3f} s"))
         rows.append(("wall time", f"{self.wall_s:.1f} s"))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in rows)
