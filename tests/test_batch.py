@@ -100,7 +100,7 @@ async def test_jsonl_input_with_prompts_relative_paths_and_default_ids(fake, tmp
 @pytest.mark.parametrize("content, message", [
     ('{"image": "x.png", "promt": "typo"}\n', "unknown key(s) promt"),
     ('{"custom_id": "a"}\n', 'expected an object with an "image" path'),
-    ("not json\n", "batch.jsonl:1: not JSON"),
+    ("not json\n", "batch.jsonl:1: malformed JSON"),
     ('{"custom_id": "a", "image": "x.png"}\n{"custom_id": "a", "image": "y.png"}\n', "custom_id repeated: a"),
 ])
 def test_bad_jsonl_input_is_refused(tmp_path, content, message):
