@@ -49,6 +49,7 @@ from router_client import ClientConfig, RouterClient
 from serving.adapters import max_rank_for
 from serving.config import DeploymentConfig
 from serving.launcher import VLLMServer
+from serving.openai_wire import bearer_headers
 from training.inference import load_processor, pixel_limits
 from training.screens import KINDS
 from training.tiny_model import resolve_base_model
@@ -372,8 +373,8 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
             router_max_pixels=bench.router_max_pixels, expert_max_tokens=bench.expert_max_tokens,
             answer_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
             image_tokens=_image_token_counter(processor, deployment))
-        headers = {"Authorization": f"Bearer {client_config.api_key}"} if client_config.api_key else {}
-        async with RouterClient(client_config) as client, aiohttp.ClientSession(headers=headers) as session:
+        async with RouterClient(client_config) as client, \
+                aiohttp.ClientSession(headers=bearer_headers(client_config.api_key)) as session:
             mode = client.mode
             plan = build_plan(bench, mode, kinds)
             run = _Run(bench, client, pool, session)
