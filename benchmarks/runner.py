@@ -19,7 +19,6 @@ is its own. Phases that a target compares run next to each other, because the ma
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import random
@@ -47,6 +46,7 @@ from benchmarks.workloads import (ADAPTERS_MIXED, BASE_ONLY, EXPERT_ONLY, Reques
                                   run_request, two_stage)
 from router_client import ClientConfig, RouterClient
 from serving.adapters import max_rank_for
+from serving.command import cpu_threads
 from serving.config import DeploymentConfig
 from serving.launcher import VLLMServer
 from serving.openai_wire import bearer_headers
@@ -294,21 +294,6 @@ def _image_token_counter(processor, deployment: DeploymentConfig):
     return count
 
 
-@contextlib.contextmanager
-def _environment(**values: str):
-    """os.environ with `values` set, restored afterwards (VLLMServer hands os.environ to the server process)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _token_stats(values: Sequence[int]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "min": int(min(values)), "max": int(max(values))} if values else {}
 
@@ -331,8 +316,7 @@ def _setup(bench: BenchConfig, deployment: DeploymentConfig, config_path: str | 
         "max_lora_rank": deployment.engine.max_lora_rank or (max_rank_for(max(ranks)) if ranks else None),
         "server": {"base_url": base_url, "started_by_benchmark": server is not None,
                    "argv": command.argv if command else None,
-                   "env": {**command.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-                   if command else None},
+                   "env": command.env if command else None},
         "cpu_threads": threads,
         "router_mode": mode,
         "client": {"fallback": "base (unroutable answers then run the true expert)",
@@ -354,14 +338,18 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
     started = datetime.now(timezone.utc)
     load_start = os.getloadavg()[0]
     on_cpu = deployment.engine.device == "cpu"
-    threads = bench.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
+    if bench.cpu_threads:
+        # Through the deployment: the server command's environment sets OMP_NUM_THREADS from engine.cpu_threads.
+        deployment = dataclasses.replace(
+            deployment, engine=dataclasses.replace(deployment.engine, cpu_threads=bench.cpu_threads))
     server: VLLMServer | None = None
     if bench.base_url is None:
         engine = dataclasses.replace(deployment.engine, port=0)
         server = VLLMServer(dataclasses.replace(deployment, engine=engine), log_path=out_dir / "vllm.log")
         print("starting vLLM ...", flush=True)
-        with _environment(**({"OMP_NUM_THREADS": str(threads)} if on_cpu else {})):
-            await server.start()
+        await server.start()
+    # What the command passed to the vLLM it started; for a server started elsewhere, the deployment's setting.
+    threads = int(server.command.env["OMP_NUM_THREADS"]) if server and on_cpu else cpu_threads(deployment.engine)
     try:
         base_url = bench.base_url or server.base_url
         client_config = ClientConfig.from_deployment(
