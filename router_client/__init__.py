@@ -7,7 +7,8 @@
     async with RouterClient(cfg) as client:
         result = await client.process("screen.png")
 
-Command lines: `python -m router_client` (one screenshot) and `python -m router_client.batch` (many).
+Command lines: `python -m router_client` (one screenshot), `python -m router_client.batch` (many) and
+`python -m router_client.validate` (a served router's accuracy on a held-out set).
 """
 
 from router_client.client import RouterClient, prepare_image
