@@ -33,7 +33,7 @@ from router_client.types import ClientStats
 from serving.images import prepare_image
 from serving.openai_wire import chat_request, user_turn
 from training.llava_data import Conversation, DataError, split_user
-from training.validate_router import eval_set, write_report
+from training.validate_router import add_eval_set_arguments, eval_set, write_report
 
 # Longest answer in tokens: a label, with room to see what an untrained router says instead.
 MAX_TOKENS = 16
@@ -94,10 +94,7 @@ def validate_served(data: Path, out: Path, base_url: str, model: str = "router",
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m router_client.validate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", type=Path, default=None,
-                        help="router adapter folder (labels and prompts from its manifest; default: the data's)")
-    parser.add_argument("--data", type=Path, required=True, help="classification JSONL (eval-classification.jsonl)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, confusion.png, predictions")
+    add_eval_set_arguments(parser, adapter_required=False)
     parser.add_argument("--base-url", required=True, help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--model", default="router", help="served adapter name (default: %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("LORA_ROUTER_API_KEY"),
@@ -105,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--structured-outputs", action="store_true",
                         help="constrain answers to the labels (structured_outputs.choice)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N lines")
     return parser
 
 

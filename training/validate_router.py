@@ -186,16 +186,22 @@ def validate(data: Path, out: Path, adapter: Path, base: str | None = None, batc
                         adapter=adapter, seconds=time.perf_counter() - start, quiet=quiet)
 
 
+def add_eval_set_arguments(parser: argparse.ArgumentParser, adapter_required: bool) -> None:
+    """The flags of both validators (in-process, served): adapter, eval data, output folder, line limit."""
+    parser.add_argument("--adapter", type=Path, required=adapter_required, default=None,
+                        help="router adapter folder (labels and prompts from its manifest"
+                             + ("" if adapter_required else "; default: the data's") + ")")
+    parser.add_argument("--data", type=Path, required=True, help="classification JSONL (eval-classification.jsonl)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, confusion.png, predictions")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.validate_router", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", type=Path, required=True,
-                        help="router adapter folder (labels and prompts from its manifest)")
-    parser.add_argument("--data", type=Path, required=True, help="classification JSONL (eval-classification.jsonl)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, confusion.png, predictions")
+    add_eval_set_arguments(parser, adapter_required=True)
     parser.add_argument("--base", default=None, help="base model folder (default: the manifest's)")
     parser.add_argument("--batch-size", type=int, default=8, help="batch size")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N lines")
     parser.add_argument("--min-pixels", type=int, default=None, help="image limit (default: as trained)")
     parser.add_argument("--max-pixels", type=int, default=None, help="image limit (default: as trained)")
     return parser
