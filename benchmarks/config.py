@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from serving.routing import ROUTER_MODES
+
 # The seed's routing-dataset flags (--train-images-calendar 27, --train-images-claim-window 3000,
 # --train-images-provider-select 3000): the class mix production traffic is assumed to have.
 SEED_CLASS_MIX = {"calendar": 27.0, "claim-window": 3000.0, "provider-select": 3000.0}
-ROUTER_MODES = ("choice", "one-token")
 
 
 @dataclass

@@ -35,7 +35,7 @@ import aiohttp
 import numpy as np
 
 from benchmarks import environment, hf_baselines, peer
-from benchmarks.config import ROUTER_MODES, BenchConfig
+from benchmarks.config import BenchConfig
 from benchmarks.hf_baselines import BaselineResult
 from benchmarks.metrics import PhaseMetrics, server_ttft, summarise
 from benchmarks.peer import PeerResult
@@ -50,6 +50,7 @@ from serving.command import cpu_threads
 from serving.config import DeploymentConfig
 from serving.launcher import VLLMServer
 from serving.openai_wire import bearer_headers
+from serving.routing import ROUTER_MODES
 from training.inference import load_processor, pixel_limits
 from training.screens import KINDS
 from training.tiny_model import resolve_base_model

@@ -30,8 +30,8 @@ from router_client.errors import (
     RouterClientError,
     UnknownExpertError,
 )
-from serving.images import PreparedImage
 from router_client.types import ClientStats, ExpertResult, ProcessResult, RouteDecision, StageTimings, ToolCall
+from serving.images import PreparedImage
 
 __all__ = [
     "APIConnectionError", "APIResponseError", "APIStatusError", "APITimeoutError", "AuthenticationError",

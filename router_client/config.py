@@ -85,7 +85,7 @@ class ClientConfig:
         if self.router_mode not in routing.MODE_SETTINGS:
             raise ClientConfigError(f"router_mode must be one of {', '.join(routing.MODE_SETTINGS)}, "
                                     f"got {self.router_mode!r}")
-        _ = self.fallback_target  # checks the fallback setting
+        _ = self.fallback_target  # raises ClientConfigError for a fallback that names no model
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ClientConfigError(f"min_confidence must be within 0-1, got {self.min_confidence}")
         for name in ("timeout_s", "connect_timeout_s", "read_timeout_s"):
