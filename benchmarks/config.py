@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from serving.routing import ROUTER_MODES
+
 # The seed's routing-dataset flags (--train-images-calendar 27, --train-images-claim-window 3000,
 # --train-images-provider-select 3000): the class mix production traffic is assumed to have.
 SEED_CLASS_MIX = {"calendar": 27.0, "claim-window": 3000.0, "provider-select": 3000.0}
-ROUTER_MODES = ("choice", "one-token")
 
 
 @dataclass
@@ -56,9 +57,10 @@ class BenchConfig:
     hf_requests: int = field(default=8, metadata={
         "help": "Screenshots per transformers + PEFT baseline, one at a time (0 skips them)."})
     cpu_threads: int | None = field(default=None, metadata={
-        "help": "CPU deployments: OpenMP threads of the vLLM worker the benchmark starts (OMP_NUM_THREADS) and of "
-                "the transformers baselines; None: cores - 1, at least 1 (vLLM's own thread binding keeps one core "
-                "for its scheduler; more threads than free cores stall every OpenMP barrier)."})
+        "help": "CPU deployments: OpenMP threads of the vLLM worker the benchmark starts (set as the deployment's "
+                "engine.cpu_threads) and of the transformers baselines; None: the deployment's engine.cpu_threads, "
+                "else cores - 1, at least 1 (vLLM's own thread binding keeps one core for its scheduler; more "
+                "threads than free cores stall every OpenMP barrier)."})
     timeout_s: float = field(default=300.0, metadata={
         "help": "Seconds one HTTP request may take before it counts as an error."})
 

@@ -1,7 +1,7 @@
 """A phase's numbers, computed from its request records and its /metrics difference (vLLM's benchmarks style).
 
 Throughput is completed screenshots over the phase's wall time (first request sent to last answer in); latency
-percentiles are numpy's linear-interpolation percentiles over the successful requests.
+percentiles are router_client.percentiles' (numpy's linear interpolation) over the successful requests.
 """
 
 from __future__ import annotations
@@ -14,25 +14,7 @@ import numpy as np
 
 from benchmarks.server_metrics import ServerSnapshot
 from benchmarks.workloads import RequestRecord
-
-
-@dataclass
-class Percentiles:
-    """p50 / p90 / p99 and mean of a set of values in seconds (None when there are none)."""
-
-    p50: float | None
-    p90: float | None
-    p99: float | None
-    mean: float | None
-    count: int
-
-
-def percentiles(values: Sequence[float]) -> Percentiles:
-    """Percentiles of `values` (None-free)."""
-    if not values:
-        return Percentiles(None, None, None, None, 0)
-    p50, p90, p99 = (float(v) for v in np.percentile(values, [50, 90, 99]))
-    return Percentiles(p50, p90, p99, float(np.mean(values)), len(values))
+from router_client.percentiles import Percentiles, percentiles
 
 
 def server_ttft(server: ServerSnapshot) -> Percentiles:

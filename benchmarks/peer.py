@@ -24,8 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.metrics import Percentiles
 from benchmarks.pool import BenchItem
+from router_client.percentiles import Percentiles
+from serving.openai_wire import user_turn
+from training.jsonl import write_jsonl
 
 RESULT_FILE = "vllm_bench_serve.json"
 # The figures of vllm bench serve's result JSON the report shows.
@@ -51,12 +53,8 @@ class PeerResult:
 
 
 def write_dataset(items: Sequence[BenchItem], path: Path) -> None:
-    """One custom_image line per screenshot: [image as data URL, expert prompt]."""
-    with path.open("w", encoding="utf-8") as f:
-        for item in items:
-            content = [{"type": "image_url", "image_url": {"url": item.image.data_url}},
-                       {"type": "text", "text": item.prompt}]
-            f.write(json.dumps({"content": content}) + "\n")
+    """One custom_image line per screenshot: the content of the user turn RouterClient sends (image, prompt)."""
+    write_jsonl(path, ({"content": user_turn(item.image.data_url, item.prompt)["content"]} for item in items))
 
 
 def bench_command(*, root_url: str, model: str, tokenizer: str, experts: Sequence[str], dataset: Path,

@@ -11,9 +11,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.metrics import Percentiles, PhaseMetrics
+from benchmarks.metrics import PhaseMetrics
 from benchmarks.runner import BenchmarkResult
 from benchmarks.server_metrics import COUNTERS
+from router_client.percentiles import Percentiles
 
 JSON_NAME, MARKDOWN_NAME, LATENCY_PNG, THROUGHPUT_PNG = "report.json", "report.md", "latency.png", "throughput.png"
 

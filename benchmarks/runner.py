@@ -19,7 +19,6 @@ is its own. Phases that a target compares run next to each other, because the ma
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 import random
@@ -36,7 +35,7 @@ import aiohttp
 import numpy as np
 
 from benchmarks import environment, hf_baselines, peer
-from benchmarks.config import ROUTER_MODES, BenchConfig
+from benchmarks.config import BenchConfig
 from benchmarks.hf_baselines import BaselineResult
 from benchmarks.metrics import PhaseMetrics, server_ttft, summarise
 from benchmarks.peer import PeerResult
@@ -47,8 +46,11 @@ from benchmarks.workloads import (ADAPTERS_MIXED, BASE_ONLY, EXPERT_ONLY, Reques
                                   run_request, two_stage)
 from router_client import ClientConfig, RouterClient
 from serving.adapters import max_rank_for
+from serving.command import cpu_threads
 from serving.config import DeploymentConfig
 from serving.launcher import VLLMServer
+from serving.openai_wire import bearer_headers
+from serving.routing import ROUTER_MODES
 from training.inference import load_processor, pixel_limits
 from training.screens import KINDS
 from training.tiny_model import resolve_base_model
@@ -293,21 +295,6 @@ def _image_token_counter(processor, deployment: DeploymentConfig):
     return count
 
 
-@contextlib.contextmanager
-def _environment(**values: str):
-    """os.environ with `values` set, restored afterwards (VLLMServer hands os.environ to the server process)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _token_stats(values: Sequence[int]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "min": int(min(values)), "max": int(max(values))} if values else {}
 
@@ -330,8 +317,7 @@ def _setup(bench: BenchConfig, deployment: DeploymentConfig, config_path: str | 
         "max_lora_rank": deployment.engine.max_lora_rank or (max_rank_for(max(ranks)) if ranks else None),
         "server": {"base_url": base_url, "started_by_benchmark": server is not None,
                    "argv": command.argv if command else None,
-                   "env": {**command.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-                   if command else None},
+                   "env": command.env if command else None},
         "cpu_threads": threads,
         "router_mode": mode,
         "client": {"fallback": "base (unroutable answers then run the true expert)",
@@ -353,14 +339,18 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
     started = datetime.now(timezone.utc)
     load_start = os.getloadavg()[0]
     on_cpu = deployment.engine.device == "cpu"
-    threads = bench.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
+    if bench.cpu_threads:
+        # Through the deployment: the server command's environment sets OMP_NUM_THREADS from engine.cpu_threads.
+        deployment = dataclasses.replace(
+            deployment, engine=dataclasses.replace(deployment.engine, cpu_threads=bench.cpu_threads))
     server: VLLMServer | None = None
     if bench.base_url is None:
         engine = dataclasses.replace(deployment.engine, port=0)
         server = VLLMServer(dataclasses.replace(deployment, engine=engine), log_path=out_dir / "vllm.log")
         print("starting vLLM ...", flush=True)
-        with _environment(**({"OMP_NUM_THREADS": str(threads)} if on_cpu else {})):
-            await server.start()
+        await server.start()
+    # What the command passed to the vLLM it started; for a server started elsewhere, the deployment's setting.
+    threads = int(server.command.env["OMP_NUM_THREADS"]) if server and on_cpu else cpu_threads(deployment.engine)
     try:
         base_url = bench.base_url or server.base_url
         client_config = ClientConfig.from_deployment(
@@ -372,8 +362,8 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
             router_max_pixels=bench.router_max_pixels, expert_max_tokens=bench.expert_max_tokens,
             answer_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
             image_tokens=_image_token_counter(processor, deployment))
-        headers = {"Authorization": f"Bearer {client_config.api_key}"} if client_config.api_key else {}
-        async with RouterClient(client_config) as client, aiohttp.ClientSession(headers=headers) as session:
+        async with RouterClient(client_config) as client, \
+                aiohttp.ClientSession(headers=bearer_headers(client_config.api_key)) as session:
             mode = client.mode
             plan = build_plan(bench, mode, kinds)
             run = _Run(bench, client, pool, session)

@@ -9,10 +9,10 @@ in flight, so its histogram difference is its requests' TTFT, router and expert 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 COUNTERS = (
     "vllm:mm_cache_hits_total",
@@ -25,8 +25,6 @@ COUNTERS = (
     "vllm:request_success_total",
 )
 TTFT = "vllm:time_to_first_token_seconds"
-_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
-_LE = re.compile(r'le="([^"]+)"')
 
 
 @dataclass
@@ -68,22 +66,21 @@ class ServerSnapshot:
 
 
 def parse_metrics(text: str) -> ServerSnapshot:
-    """A snapshot from Prometheus exposition text."""
+    """A snapshot from Prometheus exposition text (parsed by prometheus_client)."""
     snap = ServerSnapshot(counters=dict.fromkeys(COUNTERS, 0.0))
-    for line in text.splitlines():
-        match = _LINE.match(line)
-        if not match:
-            continue
-        name, labels, value = match.group(1), match.group(2) or "", float(match.group(3))
-        if name in snap.counters:
-            snap.counters[name] += value
-        elif name == TTFT + "_bucket":
-            le = float(_LE.search(labels).group(1))
-            snap.ttft_buckets[le] = snap.ttft_buckets.get(le, 0.0) + value
-        elif name == TTFT + "_sum":
-            snap.ttft_sum += value
-        elif name == TTFT + "_count":
-            snap.ttft_count += value
+    # Samples by their own names: a counter's sample is NAME_total and a histogram's NAME_bucket / _sum / _count,
+    # whether or not the text declares the family's type.
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in snap.counters:
+                snap.counters[sample.name] += sample.value
+            elif sample.name == TTFT + "_bucket":
+                le = float(sample.labels["le"])
+                snap.ttft_buckets[le] = snap.ttft_buckets.get(le, 0.0) + sample.value
+            elif sample.name == TTFT + "_sum":
+                snap.ttft_sum += sample.value
+            elif sample.name == TTFT + "_count":
+                snap.ttft_count += sample.value
     return snap
 
 

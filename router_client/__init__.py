@@ -7,10 +7,11 @@
     async with RouterClient(cfg) as client:
         result = await client.process("screen.png")
 
-Command lines: `python -m router_client` (one screenshot) and `python -m router_client.batch` (many).
+Command lines: `python -m router_client` (one screenshot), `python -m router_client.batch` (many) and
+`python -m router_client.validate` (a served router's accuracy on a held-out set).
 """
 
-from router_client.client import RouterClient
+from router_client.client import RouterClient, prepare_image
 from router_client.config import ClientConfig
 from router_client.errors import (
     APIConnectionError,
@@ -29,8 +30,8 @@ from router_client.errors import (
     RouterClientError,
     UnknownExpertError,
 )
-from router_client.images import PreparedImage, prepare_image
 from router_client.types import ClientStats, ExpertResult, ProcessResult, RouteDecision, StageTimings, ToolCall
+from serving.images import PreparedImage
 
 __all__ = [
     "APIConnectionError", "APIResponseError", "APIStatusError", "APITimeoutError", "AuthenticationError",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from serving import images
+
 # Timeouts in seconds. vLLM sends nothing until a non-streamed answer is complete, so the read timeout
 # bounds queueing plus generation of one request.
 DEFAULT_TIMEOUT_S = 300.0
@@ -19,8 +21,7 @@ MAX_RETRY_AFTER_S = 60.0
 # Open connections to the server at most (aiohttp TCPConnector limit).
 DEFAULT_MAX_CONNECTIONS = 64
 
-# Router modes and fallback policies.
-ROUTER_MODES = ("auto", "choice", "one-token")
+# Router mode setting (serving.routing.MODE_SETTINGS) and fallback policy.
 DEFAULT_ROUTER_MODE = "auto"
 DEFAULT_FALLBACK = "error"
 DEFAULT_MIN_CONFIDENCE = 0.0
@@ -30,10 +31,8 @@ DEFAULT_EXPERT_MAX_TOKENS = 512
 # Task prompt for the base model when a route falls back to it and the caller gave none.
 DEFAULT_BASE_PROMPT = "Do the task shown on this screen."
 
-# Images: refuse more pixels than this before decoding (decompression bombs); PNG level 1 because encoding
-# time, not upload size, dominates next to the server.
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
-PNG_COMPRESS_LEVEL = 1
+# Images: refuse more pixels than this before decoding (decompression bombs); the one image preparation's cap.
+DEFAULT_MAX_IMAGE_PIXELS = images.DEFAULT_MAX_IMAGE_PIXELS
 
 # Batch CLI.
 DEFAULT_BATCH_CONCURRENCY = 16

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import math
 import sys
 import time
 from collections import Counter
@@ -37,8 +35,10 @@ from router_client._constants import DEFAULT_BATCH_CONCURRENCY, IMAGE_SUFFIXES
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
 from router_client.errors import ClientConfigError, RouterClientError
+from router_client.percentiles import Percentiles, percentiles
 from router_client.types import ProcessResult
 from serving.config import ConfigError, load_config
+from training.jsonl import append_jsonl, cut_torn_line, iter_jsonl
 
 _JSONL_KEYS = {"custom_id", "image", "prompt"}
 
@@ -69,12 +69,10 @@ class BatchSummary:
     latencies_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
 
-    def percentile(self, q: float) -> float | None:
-        """Nearest-rank percentile `q` (0-100) of the per-item latencies of this run's ok items."""
-        if not self.latencies_s:
-            return None
-        ordered = sorted(self.latencies_s)
-        return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+    @property
+    def latency(self) -> Percentiles:
+        """Percentiles of the per-item latencies of this run's ok items."""
+        return percentiles(self.latencies_s)
 
     def table(self) -> str:
         """The summary as a small text table: outcomes, experts, errors and latency percentiles."""
@@ -82,9 +80,9 @@ class BatchSummary:
                 ("failed", str(self.failed))]
         rows += [(f"  expert {name}", str(n)) for name, n in sorted(self.by_expert.items())]
         rows += [(f"  error {name}", str(n)) for name, n in sorted(self.by_error.items())]
-        for q in (50, 90, 99):
-            value = self.percentile(q)
-            rows.append((f"latency p{q}", "-" if value is None else f"{value:.3f} s"))
+        latency = self.latency
+        for name, value in (("p50", latency.p50), ("p90", latency.p90), ("p99", latency.p99)):
+            rows.append((f"latency {name}", "-" if value is None else f"{value:.3f} s"))
         rows.append(("wall time", f"{self.wall_s:.1f} s"))
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in rows)
@@ -111,15 +109,9 @@ def load_items(path: str | Path) -> list[BatchItem]:
 
 def _read_jsonl_items(path: Path) -> list[BatchItem]:
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, entry in iter_jsonl(path, BatchInputError):
         where = f"{path}:{number}"
-        try:
-            entry = json.loads(line)
-        except ValueError as exc:
-            raise BatchInputError(f"{where}: not JSON ({exc})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+        if not isinstance(entry.get("image"), str):
             raise BatchInputError(f'{where}: expected an object with an "image" path')
         unknown = sorted(set(entry) - _JSONL_KEYS)
         if unknown:
@@ -140,21 +132,12 @@ def read_output(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     path = Path(path)
     if not path.exists():
         return {}
-    data = path.read_bytes()
-    complete = data.rfind(b"\n") + 1
-    if complete < len(data):
-        with path.open("r+b") as f:
-            f.truncate(complete)
+    cut_torn_line(path)
     lines: dict[str, list[dict[str, Any]]] = {}
-    for number, line in enumerate(data[:complete].splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            custom_id = record["custom_id"]
-        except (ValueError, KeyError, TypeError):
-            raise BatchInputError(f"{path}:{number}: not a result line: {line[:120]!r}") from None
-        lines.setdefault(custom_id, []).append(record)
+    for number, record in iter_jsonl(path, BatchInputError):
+        if not isinstance(record.get("custom_id"), str):
+            raise BatchInputError(f"{path}:{number}: not a result line (no custom_id): {str(record)[:120]}")
+        lines.setdefault(record["custom_id"], []).append(record)
     return lines
 
 
@@ -174,7 +157,7 @@ async def run_batch(cfg: ClientConfig, items: Sequence[BatchItem], output: str |
     summary = BatchSummary(total=len(items), skipped=len(items) - len(pending))
     start = time.perf_counter()
     async with RouterClient(cfg) as client:
-        with output.open("a", encoding="utf-8") as out, \
+        with append_jsonl(output) as append, \
                 tqdm(total=len(pending), unit="img", disable=not progress, dynamic_ncols=True) as bar:
             todo = iter(pending)
 
@@ -182,8 +165,7 @@ async def run_batch(cfg: ClientConfig, items: Sequence[BatchItem], output: str |
                 # One shared iterator: each item is taken by exactly one worker.
                 for item in todo:
                     record = await _process_item(client, item)
-                    out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    out.flush()
+                    append(record)
                     _count(summary, record)
                     bar.set_postfix({**summary.by_expert, "failed": summary.failed}, refresh=False)
                     bar.update()

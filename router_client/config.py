@@ -13,7 +13,9 @@ from typing import Any
 
 from router_client import _constants as C
 from router_client.errors import ClientConfigError
+from serving import routing
 from serving.config import DeploymentConfig
+from serving.openai_wire import root_url
 
 # Fields that describe the deployment itself; a `client:` section may not set them.
 _DEPLOYMENT_FIELDS = ("router_name", "base_name", "labels", "expert_prompts")
@@ -80,10 +82,10 @@ class ClientConfig:
         unknown = sorted(set(self.expert_prompts) - set(self.labels))
         if unknown:
             raise ClientConfigError(f"expert_prompts names unknown expert(s): {', '.join(unknown)}")
-        if self.router_mode not in C.ROUTER_MODES:
-            raise ClientConfigError(f"router_mode must be one of {', '.join(C.ROUTER_MODES)}, "
+        if self.router_mode not in routing.MODE_SETTINGS:
+            raise ClientConfigError(f"router_mode must be one of {', '.join(routing.MODE_SETTINGS)}, "
                                     f"got {self.router_mode!r}")
-        _fallback_target(self.fallback, self.labels, self.base_name)
+        _ = self.fallback_target  # raises ClientConfigError for a fallback that names no model
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ClientConfigError(f"min_confidence must be within 0-1, got {self.min_confidence}")
         for name in ("timeout_s", "connect_timeout_s", "read_timeout_s"):
@@ -117,7 +119,10 @@ class ClientConfig:
     @property
     def fallback_target(self) -> str | None:
         """The model a fallback runs on (base_name or an expert), or None for fallback 'error'."""
-        return _fallback_target(self.fallback, self.labels, self.base_name)
+        try:
+            return routing.fallback_target(self.fallback, self.labels, self.base_name)
+        except routing.RoutingConfigError as exc:
+            raise ClientConfigError(str(exc)) from None
 
     @property
     def server_root(self) -> str:
@@ -159,30 +164,9 @@ class ClientConfig:
         if "base_url" not in values:
             if dep.engine.port == 0:
                 raise ClientConfigError("engine.port is 0 (picked when the server starts): pass base_url")
-            values["base_url"] = f"http://{_connect_host(dep.engine.host)}:{dep.engine.port}/v1"
+            values["base_url"] = root_url(dep.engine.host, dep.engine.port) + "/v1"
         try:
             return cls(**values)
         except TypeError as exc:
             raise ClientConfigError(str(exc)) from None
 
-
-def _fallback_target(fallback: str, labels: list[str], base_name: str) -> str | None:
-    if fallback == "error":
-        return None
-    if fallback == "base":
-        return base_name
-    kind, _, name = fallback.partition(":")
-    if kind != "expert" or not name:
-        raise ClientConfigError(f"fallback must be 'error', 'base' or 'expert:<name>', got {fallback!r}")
-    if name not in labels:
-        raise ClientConfigError(f"fallback {fallback!r} names no expert (experts: {', '.join(labels)})")
-    return name
-
-
-def _connect_host(host: str) -> str:
-    """The address to connect to for a server bound to `host` (a wildcard bind is reached on loopback)."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from serving import images
+
 
 class RouterClientError(Exception):
     """Base class of every error the client raises."""
@@ -15,8 +17,9 @@ class ClientConfigError(RouterClientError, ValueError):
     """A client setting that cannot work; the message names the field."""
 
 
-class InvalidImageError(RouterClientError, ValueError):
-    """An image that cannot be sent: the message names the file and the problem."""
+class InvalidImageError(RouterClientError, images.InvalidImageError):
+    """An image that cannot be sent: the message names the file and the problem (serving.images' error, raised
+    by the client as one of its own)."""
 
 
 class UnknownExpertError(RouterClientError, LookupError):

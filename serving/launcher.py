@@ -14,8 +14,6 @@ Use as a library (tests, benchmarks):
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import os
 import signal
 import socket
@@ -27,9 +25,11 @@ from pathlib import Path
 
 import aiohttp
 
+from serving import openai_wire
 from serving.adapters import AdapterInfo, check_adapters
 from serving.command import ServerCommand, build_command
 from serving.config import DeploymentConfig
+from serving.images import prepare_image
 from training.tiny_model import resolve_base_model
 
 # Seconds between readiness polls, and the grace period between SIGTERM and SIGKILL on stop.
@@ -73,14 +73,7 @@ def probe_image(seed: int, size: tuple[int, int] = (640, 480)) -> str:
         y = 20 + i * 36
         shade = (37 * (i + seed)) % 200
         draw.rectangle([20 + 9 * ((i * 7 + seed) % 11), y, size[0] - 20, y + 24], fill=(shade, 90, 255 - shade))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _image_message(url: str, text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": text}]}]
+    return prepare_image(img).data_url
 
 
 class VLLMServer:
@@ -100,8 +93,7 @@ class VLLMServer:
     @property
     def root_url(self) -> str:
         """Server root (health, tokenize, metrics)."""
-        host = "127.0.0.1" if self.config.engine.host in ("0.0.0.0", "::") else self.config.engine.host
-        return f"http://{host}:{self.port}"
+        return openai_wire.root_url(self.config.engine.host, self.port)
 
     @property
     def base_url(self) -> str:
@@ -110,8 +102,7 @@ class VLLMServer:
 
     @property
     def headers(self) -> dict[str, str]:
-        key = self.config.engine.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
+        return openai_wire.bearer_headers(self.config.engine.api_key)
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -184,7 +175,7 @@ class VLLMServer:
     async def _check_models(self, session: aiohttp.ClientSession) -> None:
         async with session.get(self.base_url + "/models") as r:
             if r.status != 200:
-                raise ServerError(f"GET /v1/models answered {r.status}: {await r.text()}")
+                raise ServerError(f"GET /v1/models answered {r.status}: {openai_wire.error_message(await r.text())}")
             served = {m["id"] for m in (await r.json())["data"]}
         wanted = [self.config.model.served_name] + [a.name for a in self.config.adapters]
         missing = [name for name in wanted if name not in served]
@@ -194,15 +185,19 @@ class VLLMServer:
     async def ask(self, session: aiohttp.ClientSession, model: str, image_url: str, text: str,
                   max_tokens: int = 4) -> ProbeAnswer:
         """One greedy image request; returns the answer and its first token's top log-probabilities."""
-        body = {"model": model, "messages": _image_message(image_url, text), "max_tokens": max_tokens,
-                "temperature": 0, "logprobs": True, "top_logprobs": 5}
+        body = openai_wire.chat_request(model, [openai_wire.user_turn(image_url, text)], max_tokens, logprobs=True,
+                                        top_logprobs=5)
         async with session.post(self.base_url + "/chat/completions", json=body) as r:
             if r.status != 200:
-                raise ServerError(f"{model}: probe request answered {r.status}: {await r.text()}")
-            choice = (await r.json())["choices"][0]
-        first = (choice.get("logprobs") or {}).get("content") or [{"top_logprobs": []}]
-        tops = {t["token"]: t["logprob"] for t in first[0]["top_logprobs"]}
-        return ProbeAnswer(text=choice["message"]["content"] or "", top_logprobs=tops)
+                raise ServerError(f"{model}: probe request answered {r.status}: "
+                                  f"{openai_wire.error_message(await r.text())}")
+            answer = await r.json()
+        try:
+            completion = openai_wire.read_completion(answer)
+        except openai_wire.ResponseFormatError as exc:
+            raise ServerError(f"{model}: probe answer: {exc}") from None
+        tops = completion.logprobs[0].top_logprobs if completion.logprobs else {}
+        return ProbeAnswer(text=completion.text, top_logprobs=tops)
 
     async def _warm_up_and_probe(self, session: aiohttp.ClientSession) -> None:
         names = [self.config.model.served_name] + [a.name for a in self.config.adapters]

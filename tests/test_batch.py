@@ -78,7 +78,7 @@ async def test_folder_input(fake, tmp_path):
     assert first["status"] == "ok" and first["expert"] == "calendar" and first["confidence"] > 0.5
     assert first["tool_call"] == {"name": "click", "arguments": {"x": 10, "y": 20}}
     assert set(first["timings"]) == {"image_s", "route_s", "expert_s", "total_s"}
-    assert summary.percentile(50) is not None and "latency p99" in summary.table()
+    assert summary.latency.p50 is not None and "latency p99" in summary.table()
 
 
 async def test_jsonl_input_with_prompts_relative_paths_and_default_ids(fake, tmp_path):
@@ -100,7 +100,7 @@ async def test_jsonl_input_with_prompts_relative_paths_and_default_ids(fake, tmp
 @pytest.mark.parametrize("content, message", [
     ('{"image": "x.png", "promt": "typo"}\n', "unknown key(s) promt"),
     ('{"custom_id": "a"}\n', 'expected an object with an "image" path'),
-    ("not json\n", "batch.jsonl:1: not JSON"),
+    ("not json\n", "batch.jsonl:1: malformed JSON"),
     ('{"custom_id": "a", "image": "x.png"}\n{"custom_id": "a", "image": "y.png"}\n', "custom_id repeated: a"),
 ])
 def test_bad_jsonl_input_is_refused(tmp_path, content, message):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 import aiohttp
 import pytest
 
+from benchmarks.server_metrics import scrape
 from router_client.batch import BatchItem, run_batch
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
@@ -38,12 +38,7 @@ def _screens(tmp_path, count: int, seed: int = 0) -> list[BatchItem]:
 
 async def _metrics(server) -> dict[str, float]:
     async with aiohttp.ClientSession(headers=server.headers) as session:
-        async with session.get(server.root_url + "/metrics") as r:
-            text = await r.text()
-    totals: dict[str, float] = {}
-    for name, value in re.findall(r"^(vllm:[a-z_]+_total)\{[^}]*\} ([0-9.e+]+)$", text, re.M):
-        totals[name] = totals.get(name, 0.0) + float(value)
-    return totals
+        return (await scrape(session, server.root_url)).counters
 
 
 def test_expert_request_reuses_the_router_requests_vision_encoding(served, tmp_path):

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from serving.adapters import AdapterInfo
-from serving.command import build_command
+from serving.command import build_command, cpu_threads
 from serving.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -55,7 +55,7 @@ def test_tiny_cpu_config_sets_cpu_environment():
     cfg = load_config(CONFIGS / "tiny-cpu.yaml", ["router=null", "experts=[]"])
     cmd = build_command(cfg, "/models/tiny", [], port=8123)
     assert cmd.env["VLLM_CPU_KVCACHE_SPACE"] == "1" and cmd.env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
-    assert int(cmd.env["OMP_NUM_THREADS"]) >= 1
+    assert int(cmd.env["OMP_NUM_THREADS"]) == cpu_threads(cfg.engine) >= 1
     pinned = build_command(load_config(CONFIGS / "tiny-cpu.yaml", ["engine.cpu_threads=3"]), "/m", [], port=1)
     assert pinned.env["OMP_NUM_THREADS"] == "3"
     assert "--enable-lora" not in cmd.argv

@@ -12,8 +12,8 @@ import zlib
 import pytest
 from PIL import Image
 
-from router_client.errors import InvalidImageError
-from router_client.images import PreparedImage, prepare_image
+import router_client
+from serving.images import InvalidImageError, PreparedImage, prepare_image
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -104,3 +104,12 @@ def test_same_image_gives_identical_bytes_from_path_bytes_and_pil(tmp_path):
     assert len(urls) == 1
     prepared = prepare_image(path)
     assert prepare_image(prepared) is prepared
+
+
+def test_router_client_prepare_image_raises_the_clients_error_and_servings():
+    # The client's public prepare_image: a RouterClientError for the client's callers, serving's error for the
+    # gateway's, with the same message.
+    with pytest.raises(router_client.InvalidImageError, match="<bytes>: empty file") as caught:
+        router_client.prepare_image(b"")
+    assert isinstance(caught.value, router_client.RouterClientError) and isinstance(caught.value, InvalidImageError)
+    assert router_client.PreparedImage is PreparedImage

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from router_client.validate import validate_served
 from tests.conftest import deployment, start_server
 from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
@@ -98,9 +99,9 @@ def test_router_is_accurate_on_held_out_screens(routers, n):
 @pytest.mark.parametrize("n", [3, 4])
 def test_served_router_agrees_with_in_process_within_2_points(routers, served_routers, tmp_path, n):
     run = routers[n]
-    served = validate(run["data"] / "eval-classification.jsonl", tmp_path / "served", adapter=run["adapter"],
-                      base_url=served_routers.base_url, model=f"router{n}", api_key=served_routers.config.engine.api_key,
-                      quiet=True)
+    served = validate_served(run["data"] / "eval-classification.jsonl", tmp_path / "served", served_routers.base_url,
+                             model=f"router{n}", adapter=run["adapter"], api_key=served_routers.config.engine.api_key,
+                             quiet=True)
     print(f"\n{n}-class router served: accuracy {served['accuracy']} vs in-process {run['in_process']['accuracy']}")
     assert abs(served["accuracy"] - run["in_process"]["accuracy"]) <= 0.02
     assert (tmp_path / "served" / "confusion.png").stat().st_size > 0

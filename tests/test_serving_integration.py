@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from serving.launcher import ServerError, VLLMServer, probe_image
+from serving.openai_wire import chat_request, user_turn
 from tests.conftest import EXPERTS, deployment, start_server
 
 pytestmark = pytest.mark.integration
@@ -17,9 +18,7 @@ pytestmark = pytest.mark.integration
 
 async def _chat(server: VLLMServer, model: str, image_url: str, text: str = "Describe this screen.",
                 headers: dict | None = None) -> tuple[int, dict]:
-    body = {"model": model, "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                      {"type": "text", "text": text}]}]}
+    body = chat_request(model, [user_turn(image_url, text)], max_tokens=8)
     async with aiohttp.ClientSession(headers=server.headers if headers is None else headers) as session:
         async with session.post(server.base_url + "/chat/completions", json=body) as r:
             return r.status, await r.json()

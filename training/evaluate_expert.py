@@ -17,6 +17,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from training.jsonl import write_jsonl
 from training.llava_data import DataError, read_conversations
 from training.tasks import score
 
@@ -77,9 +78,9 @@ def evaluate(adapter: Path, data: Path, out: Path | None = None, base: str | Non
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-        with (out / "predictions.jsonl").open("w") as f:
-            for c, b, a in zip(conversations, predictions["base"], predictions["adapter"]):
-                f.write(json.dumps({"id": c.id, "gold": c.answer, "base": b, "adapter": a}, ensure_ascii=False) + "\n")
+        answers = zip(conversations, predictions["base"], predictions["adapter"])
+        write_jsonl(out / "predictions.jsonl",
+                    ({"id": c.id, "gold": c.answer, "base": b, "adapter": a} for c, b, a in answers))
     if not quiet:
         names = sorted(set(results["base"]) | set(results["adapter"]))
         print(f"{report['task']} on {len(conversations)} eval lines ({data})")

@@ -1,9 +1,11 @@
-"""JSON Lines files: one reader that names FILE:LINE on a bad line, one writer. Every dataset uses these."""
+"""JSON Lines files: one reader that names FILE:LINE on a bad line, one writer, and one appender for files that
+grow as work finishes (a crash loses at most the line being written). Every dataset and result file uses these."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 
@@ -31,4 +33,30 @@ def read_jsonl(path: str | Path) -> list[dict]:
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     """One JSON object per line, UTF-8 kept as is."""
     with Path(path).open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        f.writelines(map(_line, records))
+
+
+@contextlib.contextmanager
+def append_jsonl(path: str | Path) -> Iterator[Callable[[dict], None]]:
+    """A function that appends one object as a line to `path` and flushes it at once, so the file holds every
+    finished record if the process dies; a line cut short by a crash is cut_torn_line's to remove."""
+    with Path(path).open("a", encoding="utf-8") as f:
+        def append(record: dict) -> None:
+            f.write(_line(record))
+            f.flush()
+
+        yield append
+
+
+def cut_torn_line(path: str | Path) -> None:
+    """Cut off the last line of `path` if it has no newline: a write a crash cut short."""
+    path = Path(path)
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data):
+        with path.open("r+b") as f:
+            f.truncate(complete)
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record, ensure_ascii=False) + "\n"

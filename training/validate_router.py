@@ -4,15 +4,9 @@
     python -m training.validate_router --adapter checkpoints/tiny/router \\
         --data datasets/routing/eval-classification.jsonl --out runs/validate-router
 
-    # against the served adapter (OpenAI-compatible endpoint; vLLM)
-    python -m training.validate_router --adapter checkpoints/tiny/router \\
-        --data datasets/routing/eval-classification.jsonl --out runs/validate-router-served \\
-        --base-url http://127.0.0.1:8000/v1 --model router [--api-key KEY] [--structured-outputs]
-
-Both modes send the same thing: the line's system prompt, then a user turn [image, text] (the `<image>\\n`
-prefix puts the image first). Served requests are `POST {base_url}/chat/completions` with temperature 0 and
-the image as a PNG data URL; `--structured-outputs` adds `"structured_outputs": {"choice": labels}`. A
-train/serve mismatch shows up as two different numbers for the same adapter and data.
+The served adapter (vLLM) is validated by `python -m router_client.validate`, with the same data, report and
+files: a train/serve mismatch shows up as two different numbers for the same adapter and data. This module
+holds what both share: the eval set and its labels (eval_set), the report maths and the files (write_report).
 
 Writes to --out: metrics.json (accuracy, per-class precision/recall/f1/support, confusion matrix), confusion.png,
 predictions.jsonl; prints a table. Labels come from the adapter's manifest (else the data's router prompt);
@@ -22,16 +16,13 @@ an answer that is no label counts as a miss, in the matrix's "(other)" column.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
-import io
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from training.jsonl import write_jsonl
 from training.llava_data import Conversation, DataError, describe, read_conversations
 
 OTHER = "(other)"
@@ -110,54 +101,6 @@ def plot_confusion(report: dict, path: Path, title: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- predictions
 
-def image_data_url(path: Path) -> str:
-    """The image as a PNG data URL (decoded and re-encoded losslessly: the pixels the in-process run sees)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        buffer = io.BytesIO()
-        img.convert("RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def request_body(conversation: Conversation, model: str, labels: Sequence[str] | None, max_tokens: int) -> dict:
-    """The chat request for one line: system prompt, then user [image_url..., text] in the line's order."""
-    parts = iter([{"type": "image_url", "image_url": {"url": image_data_url(p)}} for p in conversation.images])
-    messages = conversation.messages()
-    for part_index, part in enumerate(messages[-1]["content"]):
-        if part["type"] == "image":
-            messages[-1]["content"][part_index] = next(parts)
-    body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
-    if labels:
-        body["structured_outputs"] = {"choice": list(labels)}
-    return body
-
-
-async def served_answers(conversations: Sequence[Conversation], base_url: str, model: str, api_key: str | None,
-                         labels: Sequence[str] | None, max_tokens: int = 16, concurrency: int = 8,
-                         timeout_s: float = 120.0) -> list[str]:
-    """Answers of the served model to each line (concurrent requests; an HTTP error raises naming the line)."""
-    import aiohttp
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    semaphore = asyncio.Semaphore(concurrency)
-    url = base_url.rstrip("/") + "/chat/completions"
-
-    async def one(session, conversation: Conversation) -> str:
-        async with semaphore:
-            body = request_body(conversation, model, labels, max_tokens)
-            async with session.post(url, json=body) as response:
-                if response.status != 200:
-                    raise RuntimeError(f"{conversation.source}: {url} answered HTTP {response.status}: "
-                                       f"{(await response.text())[:300]}")
-                data = await response.json()
-        return (data["choices"][0]["message"]["content"] or "").strip()
-
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
-        return list(await asyncio.gather(*(one(session, c) for c in conversations)))
-
-
 def in_process_answers(conversations: Sequence[Conversation], adapter: Path, base: str | None = None,
                        batch_size: int = 8, max_new_tokens: int = 16, min_pixels: int | None = None,
                        max_pixels: int | None = None) -> list[str]:
@@ -189,12 +132,9 @@ def trained_pixels(adapter: Path) -> tuple[int | None, int | None]:
     return resolved.get("min_pixels"), resolved.get("max_pixels")
 
 
-def validate(data: Path, out: Path, adapter: Path | None = None, base_url: str | None = None,
-             model: str = "router", api_key: str | None = None, structured_outputs: bool = False,
-             base: str | None = None, batch_size: int = 8, concurrency: int = 8, limit: int | None = None,
-             min_pixels: int | None = None, max_pixels: int | None = None, quiet: bool = False) -> dict:
-    """Run the validation (served if base_url, else in-process) and write metrics.json, confusion.png and
-    predictions.jsonl to `out`; returns the metrics."""
+def eval_set(data: Path, adapter: Path | None = None, limit: int | None = None) -> tuple[list[Conversation], list[str]]:
+    """The first `limit` lines of a classification eval set and its labels: the adapter manifest's, else the
+    data's router prompt. DataError when the data is no classification data or disagrees with the adapter."""
     from training.manifest import AdapterManifest
 
     conversations = read_conversations(data)
@@ -208,29 +148,22 @@ def validate(data: Path, out: Path, adapter: Path | None = None, base_url: str |
         raise DataError(f"{data}: not classification data (no router system prompt) and no adapter manifest labels")
     if manifest and manifest.system_prompt and info.system_prompt != manifest.system_prompt:
         raise DataError(f"{data}: its system prompt differs from the one {adapter} was trained with")
-    start = time.perf_counter()
-    if base_url:
-        mode = f"served {model} at {base_url}" + (" (structured outputs)" if structured_outputs else "")
-        answers = asyncio.run(served_answers(conversations, base_url, model, api_key,
-                                             labels if structured_outputs else None, concurrency=concurrency))
-    else:
-        if adapter is None:
-            raise ValueError("in-process validation needs --adapter")
-        trained_min, trained_max = trained_pixels(adapter)
-        mode = f"in-process {adapter}"
-        answers = in_process_answers(conversations, adapter, base, batch_size, min_pixels=min_pixels or trained_min,
-                                     max_pixels=max_pixels or trained_max)
-    seconds = time.perf_counter() - start
+    return conversations, labels
+
+
+def write_report(out: Path, conversations: Sequence[Conversation], answers: Sequence[str], labels: Sequence[str], *,
+                 mode: str, data: Path, adapter: Path | None, seconds: float, quiet: bool = False) -> dict:
+    """Score `answers` against the lines' gold answers and write metrics.json, confusion.png and
+    predictions.jsonl to `out` (and print the table unless quiet); returns the metrics."""
     gold = [c.answer for c in conversations]
     report = classification_report(gold, answers, labels)
     report.update({"mode": mode, "data": str(data), "adapter": str(adapter) if adapter else None,
                    "seconds": round(seconds, 2)})
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    with (out / "predictions.jsonl").open("w") as f:
-        for c, g, a in zip(conversations, gold, answers):
-            f.write(json.dumps({"id": c.id, "image": str(c.images[0]) if c.images else None, "gold": g,
-                                "predicted": a, "correct": a == g}) + "\n")
+    write_jsonl(out / "predictions.jsonl", (
+        {"id": c.id, "image": str(c.images[0]) if c.images else None, "gold": g, "predicted": a, "correct": a == g}
+        for c, g, a in zip(conversations, gold, answers)))
     plot_confusion(report, out / "confusion.png", mode)
     if not quiet:
         print(mode)
@@ -239,41 +172,49 @@ def validate(data: Path, out: Path, adapter: Path | None = None, base_url: str |
     return report
 
 
+def validate(data: Path, out: Path, adapter: Path, base: str | None = None, batch_size: int = 8,
+             limit: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
+             quiet: bool = False) -> dict:
+    """Run the adapter in-process on the eval set and write metrics.json, confusion.png and predictions.jsonl to
+    `out`; returns the metrics."""
+    conversations, labels = eval_set(data, adapter, limit)
+    trained_min, trained_max = trained_pixels(adapter)
+    start = time.perf_counter()
+    answers = in_process_answers(conversations, adapter, base, batch_size, min_pixels=min_pixels or trained_min,
+                                 max_pixels=max_pixels or trained_max)
+    return write_report(out, conversations, answers, labels, mode=f"in-process {adapter}", data=data,
+                        adapter=adapter, seconds=time.perf_counter() - start, quiet=quiet)
+
+
+def add_eval_set_arguments(parser: argparse.ArgumentParser, adapter_required: bool) -> None:
+    """The flags of both validators (in-process, served): adapter, eval data, output folder, line limit."""
+    parser.add_argument("--adapter", type=Path, required=adapter_required, default=None,
+                        help="router adapter folder (labels and prompts from its manifest"
+                             + ("" if adapter_required else "; default: the data's") + ")")
+    parser.add_argument("--data", type=Path, required=True, help="classification JSONL (eval-classification.jsonl)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, confusion.png, predictions")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.validate_router", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", type=Path, default=None,
-                        help="router adapter folder (labels and prompts from its manifest; required in-process)")
-    parser.add_argument("--data", type=Path, required=True, help="classification JSONL (eval-classification.jsonl)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, confusion.png, predictions")
-    parser.add_argument("--base-url", default=None, help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 "
-                        "(served mode); without it the adapter runs in-process")
-    parser.add_argument("--model", default="router", help="served adapter name (default: %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("LORA_ROUTER_API_KEY"),
-                        help="bearer key (default: $LORA_ROUTER_API_KEY)")
-    parser.add_argument("--structured-outputs", action="store_true",
-                        help="served mode: constrain answers to the labels (structured_outputs.choice)")
-    parser.add_argument("--base", default=None, help="in-process: base model folder (default: the manifest's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="in-process batch size")
-    parser.add_argument("--concurrency", type=int, default=8, help="served: requests in flight")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N lines")
-    parser.add_argument("--min-pixels", type=int, default=None, help="in-process image limit (default: as trained)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="in-process image limit (default: as trained)")
+    add_eval_set_arguments(parser, adapter_required=True)
+    parser.add_argument("--base", default=None, help="base model folder (default: the manifest's)")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size")
+    parser.add_argument("--min-pixels", type=int, default=None, help="image limit (default: as trained)")
+    parser.add_argument("--max-pixels", type=int, default=None, help="image limit (default: as trained)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.base_url is None and args.adapter is None:
-        build_parser().error("in-process validation needs --adapter (or give --base-url to validate a server)")
     from training.inference import set_threads
 
     set_threads()
     try:
-        validate(args.data, args.out, adapter=args.adapter, base_url=args.base_url, model=args.model,
-                 api_key=args.api_key, structured_outputs=args.structured_outputs, base=args.base,
-                 batch_size=args.batch_size, concurrency=args.concurrency, limit=args.limit,
-                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        validate(args.data, args.out, adapter=args.adapter, base=args.base, batch_size=args.batch_size,
+                 limit=args.limit, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

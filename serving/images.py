@@ -1,4 +1,5 @@
-"""Screenshots in, PNG data URLs out: checked, capped, downscaled and encoded once.
+"""Screenshots in, PNG data URLs out: checked, capped, downscaled and encoded once. The one image preparation of
+the project: the client, the benchmarks, served validation and the server's own probes all send images made here.
 
 The router request and the expert request of one screenshot must carry the identical data URL (vLLM's
 multimodal cache keys on the bytes, so the vision encoder then runs once per screenshot): prepare the image
@@ -17,8 +18,14 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from router_client._constants import DEFAULT_MAX_IMAGE_PIXELS, PNG_COMPRESS_LEVEL
-from router_client.errors import InvalidImageError
+# Refuse more pixels than this before decoding (decompression bombs).
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# PNG level 1: encoding time, not upload size, dominates next to the server.
+PNG_COMPRESS_LEVEL = 1
+
+
+class InvalidImageError(ValueError):
+    """An image that cannot be sent: the message names the file and the problem."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,227 @@
+"""Routing as pure functions: the router request for a prepared image, the router's answer read as label
+probabilities, the router mode chosen from the labels' first tokens, and the fallback policy. No I/O: the client
+(router_client) and the gateway send the requests built here and pass back what the server answered.
+
+Router modes:
+    choice     the answer is constrained to the labels (structured_outputs choice); its confidence is the
+               answer's probability, exp(sum of its tokens' log-probabilities).
+    one-token  one unconstrained token; vLLM returns the log-probability of each label's first token
+               (logprob_token_ids) and the label probabilities are their softmax. The greedy token must be a
+               label's first token, else the answer names no label. Needs labels whose first tokens differ.
+    auto       (a setting, not a mode) one-token unless two labels share a first token, else choice.
+
+Fallback: an answer that names no label (unknown_label) or a label below min_confidence (low_confidence) runs on
+the fallback target (an expert, or the base model's served name), or is refused under fallback 'error'.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from serving.openai_wire import ChatCompletion, ResponseFormatError, chat_request, user_turn
+from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+
+RouterMode = Literal["choice", "one-token"]
+FallbackReason = Literal["unknown_label", "low_confidence"]
+ROUTER_MODES: tuple[RouterMode, ...] = ("choice", "one-token")
+# What a caller may ask for: a router mode, or 'auto'.
+MODE_SETTINGS = ("auto", *ROUTER_MODES)
+
+
+class RoutingConfigError(ValueError):
+    """A routing setting that cannot work (router mode, fallback); the message names the setting."""
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """A label's first token as the router's tokenizer writes it: its id and its text."""
+
+    id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class RouterAnswer:
+    """The router's answer read as labels: its own text, the label it chose (None: it named none) and the label
+    probabilities (choice: the chosen label's only; one-token: every label's)."""
+
+    raw: str
+    label: str | None
+    probabilities: dict[str, float]
+
+    @property
+    def confidence(self) -> float:
+        """The chosen label's probability; 0 when the answer names no label."""
+        return self.probabilities[self.label] if self.label is not None else 0.0
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """The router's answer for one screenshot, after the fallback policy.
+
+    `expert` is who handles the image: the routed label, or, when `fallback_reason` is set, the fallback
+    target (an expert, or the base model's served name). `raw` is the router's own text.
+    """
+
+    expert: str
+    confidence: float
+    probabilities: dict[str, float]
+    mode: RouterMode
+    latency_s: float
+    raw: str
+    prompt_tokens: int
+    completion_tokens: int
+    fallback_reason: FallbackReason | None = None
+
+
+@dataclass(frozen=True)
+class RouteRefused:
+    """A route that fallback 'error' refuses: why, the router's answer (the label it chose, or its text when it
+    named none), that label's confidence, and a message naming them."""
+
+    reason: FallbackReason
+    answer: str
+    confidence: float
+    message: str
+
+
+def tokenize_request(model: str, label: str) -> dict[str, Any]:
+    """The body of POST {server root}/tokenize (vLLM's, not under /v1) asking the router's tokenizer for a label."""
+    return {"model": model, "prompt": label, "add_special_tokens": False, "return_token_strs": True}
+
+
+def read_first_token(answer: Any, label: str) -> FirstToken:
+    """A label's first token from vLLM's /tokenize answer; ResponseFormatError if the answer has none."""
+    tokens = answer.get("tokens") if isinstance(answer, dict) else None
+    token_strs = answer.get("token_strs") if isinstance(answer, dict) else None
+    if not tokens or not token_strs or len(tokens) != len(token_strs):
+        raise ResponseFormatError(f"/tokenize answered {answer!r} for label {label!r}: expected tokens and token_strs")
+    return FirstToken(id=tokens[0], text=token_strs[0])
+
+
+def needs_first_tokens(setting: str) -> bool:
+    """Whether a mode setting needs the labels' first tokens (all but 'choice'); RoutingConfigError if unknown."""
+    if setting not in MODE_SETTINGS:
+        raise RoutingConfigError(f"router mode must be one of {', '.join(MODE_SETTINGS)}, got {setting!r}")
+    return setting != "choice"
+
+
+def one_token_problem(first_tokens: Mapping[str, FirstToken]) -> str | None:
+    """Why one-token mode cannot tell these labels apart (two share a first token), or None."""
+    seen: dict[int, str] = {}
+    for label, token in first_tokens.items():
+        if token.id in seen:
+            return f"{seen[token.id]!r} and {label!r} both start with token {token.text!r}"
+        seen[token.id] = label
+    return None
+
+
+def resolve_mode(setting: str, first_tokens: Mapping[str, FirstToken]) -> RouterMode:
+    """The mode a route uses for a mode setting, given each label's first token (unused for 'choice').
+
+    Raises RoutingConfigError for an unknown setting, or for 'one-token' when two labels share a first token.
+    """
+    if not needs_first_tokens(setting):
+        return "choice"
+    problem = one_token_problem(first_tokens)
+    if problem is not None and setting == "one-token":
+        raise RoutingConfigError(f"router mode 'one-token' cannot tell the labels apart: {problem}")
+    return "choice" if problem else "one-token"
+
+
+def router_request(model: str, labels: Sequence[str], image_url: str, mode: RouterMode,
+                   first_tokens: Mapping[str, FirstToken]) -> dict[str, Any]:
+    """The chat-completions body asking the router `model` which label fits the image (first tokens: one-token)."""
+    messages = [{"role": "system", "content": router_system_prompt(labels)}, user_turn(image_url, ROUTER_USER_PROMPT)]
+    if mode == "choice":
+        # A label is at most one token per byte; one more for the end-of-sequence token.
+        return chat_request(model, messages, max(len(label.encode()) for label in labels) + 1, logprobs=True,
+                            structured_outputs={"choice": list(labels)})
+    # vLLM returns the full-vocabulary log-probability of exactly these ids (as "token_id:N", matched against
+    # /tokenize's ids whatever the tokenizer's byte-level spelling), so no label goes unseen.
+    return chat_request(model, messages, 1, logprobs=True, return_tokens_as_token_ids=True,
+                        logprob_token_ids=[first_tokens[label].id for label in labels])
+
+
+def read_router_answer(completion: ChatCompletion, mode: RouterMode, labels: Sequence[str],
+                       first_tokens: Mapping[str, FirstToken]) -> RouterAnswer:
+    """The router's completion (to a router_request in `mode`) as a label and label probabilities.
+
+    Raises ResponseFormatError when the completion has no logprobs.
+    """
+    if not completion.logprobs:
+        raise ResponseFormatError("router answer has no logprobs (requested with logprobs=true)")
+    raw = completion.text
+    if mode == "choice":
+        label = raw.strip() if raw.strip() in labels else None
+        # The constrained decoder may spell a label in several tokens: its probability is their product.
+        probabilities = {label: math.exp(sum(t.logprob for t in completion.logprobs))} if label else {}
+        return RouterAnswer(raw=raw, label=label, probabilities=probabilities)
+    first = completion.logprobs[0]
+    by_token = {f"token_id:{first_tokens[label].id}": label for label in labels}
+    found = {by_token[token]: logprob for token, logprob in first.top_logprobs.items() if token in by_token}
+    # Softmax over the labels' first tokens; a label vLLM did not return gets 0.
+    probabilities = dict.fromkeys(labels, 0.0)
+    if found:
+        top = max(found.values())
+        weights = {label: math.exp(logprob - top) for label, logprob in found.items()}
+        total = sum(weights.values())
+        probabilities.update({label: weight / total for label, weight in weights.items()})
+    # The router's own greedy token must start a label; otherwise its answer names no expert.
+    label = max(labels, key=probabilities.__getitem__) if first.token in by_token else None
+    return RouterAnswer(raw=raw, label=label, probabilities=probabilities)
+
+
+def fallback_target(fallback: str, labels: Sequence[str], base_name: str) -> str | None:
+    """The model a rejected route runs on under a fallback setting: None for 'error' (refused), base_name for
+    'base', the expert for 'expert:<name>'. RoutingConfigError for any other setting or an unknown expert."""
+    if fallback == "error":
+        return None
+    if fallback == "base":
+        return base_name
+    kind, _, name = fallback.partition(":")
+    if kind != "expert" or not name:
+        raise RoutingConfigError(f"fallback must be 'error', 'base' or 'expert:<name>', got {fallback!r}")
+    if name not in labels:
+        raise RoutingConfigError(f"fallback {fallback!r} names no expert (experts: {', '.join(labels)})")
+    return name
+
+
+def fallback_reason(answer: RouterAnswer, min_confidence: float) -> FallbackReason | None:
+    """Why the router's answer cannot be used as it is (no label, or a label below min_confidence), or None."""
+    if answer.label is None:
+        return "unknown_label"
+    if answer.confidence < min_confidence:
+        return "low_confidence"
+    return None
+
+
+def decide(completion: ChatCompletion, *, mode: RouterMode, labels: Sequence[str],
+           first_tokens: Mapping[str, FirstToken], min_confidence: float, fallback_target: str | None,
+           latency_s: float) -> RouteDecision | RouteRefused:
+    """The route for the router's completion: its label, the fallback target when fallback_reason gives a reason,
+    or RouteRefused when there is a reason and no target (fallback 'error').
+
+    Raises ResponseFormatError when the completion has no logprobs.
+    """
+    answer = read_router_answer(completion, mode, labels, first_tokens)
+    reason = fallback_reason(answer, min_confidence)
+    if reason is not None and fallback_target is None:
+        return _refusal(answer, reason, labels, min_confidence)
+    return RouteDecision(expert=answer.label if reason is None else fallback_target, confidence=answer.confidence,
+                         probabilities=answer.probabilities, mode=mode, latency_s=latency_s, raw=answer.raw,
+                         prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+                         fallback_reason=reason)
+
+
+def _refusal(answer: RouterAnswer, reason: FallbackReason, labels: Sequence[str],
+             min_confidence: float) -> RouteRefused:
+    if answer.label is None:
+        message = f"the router answered {answer.raw!r}, which is no expert (experts: {', '.join(labels)})"
+        return RouteRefused(reason=reason, answer=answer.raw, confidence=0.0, message=message)
+    message = (f"the router chose {answer.label!r} with confidence {answer.confidence:.3f}, below "
+               f"min_confidence {min_confidence}")
+    return RouteRefused(reason=reason, answer=answer.label, confidence=answer.confidence, message=message)
