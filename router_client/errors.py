@@ -6,13 +6,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from training.configuration import ConfigError
+
 
 class RouterClientError(Exception):
     """Base class of every error the client raises."""
 
 
-class ClientConfigError(RouterClientError, ValueError):
-    """A client setting that cannot work; the message names the field."""
+class ClientConfigError(RouterClientError, ConfigError):
+    """A client setting that cannot work; the message names the field. A ConfigError like every bad setting."""
 
 
 class InvalidImageError(RouterClientError, ValueError):
