@@ -271,7 +271,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
     `yaml_option=False` leaves `--config` to the command (the deployment YAML of serving and the client, say).
     Fields named in `positional` are given by position instead of by flag. A dict field's flag takes
-    `key=value,key=value`; a field that is itself a dataclass (a nested section) has no flag.
+    `key=value,key=value`, a tuple field's one or more values; a field that is itself a dataclass (a nested
+    section) has no flag.
     """
 
     def __init__(self, dataclass_types: Sequence[type], *, prog: str, description: str | None = None,
@@ -295,6 +296,8 @@ class ArgumentParser(argparse.ArgumentParser):
                     self._hf.set_defaults(**{name: self._drop_flag(flags[name]).default})
                 elif kind is dict or typing.get_origin(kind) is dict:
                     flags[name].type, flags[name].metavar = parse_mapping, "KEY=VALUE[,KEY=VALUE...]"
+                elif typing.get_origin(kind) is tuple:  # like a list: one or more values, check_types makes the tuple
+                    flags[name].type, flags[name].nargs = typing.get_args(kind)[0], "+"
         for name in positional:
             flag = self._drop_flag(flags[name])
             optional = {} if flag.required else {"nargs": "?", "default": flag.default}

@@ -10,7 +10,6 @@ seed give byte-identical files. Both transformers and the vLLM CPU server load i
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -18,6 +17,8 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from training.configuration import ConfigError, check_types, parse_command, run_command
 
 # Qwen's special tokens, in Qwen's order; the config's vision/image/video ids are looked up from them.
 SPECIAL_TOKENS = (
@@ -111,14 +112,15 @@ class TinyModelSpec:
     max_pixels: int = field(default=320 * 32 * 32, metadata={"help": "Processor's largest image area (pixels)."})
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.head_dim % 2 or self.head_dim < 32:
-            raise ValueError(f"head_dim must be even and >= 32 for vLLM's CPU attention, got {self.head_dim}")
+            raise ConfigError(f"head_dim must be even and >= 32 for vLLM's CPU attention, got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.vocab_size <= len(SPECIAL_TOKENS) + 256:
-            raise ValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS) + 256} (bytes + special tokens)")
+            raise ConfigError(f"vocab_size must exceed {len(SPECIAL_TOKENS) + 256} (bytes + special tokens)")
         if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError("need 0 < min_pixels <= max_pixels")
+            raise ConfigError("need 0 < min_pixels <= max_pixels")
 
     @property
     def fingerprint(self) -> str:
@@ -304,19 +306,27 @@ def resolve_base_model(path: str) -> str:
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.tiny_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=TinyModelSpec.seed, help="weights and tokenizer seed")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="cache root (default: %(default)s -> "
-                        "$LORA_ROUTER_CACHE or ~/.cache/lora-router)")
-    return parser
+@dataclass
+class CacheArguments:
+    """Where `python -m training.pretrain` and `python -m training.tiny_model` keep the models they build."""
+
+    cache_dir: Path | None = field(default=None, metadata={
+        "help": "Cache root (default: $LORA_ROUTER_CACHE or ~/.cache/lora-router)."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+
+def build(spec: TinyModelSpec, cache_dir: Path | None) -> int:
+    """Build (or find) the tiny model; print its folder."""
+    print(build_tiny_model(spec, cache_dir))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    print(build_tiny_model(TinyModelSpec(seed=args.seed), args.cache_dir))
-    return 0
+    spec, cache = parse_command([TinyModelSpec, CacheArguments], argv, prog="python -m training.tiny_model",
+                                description=__doc__)
+    return run_command(lambda: build(spec, cache.cache_dir))
 
 
 if __name__ == "__main__":

@@ -21,18 +21,19 @@ an answer that is no label counts as a miss, in the matrix's "(other)" column.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import io
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.llava_data import Conversation, DataError, describe, read_conversations
+from training.progress import progress
 
 OTHER = "(other)"
 
@@ -160,10 +161,8 @@ async def served_answers(conversations: Sequence[Conversation], base_url: str, m
 
 def in_process_answers(conversations: Sequence[Conversation], adapter: Path, base: str | None = None,
                        batch_size: int = 8, max_new_tokens: int = 16, min_pixels: int | None = None,
-                       max_pixels: int | None = None) -> list[str]:
+                       max_pixels: int | None = None, quiet: bool = False) -> list[str]:
     """Greedy answers of base + adapter with transformers/PEFT, rendered and sized as in training."""
-    from tqdm import tqdm
-
     from training.inference import greedy_generate, load_model, load_processor
     from training.manifest import AdapterManifest, model_fingerprint
 
@@ -174,7 +173,7 @@ def in_process_answers(conversations: Sequence[Conversation], adapter: Path, bas
                          f"(fingerprint {model_fingerprint(base_path)} != {manifest.base_model_fingerprint})")
     processor = load_processor(base_path)
     model = load_model(base_path, adapter)
-    with tqdm(total=len(conversations), desc="in-process", unit="img", file=sys.stderr) as bar:
+    with progress(total=len(conversations), desc="in-process", unit="img", disable=quiet) as bar:
         return greedy_generate(model, processor, conversations, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels,
                                progress=bar.update)
@@ -194,7 +193,7 @@ def validate(data: Path, out: Path, adapter: Path | None = None, base_url: str |
              base: str | None = None, batch_size: int = 8, concurrency: int = 8, limit: int | None = None,
              min_pixels: int | None = None, max_pixels: int | None = None, quiet: bool = False) -> dict:
     """Run the validation (served if base_url, else in-process) and write metrics.json, confusion.png and
-    predictions.jsonl to `out`; returns the metrics."""
+    predictions.jsonl to `out`; returns the metrics. `quiet`: no progress bar."""
     from training.manifest import AdapterManifest
 
     conversations = read_conversations(data)
@@ -219,7 +218,7 @@ def validate(data: Path, out: Path, adapter: Path | None = None, base_url: str |
         trained_min, trained_max = trained_pixels(adapter)
         mode = f"in-process {adapter}"
         answers = in_process_answers(conversations, adapter, base, batch_size, min_pixels=min_pixels or trained_min,
-                                     max_pixels=max_pixels or trained_max)
+                                     max_pixels=max_pixels or trained_max, quiet=quiet)
     seconds = time.perf_counter() - start
     gold = [c.answer for c in conversations]
     report = classification_report(gold, answers, labels)
@@ -232,52 +231,57 @@ def validate(data: Path, out: Path, adapter: Path | None = None, base_url: str |
             f.write(json.dumps({"id": c.id, "image": str(c.images[0]) if c.images else None, "gold": g,
                                 "predicted": a, "correct": a == g}) + "\n")
     plot_confusion(report, out / "confusion.png", mode)
-    if not quiet:
-        print(mode)
-        print(format_report(report))
-        print(f"wrote {out / 'metrics.json'}, {out / 'confusion.png'}, {out / 'predictions.jsonl'}")
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.validate_router", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", type=Path, default=None,
-                        help="router adapter folder (labels and prompts from its manifest; required in-process)")
-    parser.add_argument("--data", type=Path, required=True, help="classification JSONL (eval-classification.jsonl)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, confusion.png, predictions")
-    parser.add_argument("--base-url", default=None, help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 "
-                        "(served mode); without it the adapter runs in-process")
-    parser.add_argument("--model", default="router", help="served adapter name (default: %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("LORA_ROUTER_API_KEY"),
-                        help="bearer key (default: $LORA_ROUTER_API_KEY)")
-    parser.add_argument("--structured-outputs", action="store_true",
-                        help="served mode: constrain answers to the labels (structured_outputs.choice)")
-    parser.add_argument("--base", default=None, help="in-process: base model folder (default: the manifest's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="in-process batch size")
-    parser.add_argument("--concurrency", type=int, default=8, help="served: requests in flight")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N lines")
-    parser.add_argument("--min-pixels", type=int, default=None, help="in-process image limit (default: as trained)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="in-process image limit (default: as trained)")
-    return parser
+@dataclass
+class ValidateRouterArguments:
+    """The flags of `python -m training.validate_router`."""
+
+    data: Path = field(metadata={"help": "Classification JSONL (eval-classification.jsonl)."})
+    out: Path = field(metadata={"help": "Folder for metrics.json, confusion.png and predictions.jsonl."})
+    adapter: Path | None = field(default=None, metadata={
+        "help": "Router adapter folder (labels and prompts from its manifest; required in-process)."})
+    base_url: str | None = field(default=None, metadata={
+        "help": "OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (served mode); without it the adapter "
+                "runs in-process."})
+    model: str = field(default="router", metadata={"help": "Served adapter name."})
+    api_key: str | None = field(default=None, metadata={"help": "Bearer key (default: $LORA_ROUTER_API_KEY)."})
+    structured_outputs: bool = field(default=False, metadata={
+        "help": "Served mode: constrain answers to the labels (structured_outputs.choice)."})
+    base: str | None = field(default=None, metadata={"help": "In-process: base model folder (default: the manifest's)."})
+    batch_size: int = field(default=8, metadata={"help": "In-process batch size."})
+    concurrency: int = field(default=8, metadata={"help": "Served: requests in flight."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N lines."})
+    min_pixels: int | None = field(default=None, metadata={"help": "In-process image limit (default: as trained)."})
+    max_pixels: int | None = field(default=None, metadata={"help": "In-process image limit (default: as trained)."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.base_url is None and self.adapter is None:
+            raise ConfigError("in-process validation needs --adapter (or give --base-url to validate a server)")
+        self.api_key = self.api_key or os.environ.get("LORA_ROUTER_API_KEY")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.base_url is None and args.adapter is None:
-        build_parser().error("in-process validation needs --adapter (or give --base-url to validate a server)")
+def run(args: ValidateRouterArguments) -> int:
+    """Validate, write the files, print the report."""
     from training.inference import set_threads
 
     set_threads()
-    try:
-        validate(args.data, args.out, adapter=args.adapter, base_url=args.base_url, model=args.model,
-                 api_key=args.api_key, structured_outputs=args.structured_outputs, base=args.base,
-                 batch_size=args.batch_size, concurrency=args.concurrency, limit=args.limit,
-                 min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    report = validate(args.data, args.out, adapter=args.adapter, base_url=args.base_url, model=args.model,
+                      api_key=args.api_key, structured_outputs=args.structured_outputs, base=args.base,
+                      batch_size=args.batch_size, concurrency=args.concurrency, limit=args.limit,
+                      min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    print(report["mode"])
+    print(format_report(report))
+    print(f"wrote {args.out / 'metrics.json'}, {args.out / 'confusion.png'}, {args.out / 'predictions.jsonl'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_command(ValidateRouterArguments, argv, prog="python -m training.validate_router",
+                            description=__doc__)
+    return run_command(lambda: run(args), runtime_errors=(ValueError, FileNotFoundError, RuntimeError))
 
 
 if __name__ == "__main__":
