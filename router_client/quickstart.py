@@ -51,7 +51,8 @@ class QuickstartArguments(DeploymentArguments):
     expert_eval: int = field(default=16, metadata={"help": "Held-out examples per expert (its task score)."})
     router_recipe: Path = field(default=RECIPES / "router-tiny.yaml", metadata={
         "help": "Trainer YAML for the router (the trainer's flags as keys)."})
-    expert_recipe: Path = field(default=RECIPES / "expert-tiny.yaml", metadata={"help": "Trainer YAML for the experts."})
+    expert_recipe: Path = field(default=RECIPES / "expert-tiny.yaml", metadata={
+        "help": "Trainer YAML for the experts."})
     retrain: bool = field(default=False, metadata={
         "help": "Train every adapter again even if one trained on this base model is already there."})
 

@@ -95,7 +95,8 @@ def test_help_shows_every_flag_with_its_help_and_default(capsys):
         parse(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--data", "--learning_rate", "--learning-rate", "--max-pixels", "--bf16", "--mix", "--set", "--config"):
+    for flag in ("--data", "--learning_rate", "--learning-rate", "--max-pixels", "--bf16", "--mix", "--set",
+                 "--config"):
         assert flag in text
     assert "Peak learning rate. (default: 0.001)" in text
 

@@ -288,10 +288,10 @@ class ArgumentParser(argparse.ArgumentParser):
         flags = {a.dest: a for a in self._hf._actions}
         for cls in dataclass_types:
             for name, hint in typing.get_type_hints(cls).items():
+                if name not in flags:  # init=False fields have none
+                    continue
                 inner = [a for a in typing.get_args(hint) if a is not type(None)]
                 kind = inner[0] if typing.get_origin(hint) in (Union, types.UnionType) and len(inner) == 1 else hint
-                if name not in flags:
-                    continue
                 if dataclasses.is_dataclass(kind):
                     self._hf.set_defaults(**{name: self._drop_flag(flags[name]).default})
                 elif kind is dict or typing.get_origin(kind) is dict:

@@ -249,7 +249,8 @@ class ValidateRouterArguments:
     api_key: str | None = field(default=None, metadata={"help": "Bearer key (default: $LORA_ROUTER_API_KEY)."})
     structured_outputs: bool = field(default=False, metadata={
         "help": "Served mode: constrain answers to the labels (structured_outputs.choice)."})
-    base: str | None = field(default=None, metadata={"help": "In-process: base model folder (default: the manifest's)."})
+    base: str | None = field(default=None, metadata={
+        "help": "In-process: base model folder (default: the manifest's)."})
     batch_size: int = field(default=8, metadata={"help": "In-process batch size."})
     concurrency: int = field(default=8, metadata={"help": "Served: requests in flight."})
     limit: int | None = field(default=None, metadata={"help": "Only the first N lines."})
