@@ -130,7 +130,7 @@ class DeploymentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "vLLM settings."})
     client: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Client settings, typed and checked by router_client.config.ClientConfig."})
-    root: Path = field(default_factory=Path.cwd, init=False, metadata={
+    root: Path = field(default_factory=Path.cwd, metadata={
         "help": "Folder relative adapter paths are resolved against (set by load_config, not by the YAML)."})
 
     def __post_init__(self) -> None:
@@ -160,10 +160,10 @@ class DeploymentConfig:
 
 def from_dict(data: dict[str, Any], root: Path | None = None) -> DeploymentConfig:
     """Build and check a DeploymentConfig from plain data (as read from YAML); every problem in one ConfigError."""
-    config = from_mapping(DeploymentConfig, data or {})
-    if root is not None:
-        config.root = root
-    return config
+    data = dict(data or {})
+    if "root" in data:
+        raise ConfigError("root is no setting: relative adapter paths resolve against the config file's project root")
+    return from_mapping(DeploymentConfig, {**data, "root": root or Path.cwd()})
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> DeploymentConfig:
