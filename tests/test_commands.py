@@ -30,3 +30,27 @@ def test_every_flag_has_help_and_help_works(module, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([])
     assert exit_info.value.code == []
+
+
+# command -> (module, its arguments dataclass, what it needs besides the deployment flags, parse options)
+DEPLOYMENT_COMMANDS = {
+    "serving": ("serving.__main__", "ServeArguments", [], {}),
+    "one screenshot": ("router_client.__main__", "RouteArguments", ["screen.png"], {"positional": ["image"]}),
+    "batch": ("router_client.batch", "BatchArguments", ["--input", "in", "--output", "out.jsonl"], {}),
+    "quickstart": ("router_client.quickstart", "QuickstartArguments", [], {}),
+    "load test": ("benchmarks.load", "LoadArguments", [], {}),
+}
+
+
+@pytest.mark.parametrize("name", list(DEPLOYMENT_COMMANDS))
+def test_every_deployment_command_takes_config_and_set_the_same_way(name, tmp_path):
+    module, cls, extra, kwargs = DEPLOYMENT_COMMANDS[name]
+    arguments = getattr(importlib.import_module(module), cls)
+    path = tmp_path / "configs" / "d.yaml"
+    path.parent.mkdir()
+    path.write_text("experts: [{name: a, path: ck/a}]\nengine: {port: 9000}\n")
+    argv = ["--config", str(path), "--set", "engine.port=9100", *extra, "--set", "engine.kv_cache_gib=2e0"]
+    args = configuration.parse_command(arguments, argv, prog=name, yaml_option=False, **kwargs)[0]
+    deployment = args.deployment()
+    assert (deployment.engine.port, deployment.engine.kv_cache_gib) == (9100, 2.0)
+    assert deployment.adapter_path(deployment.experts[0]) == tmp_path / "ck" / "a"

@@ -192,6 +192,8 @@ def _nested(value: Any, hint: Any, where: str) -> Any:
         if problems:
             raise ConfigError("; ".join(problems))
         return built
+    if value is None and typing.get_origin(hint) is dict:
+        return {}  # an empty YAML section (`client:`) reads as null
     return _coerce(value, hint, where)
 
 
