@@ -262,7 +262,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        unset = action.default in (None, argparse.SUPPRESS) or action.default in ([], {})
+        unset = action.default in (None, argparse.SUPPRESS, [], {})
         if action.required or action.nargs == 0 or unset or "%(default)" in text:
             return text
         return text + " (default: %(default)s)"
