@@ -7,8 +7,10 @@ only says how hard, how long and in which ways to load it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from serving.routing import ROUTER_MODES
+from training.configuration import ConfigError, check_types
+
 
 # The seed's routing-dataset flags (--train-images-calendar 27, --train-images-claim-window 3000,
 # --train-images-provider-select 3000): the class mix production traffic is assumed to have.
@@ -43,8 +45,9 @@ class BenchConfig:
     poisson_requests: int = field(default=64, metadata={
         "help": "Screenshots sent open loop (0 skips the open-loop phase)."})
     class_mix: dict[str, float] = field(default_factory=lambda: dict(SEED_CLASS_MIX), metadata={
-        "help": "Relative frequency of each screenshot class (an expert name and a screen generator kind)."})
-    router_mode: str | None = field(default=None, metadata={
+        "help": "Relative frequency of each screenshot class (an expert name and a screen generator kind), e.g. "
+                "calendar=27,claim-window=3000."})
+    router_mode: Literal["choice", "one-token"] | None = field(default=None, metadata={
         "help": "Router mode of the two-stage path ('choice' or 'one-token'); None: the deployment client's "
                 "router_mode as the client resolves it. The other mode is measured beside it."})
     router_max_pixels: int = field(default=80 * 32 * 32, metadata={
@@ -65,27 +68,26 @@ class BenchConfig:
         "help": "Seconds one HTTP request may take before it counts as an error."})
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not self.concurrencies or min(self.concurrencies) < 1:
-            raise ValueError(f"concurrencies must be >= 1, got {self.concurrencies}")
+            raise ConfigError(f"concurrencies must be >= 1, got {self.concurrencies}")
         self.concurrencies = sorted(set(self.concurrencies))
         for name in ("min_requests", "requests_per_slot", "compare_concurrency", "router_max_pixels"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("per_expert_requests", "warmup_requests", "poisson_requests", "peer_requests", "hf_requests"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.request_rate is not None and self.request_rate <= 0:
-            raise ValueError(f"request_rate must be > 0, got {self.request_rate}")
+            raise ConfigError(f"request_rate must be > 0, got {self.request_rate}")
         if not self.class_mix or min(self.class_mix.values()) < 0 or sum(self.class_mix.values()) <= 0:
-            raise ValueError(f"class_mix needs non-negative weights with a positive sum, got {self.class_mix}")
-        if self.router_mode is not None and self.router_mode not in ROUTER_MODES:
-            raise ValueError(f"router_mode must be one of {ROUTER_MODES} or None, got {self.router_mode!r}")
+            raise ConfigError(f"class_mix needs non-negative weights with a positive sum, got {self.class_mix}")
         if self.expert_max_tokens is not None and self.expert_max_tokens < 1:
-            raise ValueError(f"expert_max_tokens must be >= 1, got {self.expert_max_tokens}")
+            raise ConfigError(f"expert_max_tokens must be >= 1, got {self.expert_max_tokens}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
+            raise ConfigError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.timeout_s <= 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
 
     def requests_at(self, concurrency: int) -> int:
         """Measured screenshots of a closed-loop phase at `concurrency`."""

@@ -23,8 +23,8 @@ chunks of rows and streamed into its safetensors shard, so memory holds one chun
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,11 +34,12 @@ import yaml
 
 from serving.adapters import check_adapters
 from serving.config import load_config
+from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.manifest import AdapterManifest, model_fingerprint
 from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.random_adapter import LANGUAGE_MODEL_TARGETS
 from training.tasks import build_example
-from training.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS
+from training.tiny_random import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Qwen3's special tokens after those in training.tiny_model.SPECIAL_TOKENS, in id order.
@@ -46,6 +47,7 @@ MORE_SPECIAL_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|
                        "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>")
 _CHUNK_BYTES = 64 << 20
 _SHARD_BYTES = 5 << 30
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -326,7 +328,7 @@ def build(out: Path, shape: Qwen3VLShape, rank: int, seed: int, base_config: Pat
     Returns the deployment config's path."""
     model_dir, adapters_dir = out / "model", out / "adapters"
     params = write_model(shape, model_dir, seed, shard_bytes)
-    print(f"model: {params / 1e9:.3f} B parameters in {model_dir}", flush=True)
+    log.info("model: %.3f B parameters in %s", params / 1e9, model_dir)
     base = load_config(base_config)
     labels = base.labels
     write_adapter(shape, model_dir, adapters_dir / base.router.name, rank, seed + 1, labels=labels)
@@ -337,23 +339,33 @@ def build(out: Path, shape: Qwen3VLShape, rank: int, seed: int, base_config: Pat
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.random_8b", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder to write (about 17 GB)")
-    parser.add_argument("--rank", type=int, default=16,
-                        help="LoRA rank of the random adapters (default: %(default)s; match the trained adapters)")
-    parser.add_argument("--seed", type=int, default=0, help="weights seed (default: %(default)s)")
-    parser.add_argument("--base-config", type=Path, default=REPO_ROOT / "configs" / "qwen3-vl-8b.yaml",
-                        help="deployment config whose paths are replaced (default: %(default)s)")
-    return parser
+@dataclass
+class Random8bArguments:
+    """The flags of `python -m benchmarks.random_8b`."""
+
+    out: Path = field(metadata={"help": "Folder to write (about 17 GB)."})
+    rank: int = field(default=16, metadata={
+        "help": "LoRA rank of the random adapters (match the trained adapters)."})
+    seed: int = field(default=0, metadata={"help": "Weights seed."})
+    base_config: Path = field(default=REPO_ROOT / "configs" / "qwen3-vl-8b.yaml", metadata={
+        "help": "Deployment config whose model and adapter paths are replaced."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.rank < 1:
+            raise ConfigError(f"rank must be >= 1, got {self.rank}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def write_random_8b(args: Random8bArguments) -> int:
+    """Build everything, then print the deployment config's path and the benchmark command."""
     path = build(args.out, Qwen3VLShape(), args.rank, args.seed, args.base_config)
     print(f"deployment: {path}\nbenchmark:  python -m benchmarks.load --config {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_command(Random8bArguments, argv, prog="python -m benchmarks.random_8b", description=__doc__)
+    return run_command(lambda: write_random_8b(args))
 
 
 if __name__ == "__main__":

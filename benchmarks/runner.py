@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import random
 import resource
@@ -57,6 +58,7 @@ from training.tiny_model import resolve_base_model
 
 # Open-loop arrival rate, as a fraction of the best closed-loop two-stage throughput, when none is given.
 OPEN_LOOP_LOAD = 0.7
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -232,9 +234,8 @@ class _Run:
                             spec.reduced_router or spec.reuse is not None)
         self.phases[spec.name] = metrics
         self.records += records
-        print(f"{spec.name:<42} {metrics.completed:>3}/{metrics.screenshots:<3} ok  "
-              f"{metrics.screenshots_per_s:6.2f} screenshots/s  p50 {_ms(metrics.e2e_s.p50)}  "
-              f"load {metrics.load_after:.1f}", flush=True)
+        log.info("%-42s %3d/%-3d ok  %6.2f screenshots/s  p50 %s  load %.1f", spec.name, metrics.completed,
+                 metrics.screenshots, metrics.screenshots_per_s, _ms(metrics.e2e_s.p50), metrics.load_after)
         return metrics
 
     async def run_peer(self, tokenizer: str, model: str, out_dir: Path) -> PeerResult:
@@ -253,8 +254,7 @@ class _Run:
             code, result, tail = await peer.run_peer(command, self.client.config.api_key, out_dir,
                                                      timeout_s=self.bench.timeout_s * 4)
             server, cpu = (await self.snapshot()).minus(before), _cpu_s(resource.RUSAGE_CHILDREN) - cpu
-        print(f"vllm bench serve: exit {code}, {result.get('request_throughput', float('nan')):.2f} requests/s",
-              flush=True)
+        log.info("vllm bench serve: exit %s, %.2f requests/s", code, result.get("request_throughput", float("nan")))
         return PeerResult(command=command, num_prompts=len(items), max_concurrency=concurrency, output_len=output_len,
                           returncode=code, result=result, server=server.counters,
                           server_ttft_s=server_ttft(server), client_cpu_s=cpu, log_tail=tail)
@@ -347,7 +347,7 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
     if bench.base_url is None:
         engine = dataclasses.replace(deployment.engine, port=0)
         server = VLLMServer(dataclasses.replace(deployment, engine=engine), log_path=out_dir / "vllm.log")
-        print("starting vLLM ...", flush=True)
+        log.info("starting vLLM ...")
         await server.start()
     # What the command passed to the vLLM it started; for a server started elsewhere, the deployment's setting.
     threads = int(server.command.env["OMP_NUM_THREADS"]) if server and on_cpu else cpu_threads(deployment.engine)
@@ -381,7 +381,7 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
             server.stop()
     baselines = []
     if bench.hf_requests:
-        print("transformers + PEFT baselines ...", flush=True)
+        log.info("transformers + PEFT baselines ...")
         baselines = hf_baselines.run_baselines(model_dir, processor, deployment, pool.take(bench.hf_requests),
                                                "cpu" if on_cpu else "cuda", threads)
     resolution = [agreement(m, [r for r in run.records if r.phase in {full for full, _ in pairs}],

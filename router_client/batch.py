@@ -19,9 +19,8 @@ status is 1 when any item of this run failed (rerun to retry them), 2 for bad ar
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import sys
+import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -29,21 +28,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from router_client._constants import DEFAULT_BATCH_CONCURRENCY, IMAGE_SUFFIXES
+from router_client.cli import ClientArguments
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
-from router_client.errors import ClientConfigError, RouterClientError
+from router_client.errors import APIConnectionError, APITimeoutError, RouterClientError
 from router_client.percentiles import Percentiles, percentiles
 from router_client.types import ProcessResult
-from serving.config import ConfigError, load_config
+from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.jsonl import append_jsonl, cut_torn_line, iter_jsonl
+from training.progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
 
 _JSONL_KEYS = {"custom_id", "image", "prompt"}
 
 
-class BatchInputError(ValueError):
+class BatchInputError(ConfigError):
     """An input or output file the batch cannot use; the message names the file (and line)."""
 
 
@@ -158,7 +159,7 @@ async def run_batch(cfg: ClientConfig, items: Sequence[BatchItem], output: str |
     start = time.perf_counter()
     async with RouterClient(cfg) as client:
         with append_jsonl(output) as append, \
-                tqdm(total=len(pending), unit="img", disable=not progress, dynamic_ncols=True) as bar:
+                progress_bar(total=len(pending), desc="batch", unit="img", disable=not progress) as bar:
             todo = iter(pending)
 
             async def worker() -> None:
@@ -202,33 +203,45 @@ def _count(summary: BatchSummary, record: dict[str, Any]) -> None:
         summary.by_error[record["error"]["type"]] += 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The batch command line; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m router_client.batch", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="Deployment YAML (e.g. configs/tiny-cpu.yaml).")
-    parser.add_argument("--input", required=True, help="Folder of images, or JSONL of {custom_id?, image, prompt?}.")
-    parser.add_argument("--output", required=True, help="Result JSONL (appended; a rerun resumes it).")
-    parser.add_argument("--concurrency", type=int, default=DEFAULT_BATCH_CONCURRENCY, help="Items in flight.")
-    parser.add_argument("--base-url", help="API root of the server (default: engine host and port of the config).")
-    parser.add_argument("--mode", choices=("auto", "choice", "one-token"), help="Router mode (default: config).")
-    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
-    args = parser.parse_args(argv)
-    if args.concurrency < 1:
-        parser.error("--concurrency must be >= 1")
-    overrides = {k: v for k, v in (("base_url", args.base_url), ("router_mode", args.mode)) if v is not None}
+@dataclass
+class BatchArguments(ClientArguments):
+    """The flags of `python -m router_client.batch`."""
+
+    input: Path = field(kw_only=True, metadata={
+        "help": "Folder of images, or JSONL of {custom_id?, image, prompt?}."})
+    output: Path = field(kw_only=True, metadata={"help": "Result JSONL (appended; a rerun resumes it)."})
+    concurrency: int = field(default=DEFAULT_BATCH_CONCURRENCY, metadata={"help": "Items in flight."})
+    progress: bool = field(default=True, metadata={
+        "help": "Show progress: a bar on a terminal, else a log line every few seconds (--no-progress: none)."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+
+
+def run(args: BatchArguments) -> int:
+    """Check the settings and the input, run the batch, print its summary; 1 if any item failed."""
+    cfg = args.client_config(args.deployment())
+    items = load_items(args.input)
     try:
-        cfg = ClientConfig.from_deployment(load_config(args.config), **overrides)
-        items = load_items(args.input)
-        summary = asyncio.run(run_batch(cfg, items, args.output, args.concurrency, progress=not args.no_progress))
-    except (ConfigError, ClientConfigError, BatchInputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RouterClientError as exc:
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        summary = asyncio.run(run_batch(cfg, items, args.output, args.concurrency, progress=args.progress))
+    except APITimeoutError:
+        raise  # a server that is there but slow: its own message says which timeout
+    except APIConnectionError as exc:
+        raise args.unreachable(exc, cfg.base_url) from None
+    if not summary.ok and set(summary.by_error) == {"APIConnectionError"}:
+        log.error("no item reached the server at %s. %s", cfg.base_url, args.start_server_hint())
     print(summary.table())
     return 1 if summary.failed else 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """The batch command line; returns the exit status."""
+    (args,) = parse_command(BatchArguments, argv, prog="python -m router_client.batch", description=__doc__,
+                            yaml_option=False)
+    return run_command(lambda: run(args), runtime_errors=(RouterClientError,))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

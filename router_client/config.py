@@ -3,6 +3,7 @@
     cfg = ClientConfig.from_deployment(load_config("configs/tiny-cpu.yaml"), base_url="http://host:8000/v1")
 
 Precedence: _constants defaults < values derived from the deployment < its `client:` section < overrides.
+Types are checked by training.configuration.check_types, as for every config.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from router_client.errors import ClientConfigError
 from serving import routing
 from serving.config import DeploymentConfig
 from serving.openai_wire import root_url
+from training.configuration import check_types
 
 # Fields that describe the deployment itself; a `client:` section may not set them.
 _DEPLOYMENT_FIELDS = ("router_name", "base_name", "labels", "expert_prompts")
-_STR_FIELDS = ("base_url", "router_name", "base_name", "router_mode", "fallback", "base_prompt")
-_INT_FIELDS = ("expert_max_tokens", "max_image_pixels", "max_retries", "max_connections")
-_FLOAT_FIELDS = ("min_confidence", "timeout_s", "connect_timeout_s", "read_timeout_s")
 
 
 @dataclass
@@ -68,11 +67,10 @@ class ClientConfig:
         "help": "Open connections to the server at most."})
 
     def __post_init__(self) -> None:
-        self._check_types()
+        check_types(self, "client", error=ClientConfigError)
         if not self.base_url.startswith(("http://", "https://")):
             raise ClientConfigError(f"base_url must start with http:// or https://, got {self.base_url!r}")
         self.base_url = self.base_url.rstrip("/")
-        self.labels = list(self.labels)
         if not self.labels:
             raise ClientConfigError("labels is empty: the deployment has no experts")
         if len(set(self.labels)) != len(self.labels):
@@ -97,24 +95,6 @@ class ClientConfig:
                 raise ClientConfigError(f"{name} must be >= {least}, got {getattr(self, name)}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ClientConfigError(f"max_pixels must be >= 1 or None, got {self.max_pixels}")
-
-    def _check_types(self) -> None:
-        for name in _STR_FIELDS:
-            if not isinstance(getattr(self, name), str):
-                raise ClientConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
-        optional = ("max_pixels",) if self.max_pixels is not None else ()
-        for name in _INT_FIELDS + optional:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ClientConfigError(f"{name} must be an integer, got {value!r}")
-        for name in _FLOAT_FIELDS:
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ClientConfigError(f"{name} must be a number, got {value!r}")
-        if self.api_key is not None and not isinstance(self.api_key, str):
-            raise ClientConfigError("api_key must be a string or None")
-        if not isinstance(self.expert_prompts, dict):
-            raise ClientConfigError("expert_prompts must be a mapping of expert name to prompt")
 
     @property
     def fallback_target(self) -> str | None:
@@ -165,8 +145,5 @@ class ClientConfig:
             if dep.engine.port == 0:
                 raise ClientConfigError("engine.port is 0 (picked when the server starts): pass base_url")
             values["base_url"] = root_url(dep.engine.host, dep.engine.port) + "/v1"
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ClientConfigError(str(exc)) from None
+        return cls(**values)
 

@@ -7,14 +7,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from serving import images
+from training.configuration import ConfigError
 
 
 class RouterClientError(Exception):
     """Base class of every error the client raises."""
 
 
-class ClientConfigError(RouterClientError, ValueError):
-    """A client setting that cannot work; the message names the field."""
+class ClientConfigError(RouterClientError, ConfigError):
+    """A client setting that cannot work; the message names the field. A ConfigError like every bad setting."""
 
 
 class InvalidImageError(RouterClientError, images.InvalidImageError):

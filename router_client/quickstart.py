@@ -14,20 +14,22 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
+import logging
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from router_client.batch import BatchItem, run_batch
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
 from router_client.errors import RouterClientError
-from serving.config import DeploymentConfig, load_config
-from serving.launcher import VLLMServer, ready_line
+from serving.config import DeploymentArguments, DeploymentConfig
+from serving.launcher import ServerError, VLLMServer, ready_line
+from training.configuration import CommandError, ConfigError, check_types, parse_command, run_command
 from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
 from training.manifest import AdapterManifest, model_fingerprint
@@ -35,10 +37,34 @@ from training.tiny_model import resolve_base_model
 from training.train_qwen import cli as train_cli
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "training"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuickstartArguments(DeploymentArguments):
+    """The flags of `python -m router_client.quickstart`."""
+
+    work: Path = field(default=Path("runs/quickstart"), metadata={"help": "Folder for data, logs and results."})
+    train_per_class: int = field(default=300, metadata={"help": "Routing training screenshots per class."})
+    eval_per_class: int = field(default=10, metadata={"help": "Held-out routing screenshots per class."})
+    expert_train: int = field(default=120, metadata={"help": "Training examples per expert."})
+    expert_eval: int = field(default=16, metadata={"help": "Held-out examples per expert (its task score)."})
+    router_recipe: Path = field(default=RECIPES / "router-tiny.yaml", metadata={
+        "help": "Trainer YAML for the router (the trainer's flags as keys)."})
+    expert_recipe: Path = field(default=RECIPES / "expert-tiny.yaml", metadata={
+        "help": "Trainer YAML for the experts."})
+    retrain: bool = field(default=False, metadata={
+        "help": "Train every adapter again even if one trained on this base model is already there."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name in ("train_per_class", "eval_per_class", "expert_train", "expert_eval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def step(title: str) -> None:
-    print(f"\n== {title}", flush=True)
+    log.info("== %s", title)
 
 
 def make_dataset(config: DeploymentConfig, work: Path, train_per_class: int, eval_per_class: int) -> Path:
@@ -70,10 +96,10 @@ def train(recipe: Path, model: str, data: Path, train_file: str, eval_file: str,
                       "--eval_data_path", str(data / eval_file), "--output_dir", str(out),
                       "--overwrite_output_dir", "True"])
     if code:
-        raise SystemExit(f"training {out} failed (exit {code})")
+        raise CommandError(f"training {out} failed (exit {code})")
 
 
-def train_adapters(config: DeploymentConfig, base: str, routing: Path, work: Path, args) -> None:
+def train_adapters(config: DeploymentConfig, base: str, routing: Path, work: Path, args: QuickstartArguments) -> None:
     """Train the router on `routing` and each expert on its generated task data, unless already trained on this
     base (and `--retrain` is not given); then score each expert against the base model on held-out examples."""
     from training.evaluate_expert import evaluate
@@ -83,7 +109,7 @@ def train_adapters(config: DeploymentConfig, base: str, routing: Path, work: Pat
     fingerprint = model_fingerprint(base)
     router_path = config.adapter_path(config.router)
     if not args.retrain and (manifest := trained_for(router_path, fingerprint, config.labels)):
-        print(f"  router: already trained ({router_path}, eval accuracy {manifest.metrics.get('eval_accuracy')})")
+        log.info("router: already trained (%s, eval accuracy %s)", router_path, manifest.metrics.get("eval_accuracy"))
     else:
         train(args.router_recipe, config.model.path, routing, "train-classification.jsonl",
               "eval-classification.jsonl", router_path)
@@ -91,17 +117,17 @@ def train_adapters(config: DeploymentConfig, base: str, routing: Path, work: Pat
         path = config.adapter_path(expert)
         data = work / "experts" / expert.name
         if expert.name not in KINDS:
-            raise SystemExit(f"expert {expert.name!r}: no task generator for it (known: {', '.join(KINDS)}); "
-                             f"train it yourself and point its path at the adapter")
+            raise ConfigError(f"expert {expert.name!r}: no task generator for it (known: {', '.join(KINDS)}); "
+                              f"train it yourself and point its path at the adapter")
         shutil.rmtree(data, ignore_errors=True)
         write_dataset(expert.name, args.expert_train, args.expert_eval, 0, data)
         if not args.retrain and trained_for(path, fingerprint, None):
-            print(f"  {expert.name}: already trained ({path})")
+            log.info("%s: already trained (%s)", expert.name, path)
         else:
             train(args.expert_recipe, config.model.path, data, "train.jsonl", "eval.jsonl", path)
         report = evaluate(path, data / "eval.jsonl", quiet=True)
-        print(f"  {expert.name}: task score {report['adapter_scores']['score']:.3f} vs base model {report['base']['score']:.3f}"
-              f" on {report['count']} held-out screenshots")
+        log.info("%s: task score %.3f vs base model %.3f on %d held-out screenshots", expert.name,
+                 report["adapter_scores"]["score"], report["base"]["score"], report["count"])
 
 
 def routing_table(results: Path, truth: dict[str, str]) -> str:
@@ -118,68 +144,57 @@ def routing_table(results: Path, truth: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-async def serve_and_route(config: DeploymentConfig, dataset: Path, work: Path) -> None:
+async def serve_and_route(config: DeploymentConfig, dataset: Path, work: Path) -> list[str]:
+    """Serve the deployment, route one screenshot, then batch-process the samples; returns what main prints."""
     step("4. start vLLM with the base model, the router and every expert")
     async with VLLMServer(config, log_path=work / "vllm.log") as server:
-        print(ready_line(server, [a.name for a in config.adapters]), flush=True)
+        log.info("%s", ready_line(server, [a.name for a in config.adapters]))
         client_config = ClientConfig.from_deployment(config, base_url=server.base_url)
         samples = [json.loads(line) for line in (dataset / "eval.jsonl").read_text().splitlines()]
 
         step("5. one screenshot: route, then the chosen expert")
         first = samples[0]
-        print(f"  screenshot: {first['image']} (true class: {first['adapter']})")
+        answer = f"screenshot: {first['image']} (true class: {first['adapter']})\n"
         try:
             async with RouterClient(client_config) as client:
                 result = await client.process(dataset / first["image"])
         except RouterClientError as exc:
-            print(f"  failed: {type(exc).__name__}: {exc}")
+            answer += f"failed: {type(exc).__name__}: {exc}"
         else:
-            print("  " + result.describe().replace("\n", "\n  "))
+            answer += result.describe()
 
         step(f"6. batch: {len(samples)} sample screenshots")
         items = [BatchItem(custom_id=s["id"], image=dataset / s["image"]) for s in samples]
         output = work / "results.jsonl"
         output.unlink(missing_ok=True)
         summary = await run_batch(client_config, items, output)
-        print(summary.table())
-        print("\nrouting table (rows: true class, columns: routed expert)")
-        print(routing_table(output, {s["id"]: s["adapter"] for s in samples}))
+        table = routing_table(output, {s["id"]: s["adapter"] for s in samples})
         step("7. stop the server")
+    return [answer, summary.table(), "routing table (rows: true class, columns: routed expert)\n" + table]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m router_client.quickstart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/tiny-cpu.yaml"), help="deployment YAML")
-    parser.add_argument("--work", type=Path, default=Path("runs/quickstart"), help="folder for data, logs, results")
-    parser.add_argument("--train-per-class", type=int, default=300, help="routing train screenshots per class")
-    parser.add_argument("--eval-per-class", type=int, default=10, help="held-out screenshots per class")
-    parser.add_argument("--expert-train", type=int, default=120, help="training examples per expert")
-    parser.add_argument("--expert-eval", type=int, default=16, help="held-out examples per expert (task score)")
-    parser.add_argument("--router-recipe", type=Path, default=RECIPES / "router-tiny.yaml",
-                        help="trainer YAML for the router (the trainer's flags as keys)")
-    parser.add_argument("--expert-recipe", type=Path, default=RECIPES / "expert-tiny.yaml",
-                        help="trainer YAML for the experts")
-    parser.add_argument("--retrain", action="store_true",
-                        help="train every adapter again even if one trained on this base model is already there")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def quickstart(args: QuickstartArguments) -> int:
+    """The main job end to end; prints the routed screenshot, the batch summary and the routing table."""
     start = time.monotonic()
-    config = load_config(args.config, ["engine.port=0"])
+    config = args.deployment("engine.port=0")
     args.work.mkdir(parents=True, exist_ok=True)
     step("1. base model")
     base = resolve_base_model(config.model.path)
-    print(f"  {base}")
+    log.info("base model: %s", base)
     step("2. routing dataset, converted for the router")
     dataset = make_dataset(config, args.work, args.train_per_class, args.eval_per_class)
     step("3. train the router and the experts (one trainer)")
     train_adapters(config, base, dataset, args.work, args)
-    asyncio.run(serve_and_route(config, dataset, args.work))
-    print(f"\ndone in {time.monotonic() - start:.0f} s; outputs in {args.work}")
+    results = asyncio.run(serve_and_route(config, dataset, args.work))
+    print("\n\n".join(results))
+    log.info("done in %.0f s; outputs in %s", time.monotonic() - start, args.work)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_command(QuickstartArguments, argv, prog="python -m router_client.quickstart",
+                            description=__doc__, yaml_option=False)
+    return run_command(lambda: quickstart(args), runtime_errors=(ServerError,))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,11 @@ table. Labels come from the adapter's manifest (else the data's router prompt).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from router_client._base_client import BaseClient
@@ -32,8 +31,9 @@ from router_client.errors import RouterClientError
 from router_client.types import ClientStats
 from serving.images import prepare_image
 from serving.openai_wire import chat_request, user_turn
+from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.llava_data import Conversation, DataError, split_user
-from training.validate_router import add_eval_set_arguments, eval_set, write_report
+from training.validate_router import EvalSetArguments, eval_set, report_text, write_report
 
 # Longest answer in tokens: a label, with room to see what an untrained router says instead.
 MAX_TOKENS = 16
@@ -78,7 +78,7 @@ async def served_answers(conversations: Sequence[Conversation], config: ClientCo
 
 def validate_served(data: Path, out: Path, base_url: str, model: str = "router", adapter: Path | None = None,
                     api_key: str | None = None, structured_outputs: bool = False, concurrency: int = 8,
-                    limit: int | None = None, quiet: bool = False) -> dict:
+                    limit: int | None = None) -> dict:
     """Validate the router served as `model` at `base_url` and write metrics.json, confusion.png and
     predictions.jsonl to `out`; returns the metrics."""
     conversations, labels = eval_set(data, adapter, limit)
@@ -88,33 +88,41 @@ def validate_served(data: Path, out: Path, base_url: str, model: str = "router",
     start = time.perf_counter()
     answers = asyncio.run(served_answers(conversations, config, labels if structured_outputs else None, concurrency))
     return write_report(out, conversations, answers, labels, mode=mode, data=data, adapter=adapter,
-                        seconds=time.perf_counter() - start, quiet=quiet)
+                        seconds=time.perf_counter() - start)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m router_client.validate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_set_arguments(parser, adapter_required=False)
-    parser.add_argument("--base-url", required=True, help="OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--model", default="router", help="served adapter name (default: %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("LORA_ROUTER_API_KEY"),
-                        help="bearer key (default: $LORA_ROUTER_API_KEY)")
-    parser.add_argument("--structured-outputs", action="store_true",
-                        help="constrain answers to the labels (structured_outputs.choice)")
-    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    return parser
+@dataclass
+class ServedArguments:
+    """Which server and adapter `python -m router_client.validate` asks, and how."""
+
+    base_url: str = field(metadata={"help": "OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1."})
+    model: str = field(default="router", metadata={"help": "Served adapter name."})
+    api_key: str | None = field(default=None, metadata={"help": "Bearer key (default: $LORA_ROUTER_API_KEY)."})
+    structured_outputs: bool = field(default=False, metadata={
+        "help": "Constrain answers to the labels (structured_outputs.choice)."})
+    concurrency: int = field(default=8, metadata={"help": "Requests in flight."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+        self.api_key = self.api_key or os.environ.get("LORA_ROUTER_API_KEY")
+
+
+def run(eval_args: EvalSetArguments, args: ServedArguments) -> int:
+    """Validate the served router, write the files, print the report."""
+    report = validate_served(eval_args.data, eval_args.out, args.base_url, model=args.model,
+                             adapter=eval_args.adapter, api_key=args.api_key,
+                             structured_outputs=args.structured_outputs, concurrency=args.concurrency,
+                             limit=eval_args.limit)
+    print(report_text(report, eval_args.out))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        validate_served(args.data, args.out, args.base_url, model=args.model, adapter=args.adapter,
-                        api_key=args.api_key, structured_outputs=args.structured_outputs,
-                        concurrency=args.concurrency, limit=args.limit)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    eval_args, args = parse_command([EvalSetArguments, ServedArguments], argv, prog="python -m router_client.validate",
+                                    description=__doc__)
+    return run_command(lambda: run(eval_args, args), runtime_errors=(ValueError, FileNotFoundError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -1,29 +1,27 @@
 """The deployment config: base model, router, experts and engine settings, loaded from one YAML file.
 
 One file describes a deployment; serving, the client and the benchmarks all read it, so adding an expert is
-one entry under `experts:`. Precedence: dataclass defaults < YAML < command-line overrides (`key.sub=value`).
+one entry under `experts:`. Precedence: dataclass defaults < YAML < command-line overrides (`--set key.sub=value`).
+Types are checked by training.configuration (check_types, from_mapping): a bad value is named by its path,
+e.g. `engine.max_pixels`, and every one is listed in one ConfigError.
 
 This module must stay light (no vLLM or torch import): the client imports it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from training.configuration import ConfigError, Repeated, apply_overrides, check_types, from_mapping, load_yaml
 
 # vLLM accepts only these LoRA ranks for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class ConfigError(ValueError):
-    """A deployment config that cannot be served; the message names the field and the problem."""
+DEFAULT_CONFIG = Path("configs/tiny-cpu.yaml")
 
 
 def _check_name(what: str, name: str) -> None:
@@ -42,6 +40,7 @@ class ModelConfig:
         "help": "Name clients use for the base model without any adapter."})
 
     def __post_init__(self) -> None:
+        check_types(self, "model")
         _check_name("model.served_name", self.served_name)
         if not self.path:
             raise ConfigError("model.path is empty")
@@ -57,6 +56,7 @@ class AdapterConfig:
     prompt: str = field(default="", metadata={"help": "Default task prompt sent with a screenshot to this expert."})
 
     def __post_init__(self) -> None:
+        check_types(self, "adapter")
         _check_name("adapter", self.name)
         if not self.path:
             raise ConfigError(f"adapter {self.name!r}: path is empty")
@@ -96,6 +96,7 @@ class EngineConfig:
     extra_args: list[str] = field(default_factory=list, metadata={"help": "Extra vLLM server flags, verbatim."})
 
     def __post_init__(self) -> None:
+        check_types(self, "engine")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"engine.device must be 'cpu' or 'cuda', got {self.device!r}")
         for name in ("max_model_len", "max_num_seqs", "max_images_per_prompt", "tensor_parallel_size",
@@ -130,9 +131,10 @@ class DeploymentConfig:
     client: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Client settings, typed and checked by router_client.config.ClientConfig."})
     root: Path = field(default_factory=Path.cwd, metadata={
-        "help": "Folder relative adapter paths are resolved against."})
+        "help": "Folder relative adapter paths are resolved against (set by load_config, not by the YAML)."})
 
     def __post_init__(self) -> None:
+        check_types(self)
         names = [a.name for a in self.adapters]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -156,72 +158,43 @@ class DeploymentConfig:
         return path if path.is_absolute() else self.root / path
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    """Instantiate dataclass `cls` from a mapping, naming unknown keys and bad types by their YAML path."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) in {where or 'config'}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{where or 'config'}: {exc}") from exc
-
-
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = data
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-    node[last] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split a `section.key=value` override; the value is read as YAML (so 8 is an int, null is None)."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    return key.strip(), yaml.safe_load(raw)
-
-
 def from_dict(data: dict[str, Any], root: Path | None = None) -> DeploymentConfig:
-    """Build and validate a DeploymentConfig from plain data (as read from YAML)."""
+    """Build and check a DeploymentConfig from plain data (as read from YAML); every problem in one ConfigError."""
     data = dict(data or {})
-    unknown = sorted(set(data) - {"model", "router", "experts", "engine", "client"})
-    if unknown:
-        raise ConfigError(f"unknown top-level key(s): {', '.join(unknown)}")
-    experts = data.get("experts") or []
-    if not isinstance(experts, list):
-        raise ConfigError("experts must be a list")
-    return DeploymentConfig(
-        model=_build(ModelConfig, data.get("model") or {}, "model"),
-        router=_build(AdapterConfig, data["router"], "router") if data.get("router") else None,
-        experts=[_build(AdapterConfig, e, f"experts[{i}]") for i, e in enumerate(experts)],
-        engine=_build(EngineConfig, data.get("engine") or {}, "engine"),
-        client=dict(data.get("client") or {}),
-        root=root or Path.cwd(),
-    )
+    if "root" in data:
+        raise ConfigError("root is no setting: relative adapter paths resolve against the config file's project root")
+    return from_mapping(DeploymentConfig, {**data, "root": root or Path.cwd()})
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> DeploymentConfig:
     """Load a deployment YAML; `overrides` (`engine.port=8001`, ...) win over the file.
 
     Relative adapter paths resolve against the project root: the parent of a `configs/` folder holding the
-    file, else the file's own folder.
+    file, else the file's own folder. A problem is reported naming the file.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    for text in overrides or []:
-        _set_dotted(data, *parse_override(text))
+    data = apply_overrides(load_yaml(path), overrides or [])
     folder = path.resolve().parent
     root = folder.parent if folder.name == "configs" else folder
-    return from_dict(data, root=root)
+    try:
+        return from_dict(data, root=root)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+@dataclass
+class DeploymentArguments:
+    """The flags of every command that reads a deployment YAML: which file, and overrides of its values."""
+
+    config: Path = field(default=DEFAULT_CONFIG, metadata={
+        "help": "Deployment YAML: base model, router, experts, engine and client settings."})
+    overrides: list[str] = field(default_factory=list, metadata={
+        "aliases": ["--set"], "action": Repeated, "metavar": "KEY=VALUE",
+        "help": "Override a deployment value, e.g. --set engine.port=8001 or --set experts=[] (repeatable)."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+    def deployment(self, *more_overrides: str) -> DeploymentConfig:
+        """The deployment config: the YAML, then --set overrides, then `more_overrides`."""
+        return load_config(self.config, [*self.overrides, *more_overrides])

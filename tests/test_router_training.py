@@ -100,8 +100,7 @@ def test_router_is_accurate_on_held_out_screens(routers, n):
 def test_served_router_agrees_with_in_process_within_2_points(routers, served_routers, tmp_path, n):
     run = routers[n]
     served = validate_served(run["data"] / "eval-classification.jsonl", tmp_path / "served", served_routers.base_url,
-                             model=f"router{n}", adapter=run["adapter"], api_key=served_routers.config.engine.api_key,
-                             quiet=True)
+                             model=f"router{n}", adapter=run["adapter"], api_key=served_routers.config.engine.api_key)
     print(f"\n{n}-class router served: accuracy {served['accuracy']} vs in-process {run['in_process']['accuracy']}")
     assert abs(served["accuracy"] - run["in_process"]["accuracy"]) <= 0.02
     assert (tmp_path / "served" / "confusion.png").stat().st_size > 0

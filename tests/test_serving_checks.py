@@ -114,3 +114,31 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.adapter_path(cfg.experts[0]) == tmp_path / "ck" / "a"  # relative to the project root
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         load_config(path, ["engine.port"])
+
+
+def test_value_types_are_checked_in_one_place_and_every_problem_is_listed(tmp_path):
+    with pytest.raises(ConfigError, match=r"engine\.max_pixels must be an integer, got 'abc'"):
+        from_dict({"engine": {"max_pixels": "abc"}})
+    path = tmp_path / "d.yaml"
+    path.write_text("engine:\n  kv_cache_gib: 1e0\n  gpu_memory_utilization: 9e-1\nclient:\n  min_confidence: 5e-1\n")
+    cfg = load_config(path)
+    assert (cfg.engine.kv_cache_gib, cfg.engine.gpu_memory_utilization) == (1.0, 0.9)
+    assert cfg.client == {"min_confidence": "5e-1"}  # typed by ClientConfig, which checks it the same way
+    path.write_text("model: {served_name: 7}\nengine: {max_pixels: abc, port: http, gpus: 2}\n"
+                    "experts: [{name: a}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["engine.max_num_seqs=many"])
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    for part in ("model.served_name must be a string, got 7", "unknown key(s) in engine: gpus",
+                 "engine.max_pixels must be an integer, got 'abc'", "engine.port must be an integer, got 'http'",
+                 "engine.max_num_seqs must be an integer, got 'many'", "experts[0]: missing required key(s): path"):
+        assert part in message
+
+
+def test_client_and_serving_config_errors_are_one_kind():
+    from router_client.errors import ClientConfigError, RouterClientError
+    from training.configuration import ConfigError as SharedConfigError
+
+    assert ConfigError is SharedConfigError
+    assert issubclass(ClientConfigError, SharedConfigError) and issubclass(ClientConfigError, RouterClientError)

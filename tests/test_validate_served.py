@@ -51,7 +51,7 @@ async def test_served_validation_sends_the_clients_requests_and_writes_the_repor
     out = tmp_path / "out"
     # validate_served runs its own event loop, so it runs in a thread while this loop serves the fake.
     report = await asyncio.to_thread(validate_served, data, out, fake.base_url, api_key="secret",
-                                     structured_outputs=structured, quiet=True)
+                                     structured_outputs=structured)
     assert (report["correct"], report["count"], report["accuracy"]) == (3, 4, 0.75)
     assert report["per_class"]["provider-select"]["recall"] == 0.0
     assert report["mode"] == f"served router at {fake.base_url}" + (" (structured outputs)" if structured else "")
@@ -73,7 +73,7 @@ async def test_served_validation_sends_the_clients_requests_and_writes_the_repor
 async def test_a_line_whose_text_comes_before_the_image_is_refused(fake, tmp_path):
     data = write_eval_set(tmp_path / "data", ["calendar"], human=f"{ROUTER_USER_PROMPT}\n<image>")
     with pytest.raises(DataError, match="served validation sends one image, then the text"):
-        await asyncio.to_thread(validate_served, data, tmp_path / "out", fake.base_url, api_key="secret", quiet=True)
+        await asyncio.to_thread(validate_served, data, tmp_path / "out", fake.base_url, api_key="secret")
 
 
 async def test_command_line_names_the_failing_line(fake, tmp_path, capsys):

@@ -12,11 +12,14 @@
         return run_command(lambda: work(*parse_command(Args, argv, prog="python -m pkg.mod")))
 
 - Flags come from the dataclass fields through transformers' HfArgumentParser (`--field_name` and
-  `--field-name` both work; `--flag True|False` for booleans), with the field's help text.
-- `--config FILE.yaml` gives settings by field name; precedence is defaults < YAML < flags.
+  `--field-name` both work; `--flag True|False` for booleans), with the field's help text and default.
+  A dict field's flag takes `key=value,key=value`; metadata `"action": Repeated` makes a list flag take one
+  value per use (`--set a=1 --set b=2`); `positional=` names fields given by position.
+- `--config FILE.yaml` gives settings by field name; precedence is defaults < YAML < flags. Commands whose
+  `--config` is a deployment YAML (serving, the client, the benchmarks) pass `yaml_option=False`.
 - `check_types` is the one place a value's type is checked and coerced (YAML reads `2e-3` as a string; it
-  becomes a float here, and `max_pixels: abc` is refused with a message naming the key). Every problem is
-  reported at once.
+  becomes a float here, and `max_pixels: abc` is refused with a message naming the key). `from_mapping`
+  builds nested sections from YAML the same way. Every problem is reported at once.
 - `run_command` prints an error once, as `error: ...`, with exit status 2 for a bad setting and 1 for a
   failure while running.
 
@@ -121,59 +124,77 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def check_types(obj: Any, where: str = "") -> None:
-    """Check and coerce, in place, every field of dataclass `obj` against its annotation.
+def check_types(obj: Any, where: str = "", error: type[ConfigError] = ConfigError) -> None:
+    """Check and coerce, in place, every field of dataclass `obj` (frozen ones too) against its annotation.
 
-    Raises one ConfigError listing every field at fault, each named `where.field`.
+    Raises one `error` (ConfigError or a subclass) listing every field at fault, each named `where.field`.
     """
     hints = typing.get_type_hints(type(obj))
     problems = []
     for f in dataclasses.fields(obj):
         name = f"{where}.{f.name}" if where else f.name
         try:
-            setattr(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], name))
+            object.__setattr__(obj, f.name, _coerce(getattr(obj, f.name), hints[f.name], name))
         except ConfigError as exc:
             problems.append(str(exc))
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise error("; ".join(problems))
 
 
 def from_mapping(cls: type, data: Any, where: str = "") -> Any:
     """Build dataclass `cls` from a mapping (as read from YAML), nested sections included.
 
-    Unknown and missing keys are named with their path; field types are checked by the class (check_types).
+    Every problem (unknown or missing keys, values of the wrong type, in any section) is named by its path,
+    e.g. `engine.max_pixels`, and all are raised together in one ConfigError; then the class checks itself.
     """
-    label = where or "config"
     if not isinstance(data, dict):
-        raise ConfigError(f"{label} must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key(s) in {label}: {', '.join(map(str, unknown))} "
-                          f"(known: {', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in data.items():
-        values[name] = _nested(value, hints[name], f"{where}.{name}" if where else name)
-    missing = [n for n, f in fields.items() if n not in values and f.default is dataclasses.MISSING
+    problems = []
+    unknown = sorted(map(str, set(data) - set(fields)))
+    if unknown:
+        place = f"key(s) in {where}" if where else "top-level key(s)"
+        problems.append(f"unknown {place}: {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ConfigError(f"{label}: missing required key(s): {', '.join(missing)}")
+        problems.append(f"{where or 'config'}: missing required key(s): {', '.join(missing)}")
+    values = {}
+    for name in [n for n in data if n in fields]:
+        try:
+            values[name] = _nested(data[name], hints[name], f"{where}.{name}" if where else name)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("; ".join(problems))
     return cls(**values)
 
 
 def _nested(value: Any, hint: Any, where: str) -> Any:
-    """Sections (dataclasses), lists of sections and optional sections built from mappings; other values as is."""
+    """A field's value from YAML: sections (dataclasses, optional or in lists) built by from_mapping, any other
+    value coerced to the field's type."""
     inner = [a for a in typing.get_args(hint) if a is not type(None)]
     if dataclasses.is_dataclass(hint):
         return from_mapping(hint, value or {}, where)
     if typing.get_origin(hint) in (Union, types.UnionType) and len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
         return None if value is None else from_mapping(inner[0], value, where)
     if typing.get_origin(hint) is list and inner and dataclasses.is_dataclass(inner[0]):
+        value = [] if value is None else value  # an empty YAML list (`experts:`) reads as null
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
-        return [from_mapping(inner[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    return value
+        built, problems = [], []
+        for i, item in enumerate(value):
+            try:
+                built.append(from_mapping(inner[0], item, f"{where}[{i}]"))
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return built
+    if value is None and typing.get_origin(hint) is dict:
+        return {}  # an empty YAML section (`client:`) reads as null
+    return _coerce(value, hint, where)
 
 
 # ------------------------------------------------------------------------------------------------- YAML
@@ -216,23 +237,86 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 # ---------------------------------------------------------------------------------------------- commands
 
+class Repeated(argparse.Action):
+    """A list flag that takes one value and may be repeated (`--set a=1 --set b=2`), so it never swallows the
+    positional arguments after it. Give it as the field's metadata `"action": Repeated`."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, nargs: Any = None, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, **kwargs)  # HfArgumentParser's nargs="+" dropped: one value a flag
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), values])
+
+
+def parse_mapping(text: str) -> dict[str, str]:
+    """A dict field's flag value `a=1,b=2` as {'a': '1', 'b': '2'}; check_types then types the values."""
+    pairs = [pair for pair in text.split(",") if pair.strip()]
+    if not all("=" in pair for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE[,KEY=VALUE...], got {text!r}")
+    return {key.strip(): value.strip() for key, value in (pair.split("=", 1) for pair in pairs)}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; an optional flag's default after its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default in (None, argparse.SUPPRESS, [], {})
+        if action.required or action.nargs == 0 or unset or "%(default)" in text:
+            return text
+        return text + " (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """HfArgumentParser over the command's dataclasses, plus `--config FILE.yaml` (defaults < YAML < flags)."""
+    """HfArgumentParser over the command's dataclasses, plus `--config FILE.yaml` (defaults < YAML < flags).
+
+    `yaml_option=False` leaves `--config` to the command (the deployment YAML of serving and the client, say).
+    Fields named in `positional` are given by position instead of by flag. A dict field's flag takes
+    `key=value,key=value`, a tuple field's one or more values; a field that is itself a dataclass (a nested
+    section) has no flag.
+    """
 
     def __init__(self, dataclass_types: Sequence[type], *, prog: str, description: str | None = None,
-                 yaml_option: bool = True) -> None:
+                 yaml_option: bool = True, positional: Sequence[str] = ()) -> None:
         from transformers import HfArgumentParser
 
         self._hf = HfArgumentParser(list(dataclass_types), prog=prog, description=description,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+                                    formatter_class=_HelpFormatter, allow_abbrev=False)
         self.yaml_option = yaml_option
         if yaml_option:
             self._hf.add_argument("--config", type=Path, default=None,
                                   help="YAML file of settings named like the flags (snake_case); flags win over it")
+        flags = {a.dest: a for a in self._hf._actions}
+        for cls in dataclass_types:
+            for name, hint in typing.get_type_hints(cls).items():
+                if name not in flags:  # init=False fields have none
+                    continue
+                inner = [a for a in typing.get_args(hint) if a is not type(None)]
+                kind = inner[0] if typing.get_origin(hint) in (Union, types.UnionType) and len(inner) == 1 else hint
+                if dataclasses.is_dataclass(kind):
+                    self._hf.set_defaults(**{name: self._drop_flag(flags[name]).default})
+                elif kind is dict or typing.get_origin(kind) is dict:
+                    flags[name].type, flags[name].metavar = parse_mapping, "KEY=VALUE[,KEY=VALUE...]"
+                elif typing.get_origin(kind) is tuple:  # like a list: one or more values, check_types makes the tuple
+                    flags[name].type, flags[name].nargs = typing.get_args(kind)[0], "+"
+        for name in positional:
+            flag = self._drop_flag(flags[name])
+            optional = {} if flag.required else {"nargs": "?", "default": flag.default}
+            self._hf.add_argument(name, type=flag.type, help=flag.help, **optional)
+
+    def _drop_flag(self, action: argparse.Action) -> argparse.Action:
+        # What argparse itself does to an option replaced under conflict_handler="resolve".
+        self._hf._handle_conflict_resolve(None, [(option, action) for option in list(action.option_strings)])
+        return action
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
-        """An extra argument outside the dataclasses (a positional file, say); parse() returns it in a Namespace."""
+        """An extra argument outside the dataclasses; parse() returns it in a Namespace after them."""
         return self._hf.add_argument(*args, **kwargs)
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> argparse._ArgumentGroup:
+        """A titled group of extra arguments (per-class flags, say); parse() returns them in the Namespace."""
+        return self._hf.add_argument_group(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self._hf.error(message)
@@ -244,18 +328,22 @@ class ArgumentParser(argparse.ArgumentParser):
         """
         argv = list(sys.argv[1:] if argv is None else argv)
         if self.yaml_option:
-            known, _ = self._hf.parse_known_args(argv)
-            if known.config is not None:
+            # Read apart from the full parse, whose required flags the YAML may be what gives.
+            early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+            early.add_argument("--config", type=Path, default=None)
+            config = early.parse_known_args(argv)[0].config
+            if config is not None:
                 try:
-                    self._set_yaml_defaults(known.config)
+                    self._set_yaml_defaults(config)
                 except ConfigError as exc:
                     self.error(str(exc))
         try:
-            parsed = self._hf.parse_args_into_dataclasses(argv, look_for_args_file=False)
-        except ConfigError as exc:
+            *parsed, unknown = self._hf.parse_args_into_dataclasses(argv, return_remaining_strings=True,
+                                                                   look_for_args_file=False)
+        except (TypeError, ValueError) as exc:  # check_types and a dataclass's own __post_init__ checks
             self.error(str(exc))
-        except (TypeError, ValueError) as exc:  # a dataclass's own __post_init__ checks
-            self.error(str(exc))
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")  # argparse's own words
         extra = parsed[-1] if isinstance(parsed[-1], argparse.Namespace) else None
         if extra is not None:
             vars(extra).pop("config", None)  # already applied as defaults
@@ -265,10 +353,10 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def _set_yaml_defaults(self, path: Path) -> None:
         settings = load_yaml(path)
-        dests = {a.dest: a for a in self._hf._actions}
-        unknown = sorted(k for k in settings if str(k).replace("-", "_") not in dests or k == "config")
+        dests = {a.dest: a for a in self._hf._actions if a.option_strings}
+        unknown = sorted(str(k) for k in settings if str(k).replace("-", "_") not in dests or k == "config")
         if unknown:
-            raise ConfigError(f"{path}: unknown setting(s) {', '.join(map(str, unknown))}")
+            raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
         defaults = {}
         for key, value in settings.items():
             dest = str(key).replace("-", "_")
@@ -277,15 +365,18 @@ class ArgumentParser(argparse.ArgumentParser):
             if value is not None and not isinstance(value, (str, list, dict)) and action.type is not None:
                 value = str(value)
             defaults[dest] = value
+            action.required = False  # given by the file
         self._hf.set_defaults(**defaults)
 
 
 def parse_command(dataclass_types: type | Sequence[type], argv: Sequence[str] | None = None, *, prog: str,
-                  description: str | None = None) -> tuple[Any, ...]:
+                  description: str | None = None, yaml_option: bool = True,
+                  positional: Sequence[str] = ()) -> tuple[Any, ...]:
     """Parse a command line into its config dataclass(es); see ArgumentParser."""
     if isinstance(dataclass_types, type):
         dataclass_types = [dataclass_types]
-    return ArgumentParser(dataclass_types, prog=prog, description=description).parse(argv)
+    return ArgumentParser(dataclass_types, prog=prog, description=description, yaml_option=yaml_option,
+                          positional=positional).parse(argv)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

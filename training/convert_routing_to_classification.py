@@ -26,15 +26,15 @@ message, and then writes nothing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from training.configuration import check_types, parse_command, run_command
 from training.jsonl import iter_jsonl
 from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
 
@@ -160,29 +160,37 @@ def format_count_table(counts: dict[str, dict[str, int]]) -> str:
     return "\n".join(rows)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser of `python -m training.convert_routing_to_classification`."""
-    parser = argparse.ArgumentParser(prog="python -m training.convert_routing_to_classification",
-                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset_dir", type=Path, help="routing dataset folder (with train.jsonl)")
-    parser.add_argument("--classes", default=None,
-                        help="comma-separated labels in label-index order, when the folder has no dataset.json")
-    return parser
+@dataclass
+class ConvertArguments:
+    """The arguments of `python -m training.convert_routing_to_classification`."""
+
+    dataset_dir: Path = field(metadata={"help": "Routing dataset folder (with train.jsonl)."})
+    classes: str | None = field(default=None, metadata={
+        "help": "Comma-separated labels in label-index order, when the folder has no dataset.json."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+
+    @property
+    def class_list(self) -> list[str] | None:
+        """The --classes list, or None to take the labels from the dataset."""
+        return [name.strip() for name in self.classes.split(",") if name.strip()] if self.classes else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Convert the dataset named on the command line; print the counts, or the error and return 1."""
-    args = build_parser().parse_args(argv)
-    classes = [name.strip() for name in args.classes.split(",") if name.strip()] if args.classes else None
-    try:
-        counts = convert_dataset(args.dataset_dir, classes)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def convert(args: ConvertArguments) -> int:
+    """Convert the dataset; print the counts and the files written."""
+    counts = convert_dataset(args.dataset_dir, args.class_list)
     print(format_count_table(counts))
     for split in counts:
         print(f"wrote {output_path(args.dataset_dir, split)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Convert the dataset named on the command line; exit status 1 (and the error) for a bad dataset."""
+    (args,) = parse_command(ConvertArguments, argv, prog="python -m training.convert_routing_to_classification",
+                            description=__doc__, positional=["dataset_dir"])
+    return run_command(lambda: convert(args), runtime_errors=(ConversionError,))
 
 
 if __name__ == "__main__":

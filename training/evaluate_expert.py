@@ -11,14 +11,15 @@ of each and the difference in "score". Writes metrics.json and predictions.jsonl
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.jsonl import write_jsonl
+from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.llava_data import DataError, read_conversations
+from training.progress import progress
 from training.tasks import score
 
 
@@ -35,8 +36,6 @@ def mean_scores(conversations, answers) -> dict[str, float]:
 def evaluate(adapter: Path, data: Path, out: Path | None = None, base: str | None = None, limit: int | None = None,
              max_new_tokens: int | None = None, batch_size: int = 8, quiet: bool = False) -> dict:
     """Greedy answers of base and base + adapter on `data`, scored with training.tasks.score."""
-    from tqdm import tqdm
-
     from training.inference import greedy_generate, load_model, load_processor
     from training.manifest import AdapterManifest, model_fingerprint
     from training.validate_router import trained_pixels
@@ -58,7 +57,7 @@ def evaluate(adapter: Path, data: Path, out: Path | None = None, base: str | Non
     results = {}
     predictions = {}
     for name in ("base", "adapter"):
-        with tqdm(total=len(conversations), desc=name, unit="ex", file=sys.stderr, disable=quiet) as bar:
+        with progress(total=len(conversations), desc=name, unit="ex", disable=quiet) as bar:
             if name == "base":
                 with model.disable_adapter():
                     answers = greedy_generate(model, processor, conversations, max_new_tokens=max_new_tokens,
@@ -81,41 +80,52 @@ def evaluate(adapter: Path, data: Path, out: Path | None = None, base: str | Non
         answers = zip(conversations, predictions["base"], predictions["adapter"])
         write_jsonl(out / "predictions.jsonl",
                     ({"id": c.id, "gold": c.answer, "base": b, "adapter": a} for c, b, a in answers))
-    if not quiet:
-        names = sorted(set(results["base"]) | set(results["adapter"]))
-        print(f"{report['task']} on {len(conversations)} eval lines ({data})")
-        print(f"{'metric':<16} {'base':>8} {'adapter':>8}")
-        for n in names:
-            print(f"{n:<16} {results['base'].get(n, 0):>8.4f} {results['adapter'].get(n, 0):>8.4f}")
-        print(f"score gain {report['score_gain']:+.4f}")
     return report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate_expert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", type=Path, required=True, help="expert adapter folder")
-    parser.add_argument("--data", type=Path, required=True, help="expert eval JSONL (training.expert_datasets)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for metrics.json and predictions.jsonl")
-    parser.add_argument("--base", default=None, help="base model folder (default: the adapter manifest's)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N lines")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="greedy tokens per answer (default: 1.25 x the longest gold answer)")
-    parser.add_argument("--batch-size", type=int, default=8, help="generation batch size")
-    return parser
+def format_report(report: dict) -> str:
+    """The report as a table: each metric of the base model and of the adapter, then the score gain."""
+    base, adapter = report["base"], report["adapter_scores"]
+    lines = [f"{report['task']} on {report['count']} eval lines ({report['data']})",
+             f"{'metric':<16} {'base':>8} {'adapter':>8}"]
+    lines += [f"{n:<16} {base.get(n, 0):>8.4f} {adapter.get(n, 0):>8.4f}" for n in sorted(set(base) | set(adapter))]
+    return "\n".join(lines + [f"score gain {report['score_gain']:+.4f}"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@dataclass
+class EvaluateExpertArguments:
+    """The flags of `python -m training.evaluate_expert`."""
+
+    adapter: Path = field(metadata={"help": "Expert adapter folder."})
+    data: Path = field(metadata={"help": "Expert eval JSONL (training.expert_datasets)."})
+    out: Path | None = field(default=None, metadata={"help": "Folder for metrics.json and predictions.jsonl."})
+    base: str | None = field(default=None, metadata={"help": "Base model folder (default: the adapter manifest's)."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N lines."})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "Greedy tokens per answer (default: 1.25 x the longest gold answer)."})
+    batch_size: int = field(default=8, metadata={"help": "Generation batch size."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name in ("limit", "max_new_tokens", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def run(args: EvaluateExpertArguments) -> int:
+    """Score the adapter and the base model; print the table."""
     from training.inference import set_threads
 
     set_threads()
-    try:
-        evaluate(args.adapter, args.data, args.out, args.base, args.limit, args.max_new_tokens, args.batch_size)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    report = evaluate(args.adapter, args.data, args.out, args.base, args.limit, args.max_new_tokens, args.batch_size)
+    print(format_report(report))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_command(EvaluateExpertArguments, argv, prog="python -m training.evaluate_expert",
+                            description=__doc__)
+    return run_command(lambda: run(args), runtime_errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ probability of about 2**-64 per pair, and the tests check the splits are disjoin
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
+from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.jsonl import read_jsonl, write_jsonl
+from training.progress import progress as progress_bar
 from training.screens import KINDS
 from training.tasks import Example, build_example, score
 
@@ -60,7 +60,7 @@ def write_examples(kind: str, split: str, count: int, seed: int, out_dir: Path, 
     Ids are <kind>_<start+i:05d>; pass a different start per split that shares out_dir.
     """
     records = []
-    for index in tqdm(range(count), desc=f"{kind} {split}", unit="img", disable=not progress):
+    for index in progress_bar(range(count), desc=f"{kind} {split}", unit="img", disable=not progress):
         example_seed = sample_seed(seed, split, index)
         example = build_example(kind, example_seed)
         records.append(write_example(example, f"{kind}_{start + index:05d}", out_dir, example_seed))
@@ -97,24 +97,35 @@ def score_file(data_jsonl: Path, predictions: dict[str, str]) -> dict[str, float
     return {"count": len(records), "missing": missing, **means}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.expert_datasets", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", required=True, choices=KINDS, help="expert task to generate")
-    parser.add_argument("--train", type=int, default=1000, help="number of training examples")
-    parser.add_argument("--eval", type=int, default=100, help="number of evaluation examples")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (per-sample seeds derive from it)")
-    parser.add_argument("--output", type=Path, required=True, help="output folder")
-    return parser
+@dataclass
+class ExpertDatasetArguments:
+    """The flags of `python -m training.expert_datasets`."""
+
+    kind: str = field(metadata={"help": "Expert task to generate.", "choices": KINDS})
+    output: Path = field(metadata={"help": "Output folder."})
+    train: int = field(default=1000, metadata={"help": "Number of training examples."})
+    eval: int = field(default=100, metadata={"help": "Number of evaluation examples."})
+    seed: int = field(default=0, metadata={"help": "Dataset seed (per-sample seeds derive from it)."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.train < 0 or self.eval < 0:
+            raise ConfigError("--train and --eval must not be negative")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.train < 0 or args.eval < 0:
-        raise SystemExit("--train and --eval must not be negative")
+def write(args: ExpertDatasetArguments) -> int:
+    """Write the dataset and say what was written."""
     write_dataset(args.kind, args.train, args.eval, args.seed, args.output)
     print(f"wrote {args.train} train and {args.eval} eval {args.kind} examples to {args.output}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_command(ExpertDatasetArguments, argv, prog="python -m training.expert_datasets",
+                            description=__doc__)
+    return run_command(lambda: write(args))
 
 
 if __name__ == "__main__":

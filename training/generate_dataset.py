@@ -7,7 +7,9 @@
 
 Classes are data: every `--train-images-<class> N` flag adds <class> (after those of `--classes a,b,c`, or
 else of the YAML `--config`'s `classes:`). With neither, the classes are calendar, claim-window and
-provider-select. The class order gives the label indices. Precedence: defaults < `--config` YAML < flags.
+provider-select. The class order gives the label indices. Precedence: defaults < `--config` YAML (keys named
+like the flags: `classes: [..]`, `train_images: {class: N}`, `datasets: {class: DIR}`, `eval_images: E`, ...)
+< flags.
 
 Samples of a class come from `--<class>-dataset DIR` when given: a folder with the user's expert dataset
 (LLaVA JSONL: every `*.jsonl` in it, each line with an `image` path relative to the folder), sampled without
@@ -32,6 +34,7 @@ the resolved arguments). A line is the expert sample plus "adapter": <class>, "l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import random
@@ -39,16 +42,15 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import yaml
-from tqdm import tqdm
-
+from training.configuration import ArgumentParser, ConfigError, check_types, run_command
 from training.convert_routing_to_classification import format_count_table
 from training.expert_datasets import write_examples
 from training.jsonl import iter_jsonl, write_jsonl
+from training.progress import progress
 from training.screens import KINDS
 
 DEFAULT_CLASSES = ("calendar", "claim-window", "provider-select")
@@ -67,13 +69,15 @@ class RoutingDatasetConfig:
     """What to generate. Checked on creation; `train_images` is filled in for every class."""
 
     classes: tuple[str, ...] = field(default=DEFAULT_CLASSES, metadata={
-        "help": "Class names in label-index order (lowercase letters, digits, '-', '_', '.')."})
+        "help": "Class names in label-index order (lowercase letters, digits, '-', '_', '.'), comma- or "
+                "space-separated."})
     train_images: dict[str, int] = field(default_factory=dict, metadata={
-        "help": f"Training samples per class, before the train/val split; missing classes get "
-                f"{DEFAULT_TRAIN_IMAGES}."})
+        "help": f"Training samples per class (class=N,...; or {TRAIN_FLAG}<class> N), before the train/val "
+                f"split; missing classes get {DEFAULT_TRAIN_IMAGES}."})
     datasets: dict[str, Path] = field(default_factory=dict, metadata={
-        "help": "Per class, a folder with the user's expert dataset (*.jsonl, image paths relative to it) to "
-                "sample from instead of the synthetic generator."})
+        "help": f"Per class, a folder with the user's expert dataset (*.jsonl, image paths relative to it) to "
+                f"sample from instead of the synthetic generator (class=DIR,...; or --<class>{DATASET_FLAG_SUFFIX} "
+                f"DIR)."})
     eval_images: int = field(default=10, metadata={
         "help": "Eval-only samples per class, from seeds/lines disjoint from the training samples."})
     train_val_split: float = field(default=0.98, metadata={
@@ -86,36 +90,34 @@ class RoutingDatasetConfig:
         "help": "Exact output folder (must not exist or be empty); overrides output_root."})
 
     def __post_init__(self) -> None:
-        self.classes = tuple(self.classes)
+        check_types(self)
+        self.classes = tuple(name.strip() for entry in self.classes for name in entry.split(",") if name.strip())
         if not self.classes:
-            raise ValueError("the class list is empty: give at least one class")
+            raise ConfigError("the class list is empty: give at least one class")
         for name in self.classes:
             if not CLASS_NAME.fullmatch(name):
-                raise ValueError(f"bad class name {name!r}: use lowercase letters, digits, '-', '_' or '.'")
+                raise ConfigError(f"bad class name {name!r}: use lowercase letters, digits, '-', '_' or '.'")
             if self.classes.count(name) > 1:
-                raise ValueError(f"duplicate class {name!r} in {', '.join(self.classes)}")
+                raise ConfigError(f"duplicate class {name!r} in {', '.join(self.classes)}")
         for what, mapping in (("train_images", self.train_images), ("datasets", self.datasets)):
             for name in mapping:
                 if name not in self.classes:
-                    raise ValueError(f"{what} names {name!r}, which is not a class ({', '.join(self.classes)})")
+                    raise ConfigError(f"{what} names {name!r}, which is not a class ({', '.join(self.classes)})")
         self.train_images = {name: self.train_images.get(name, DEFAULT_TRAIN_IMAGES) for name in self.classes}
         for name, count in self.train_images.items():
-            if not isinstance(count, int) or count < 0:
-                raise ValueError(f"train images of {name!r} must be a whole number >= 0, got {count!r}")
-        if not isinstance(self.eval_images, int) or self.eval_images < 0:
-            raise ValueError(f"eval images must be a whole number >= 0, got {self.eval_images!r}")
-        if not isinstance(self.train_val_split, (int, float)) or not 0 < self.train_val_split <= 1:
-            raise ValueError(f"train/val split must be in (0, 1], got {self.train_val_split}")
-        self.datasets = {name: Path(folder) for name, folder in self.datasets.items()}
+            if count < 0:
+                raise ConfigError(f"train images of {name!r} must be a whole number >= 0, got {count!r}")
+        if self.eval_images < 0:
+            raise ConfigError(f"eval images must be a whole number >= 0, got {self.eval_images!r}")
+        if not 0 < self.train_val_split <= 1:
+            raise ConfigError(f"train/val split must be in (0, 1], got {self.train_val_split}")
         for name, folder in self.datasets.items():
             if not folder.is_dir():
-                raise ValueError(f"dataset folder of {name!r} not found: {folder}")
+                raise ConfigError(f"dataset folder of {name!r} not found: {folder}")
         for name in self.classes:
             if name not in KINDS and name not in self.datasets:
-                raise ValueError(f"class {name!r} has no synthetic generator (generators: {', '.join(KINDS)}) "
-                                 f"and no dataset folder (--{name}{DATASET_FLAG_SUFFIX} DIR)")
-        self.output_root = Path(self.output_root)
-        self.output = None if self.output is None else Path(self.output)
+                raise ConfigError(f"class {name!r} has no synthetic generator (generators: {', '.join(KINDS)}) "
+                                  f"and no dataset folder (--{name}{DATASET_FLAG_SUFFIX} DIR)")
 
     def kept_in_train(self, name: str) -> int:
         """floor(N * F): how many of the class's N training samples stay in train.jsonl."""
@@ -161,7 +163,7 @@ def user_samples(name: str, folder: Path, count: int, seed: int, out_dir: Path) 
                            f"(train images + eval images)")
     chosen = random.Random(f"{seed}:{name}").sample(pool, count)
     lines = []
-    for number, sample in enumerate(tqdm(chosen, desc=f"{name} from {folder}", unit="img")):
+    for number, sample in enumerate(progress(chosen, desc=f"{name} from {folder}", unit="img")):
         source = folder / sample["image"]
         image = f"images/{sample_id(name, number)}{source.suffix.lower()}"
         shutil.copyfile(source, out_dir / image)
@@ -218,29 +220,6 @@ def generate_routing_dataset(cfg: RoutingDatasetConfig) -> Path:
     return out
 
 
-def load_yaml_config(path: Path) -> dict:
-    """A YAML config's settings: keys are RoutingDatasetConfig's fields; its train_images/datasets keys must be
-    among its `classes` when it lists them."""
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings")
-    known = {f.name for f in fields(RoutingDatasetConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    classes = data.get("classes", [])
-    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
-        raise ValueError(f"{path}: classes must be a list of class names")
-    for key in ("train_images", "datasets"):
-        if not isinstance(data.get(key, {}), dict):
-            raise ValueError(f"{path}: {key} must be a mapping of class -> value")
-        if classes:
-            extra = [name for name in data.get(key, {}) if name not in classes]
-            if extra:
-                raise ValueError(f"{path}: {key} names {', '.join(extra)}, not in its classes")
-    return data
-
-
 def classes_in_argv(argv: list[str]) -> list[str]:
     """Class names of the per-class flags in argv (`--train-images-<c>`, `--<c>-dataset`), first seen first."""
     names: list[str] = []
@@ -257,27 +236,10 @@ def classes_in_argv(argv: list[str]) -> list[str]:
     return names
 
 
-def _help(name: str) -> str:
-    """A config field's help text with its default."""
-    f = next(f for f in fields(RoutingDatasetConfig) if f.name == name)
-    default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
-    return f"{f.metadata['help']} (default: {default})"
-
-
-def build_parser(classes: list[str] | tuple[str, ...] = ()) -> argparse.ArgumentParser:
-    """The command-line parser, with per-class flags for the generator kinds and for `classes`."""
-    parser = argparse.ArgumentParser(prog="python -m training.generate_dataset", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML file of settings named like RoutingDatasetConfig's fields (classes: [..], "
-                             "train_images: {class: N}, datasets: {class: DIR}, eval_images, ...; paths relative "
-                             "to the current folder); flags override it")
-    parser.add_argument("--classes", default=None, help=f"comma-separated class list; {_help('classes')}")
-    parser.add_argument("--eval-images", type=int, default=None, metavar="E", help=_help("eval_images"))
-    parser.add_argument("--train-val-split", type=float, default=None, metavar="F", help=_help("train_val_split"))
-    parser.add_argument("--seed", type=int, default=None, help=_help("seed"))
-    parser.add_argument("--output-root", type=Path, default=None, help=_help("output_root"))
-    parser.add_argument("--output", type=Path, default=None, metavar="DIR", help=_help("output"))
+def build_parser(classes: list[str] | tuple[str, ...] = ()) -> ArgumentParser:
+    """The command-line parser: RoutingDatasetConfig's fields, plus per-class flags for the generator kinds and
+    for `classes`."""
+    parser = ArgumentParser([RoutingDatasetConfig], prog="python -m training.generate_dataset", description=__doc__)
     per_class = parser.add_argument_group(
         "per class", f"{TRAIN_FLAG}<class> N and --<class>{DATASET_FLAG_SUFFIX} DIR work for any class name; "
                      f"the first adds the class")
@@ -290,55 +252,45 @@ def build_parser(classes: list[str] | tuple[str, ...] = ()) -> argparse.Argument
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> RoutingDatasetConfig:
-    """Resolve defaults < YAML (--config) < flags into a checked config (ValueError if it does not check)."""
-    settings = load_yaml_config(args.config) if args.config else {}
-    given = vars(args)
+def with_class_flags(cfg: RoutingDatasetConfig, flags: argparse.Namespace) -> RoutingDatasetConfig:
+    """`cfg` with the per-class flags applied: each `--train-images-<c> N` sets (and adds) class c, each
+    `--<c>-dataset DIR` sets the folder of a class."""
+    given = vars(flags)
     train_flags = {key.split(":", 1)[1]: value for key, value in given.items()
                    if key.startswith("train_images:") and value is not None}
     dataset_flags = {key.split(":", 1)[1]: value for key, value in given.items()
                      if key.startswith("dataset:") and value is not None}
-    if args.classes is not None:
-        classes = [name.strip() for name in args.classes.split(",") if name.strip()]
-    else:
-        classes = list(settings.get("classes") or settings.get("train_images") or [])
-    classes += [name for name in train_flags if name not in classes]
-    if args.classes is None and "classes" not in settings:
-        classes = classes or list(DEFAULT_CLASSES)
+    classes = [*cfg.classes, *(name for name in train_flags if name not in cfg.classes)]
     for name in dataset_flags:
         if name not in classes:
-            raise ValueError(f"--{name}{DATASET_FLAG_SUFFIX} is given but {name!r} is not a class "
-                             f"({', '.join(classes)}); add {TRAIN_FLAG}{name} N")
-    train_images = {name: count for name, count in settings.get("train_images", {}).items() if name in classes}
-    datasets = {name: folder for name, folder in settings.get("datasets", {}).items() if name in classes}
-    scalars = {key: given[key] if given[key] is not None else settings[key]
-               for key in ("eval_images", "train_val_split", "seed", "output_root", "output")
-               if given[key] is not None or key in settings}
-    return RoutingDatasetConfig(classes=tuple(classes), train_images={**train_images, **train_flags},
-                                datasets={**datasets, **dataset_flags}, **scalars)
+            raise ConfigError(f"--{name}{DATASET_FLAG_SUFFIX} is given but {name!r} is not a class "
+                              f"({', '.join(classes)}); add {TRAIN_FLAG}{name} N")
+    return dataclasses.replace(cfg, classes=tuple(classes), train_images={**cfg.train_images, **train_flags},
+                               datasets={**cfg.datasets, **dataset_flags})
 
 
 def parse_config(argv: list[str]) -> RoutingDatasetConfig:
     """The config a command line describes; exits with a usage error (status 2) on a bad flag or setting."""
     parser = build_parser(classes_in_argv(argv))
-    args = parser.parse_args(argv)
+    cfg, flags = parser.parse(argv)
     try:
-        return config_from_args(args)
+        return with_class_flags(cfg, flags)
     except ValueError as e:
         parser.error(str(e))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Generate the routing dataset the command line describes; print a count table and the folder."""
-    cfg = parse_config(sys.argv[1:] if argv is None else list(argv))
-    try:
-        out = generate_routing_dataset(cfg)
-    except (DatasetError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def generate(cfg: RoutingDatasetConfig) -> int:
+    """Generate the dataset; print a count table and the folder."""
+    out = generate_routing_dataset(cfg)
     print(format_count_table(json.loads((out / "dataset.json").read_text(encoding="utf-8"))["counts"]))
     print(f"wrote {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Generate the routing dataset the command line describes."""
+    cfg = parse_config(sys.argv[1:] if argv is None else list(argv))
+    return run_command(lambda: generate(cfg), runtime_errors=(DatasetError, FileExistsError))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ and the held-out caption scores.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
+import logging
 import math
 import random
 import shutil
@@ -40,13 +40,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.expert_datasets import sample_seed
+from training.progress import progress
 from training.screens import KINDS, generate
-from training.tiny_random import TinyModelSpec, build_tiny_model, default_cache_dir
+from training.tiny_random import CacheArguments, TinyModelSpec, build_tiny_model, default_cache_dir
 
 # Bump when captions, data or the loop change in a way PretrainSpec does not capture.
 PRETRAIN_VERSION = 3
 DONE_MARKER = "pretrain_log.json"
+log = logging.getLogger(__name__)
 PROMPTS = ("Describe this screen.", "What is on this screen?", "Describe the screenshot.",
            "Caption this screenshot.", "What does this screenshot show?")
 SYSTEMS = (None, None, "You are a helpful assistant.", "You describe screenshots accurately.")
@@ -89,16 +92,17 @@ class PretrainSpec:
     base: TinyModelSpec = field(default_factory=TinyModelSpec, metadata={"help": "The random model trained."})
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.train_screens < self.batch_size or self.batch_size < 1:
-            raise ValueError("need 1 <= batch_size <= train_screens")
+            raise ConfigError("need 1 <= batch_size <= train_screens")
         if self.eval_screens < 1 or self.epochs < 1:
-            raise ValueError("eval_screens and epochs must be >= 1")
+            raise ConfigError("eval_screens and epochs must be >= 1")
         if self.vision_steps < 0:
-            raise ValueError("vision_steps must be >= 0")
+            raise ConfigError("vision_steps must be >= 0")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("warmup_ratio must be in [0, 1)")
+            raise ConfigError("warmup_ratio must be in [0, 1)")
         if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError("need 0 < min_pixels <= max_pixels")
+            raise ConfigError("need 0 < min_pixels <= max_pixels")
 
     @property
     def fingerprint(self) -> str:
@@ -246,7 +250,6 @@ def _mean_per_image(merged, grid_thw, model):
 def _vision_stage(model, processor, examples: list[dict], probe, spec: PretrainSpec) -> list[float]:
     """Train the vision tower and the layout head alone on the screens' kind/layout; return the loss curve."""
     import torch
-    from tqdm import tqdm
 
     visual = model.model.visual
     params = list(visual.parameters()) + list(probe.parameters())
@@ -256,7 +259,7 @@ def _vision_stage(model, processor, examples: list[dict], probe, spec: PretrainS
     order_gen = torch.Generator().manual_seed(spec.seed + 1)
     order: list[int] = []
     curve = []
-    for _ in tqdm(range(spec.vision_steps), desc="pretrain vision tower", unit="step"):
+    for _ in progress(range(spec.vision_steps), desc="pretrain vision tower", unit="step"):
         if len(order) < spec.batch_size:
             order += torch.randperm(len(examples), generator=order_gen).tolist()
         chunk, order = [examples[i] for i in order[:spec.batch_size]], order[spec.batch_size:]
@@ -367,11 +370,10 @@ def _evaluate(model, processor, spec: PretrainSpec, probe, captured: dict) -> di
     return metrics
 
 
-def pretrain(spec: PretrainSpec, random_dir: Path, out: Path, log=print) -> dict:
+def pretrain(spec: PretrainSpec, random_dir: Path, out: Path) -> dict:
     """Pre-train the random model in `random_dir` (vision stage, then caption stage); save model + processor to
     `out` and return the log (wall times, loss curves, held-out scores)."""
     import torch
-    from tqdm import tqdm
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
     from training.llava_data import collate
@@ -384,7 +386,7 @@ def pretrain(spec: PretrainSpec, random_dir: Path, out: Path, log=print) -> dict
     model = Qwen3VLForConditionalGeneration.from_pretrained(random_dir, dtype=torch.float32)
     model.train()
     examples = [encode_caption(processor, i, "train", spec.seed, spec.kind_weight)
-                for i in tqdm(range(spec.train_screens), desc="draw screens", unit="screen")]
+                for i in progress(range(spec.train_screens), desc="draw screens", unit="screen")]
     data_s = time.perf_counter() - start
     per_epoch = spec.train_screens // spec.batch_size
     steps = per_epoch * spec.epochs
@@ -407,7 +409,7 @@ def pretrain(spec: PretrainSpec, random_dir: Path, out: Path, log=print) -> dict
     scheduler = _cosine(optimizer, spec.warmup_ratio, steps)
     curve: list[list] = []
     order_gen = torch.Generator().manual_seed(spec.seed)
-    bar = tqdm(total=steps, desc="pretrain tiny base", unit="step")
+    bar = progress(total=steps, desc="pretrain tiny base", unit="step")
     for epoch in range(spec.epochs):
         order = torch.randperm(spec.train_screens, generator=order_gen).tolist()
         for step in range(per_epoch):
@@ -453,11 +455,11 @@ def pretrain(spec: PretrainSpec, random_dir: Path, out: Path, log=print) -> dict
         "held_out": metrics,
         "torch_threads": torch.get_num_threads(),
     }
-    log(f"pre-trained tiny base in {result['total_wall_s']} s ({steps} steps; caption loss "
-        f"{result['caption_loss_first']} -> {result['caption_loss_last10_mean']}); held out: caption token accuracy "
-        f"{metrics['caption_token_accuracy']}, kind sentence exact {metrics['kind_sentence_exact_match']}, "
-        f"caption exact {metrics['caption_exact_match']}, layout probe {metrics.get('layout_probe_accuracy')} (kind "
-        f"{metrics.get('layout_probe_kind_accuracy')})")
+    log.info("pre-trained tiny base in %s s (%d steps; caption loss %s -> %s); held out: caption token accuracy %s, "
+             "kind sentence exact %s, caption exact %s, layout probe %s (kind %s)", result["total_wall_s"], steps,
+             result["caption_loss_first"], result["caption_loss_last10_mean"], metrics["caption_token_accuracy"],
+             metrics["kind_sentence_exact_match"], metrics["caption_exact_match"],
+             metrics.get("layout_probe_accuracy"), metrics.get("layout_probe_kind_accuracy"))
     return result
 
 
@@ -466,7 +468,7 @@ def pretrained_dir(spec: PretrainSpec, cache_dir: Path | None = None) -> Path:
     return (cache_dir or default_cache_dir()) / f"tiny-qwen3-vl-pretrained-{spec.fingerprint}"
 
 
-def build_pretrained_model(spec: PretrainSpec | None = None, cache_dir: Path | None = None, log=print) -> Path:
+def build_pretrained_model(spec: PretrainSpec | None = None, cache_dir: Path | None = None) -> Path:
     """Return the folder of the pre-trained tiny base for `spec`, pre-training it first if the cache lacks it.
 
     Written under a temporary name and renamed when complete (pretrain_log.json last), like the random model.
@@ -483,7 +485,7 @@ def build_pretrained_model(spec: PretrainSpec | None = None, cache_dir: Path | N
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=root))
     tmp.chmod(0o755)
     try:
-        result = pretrain(spec, random_dir, tmp, log=log)
+        result = pretrain(spec, random_dir, tmp)
         (tmp / "pretrain_spec.json").write_text(json.dumps(
             {"spec": asdict(spec), "random_base": str(random_dir), "random_base_fingerprint": spec.base.fingerprint,
              "version": PRETRAIN_VERSION}, indent=2, default=str))
@@ -498,38 +500,19 @@ def build_pretrained_model(spec: PretrainSpec | None = None, cache_dir: Path | N
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = PretrainSpec()
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="pre-training seed (default: %(default)s)")
-    parser.add_argument("--train-screens", type=int, default=defaults.train_screens,
-                        help="distinct training screens (default: %(default)s)")
-    parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps,
-                        help="steps of the vision stage, 0 to skip it (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs,
-                        help="caption-stage epochs (default: %(default)s)")
-    parser.add_argument("--eval-screens", type=int, default=defaults.eval_screens,
-                        help="held-out screens per kind (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="default: %(default)s")
-    parser.add_argument("--vision-learning-rate", type=float, default=defaults.vision_learning_rate,
-                        help="default: %(default)s")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="cache root (default: $LORA_ROUTER_CACHE or ~/.cache/lora-router)")
-    return parser
+def build(spec: PretrainSpec, cache: CacheArguments) -> int:
+    """Build (or find) the pre-trained base; print its log (loss curves left out) and its folder."""
+    out = build_pretrained_model(spec, cache.cache_dir)
+    result = json.loads((out / DONE_MARKER).read_text())
+    print(json.dumps({k: v for k, v in result.items() if not k.endswith("loss_curve")}, indent=2))
+    print(out)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    spec = PretrainSpec(seed=args.seed, train_screens=args.train_screens, vision_steps=args.vision_steps,
-                        epochs=args.epochs, eval_screens=args.eval_screens, batch_size=args.batch_size,
-                        learning_rate=args.learning_rate, vision_learning_rate=args.vision_learning_rate)
-    out = build_pretrained_model(spec, args.cache_dir)
-    log = json.loads((out / DONE_MARKER).read_text())
-    print(json.dumps({k: v for k, v in log.items() if not k.endswith("loss_curve")}, indent=2))
-    print(out)
-    return 0
+    spec, cache = parse_command([PretrainSpec, CacheArguments], argv, prog="python -m training.pretrain",
+                                description=__doc__)
+    return run_command(lambda: build(spec, cache))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ model's output without being trained. B is initialised non-zero (PEFT's default 
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.manifest import AdapterManifest, model_fingerprint
 from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.tiny_model import resolve_base_model
@@ -58,24 +59,34 @@ def make_random_adapter(base: str, out: str | Path, *, rank: int = 8, alpha: int
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.random_adapter", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="tiny", help="base model folder or 'tiny' (default)")
-    parser.add_argument("--out", required=True, type=Path, help="adapter folder to write")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    parser.add_argument("--seed", type=int, default=0, help="weights seed")
-    parser.add_argument("--zero-b", action="store_true", help="all B zero: an adapter that does nothing")
-    parser.add_argument("--labels", default=None, help="comma-separated router labels (makes a router)")
-    return parser
+@dataclass
+class RandomAdapterArguments:
+    """The flags of `python -m training.random_adapter`."""
+
+    out: Path = field(metadata={"help": "Adapter folder to write."})
+    base: str = field(default="tiny", metadata={"help": "Base model folder, or 'tiny' / 'tiny-random'."})
+    rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    seed: int = field(default=0, metadata={"help": "Weights seed."})
+    zero_b: bool = field(default=False, metadata={"help": "All B zero: an adapter that does nothing."})
+    labels: str | None = field(default=None, metadata={"help": "Comma-separated router labels (makes a router)."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.rank < 1:
+            raise ConfigError(f"rank must be >= 1, got {self.rank}")
+
+
+def write(args: RandomAdapterArguments) -> int:
+    """Write the adapter; print its folder."""
+    labels = args.labels.split(",") if args.labels else None
+    print(make_random_adapter(args.base, args.out, rank=args.rank, seed=args.seed, zero_b=args.zero_b, labels=labels))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    labels = args.labels.split(",") if args.labels else None
-    print(make_random_adapter(args.base, args.out, rank=args.rank, seed=args.seed, zero_b=args.zero_b,
-                              labels=labels))
-    return 0
+    (args,) = parse_command(RandomAdapterArguments, argv, prog="python -m training.random_adapter",
+                            description=__doc__)
+    return run_command(lambda: write(args))
 
 
 if __name__ == "__main__":

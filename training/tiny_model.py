@@ -10,11 +10,11 @@ so that training.tiny_random never has to import training.pretrain, which builds
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-# CHAT_TEMPLATE and SPECIAL_TOKENS are re-exported: benchmarks.random_8b imports them from here.
-from training.tiny_random import CHAT_TEMPLATE, SPECIAL_TOKENS, TinyModelSpec, build_tiny_model  # noqa: F401
+from training.configuration import parse_command, run_command
+
+from training.tiny_random import CacheArguments, TinyModelSpec, build_tiny_model
 
 # Names configs use for the embedded model: the pre-trained base ("tiny", alias "tiny-pretrained", the default
 # every LoRA trains on) and the random-init model it starts from ("tiny-random").
@@ -40,19 +40,16 @@ def resolve_base_model(path: str) -> str:
     return path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.tiny_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=TinyModelSpec.seed, help="weights and tokenizer seed")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="cache root (default: %(default)s -> "
-                        "$LORA_ROUTER_CACHE or ~/.cache/lora-router)")
-    return parser
+def build(spec: TinyModelSpec, cache_dir: Path | None) -> int:
+    """Build (or find) the tiny model; print its folder."""
+    print(build_tiny_model(spec, cache_dir))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    print(build_tiny_model(TinyModelSpec(seed=args.seed), args.cache_dir))
-    return 0
+    spec, cache = parse_command([TinyModelSpec, CacheArguments], argv, prog="python -m training.tiny_model",
+                                description=__doc__)
+    return run_command(lambda: build(spec, cache.cache_dir))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from training.configuration import ConfigError, check_types
+
 # Qwen's special tokens, in Qwen's order; the config's vision/image/video ids are looked up from them.
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -108,14 +110,15 @@ class TinyModelSpec:
     max_pixels: int = field(default=320 * 32 * 32, metadata={"help": "Processor's largest image area (pixels)."})
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.head_dim % 2 or self.head_dim < 32:
-            raise ValueError(f"head_dim must be even and >= 32 for vLLM's CPU attention, got {self.head_dim}")
+            raise ConfigError(f"head_dim must be even and >= 32 for vLLM's CPU attention, got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+            raise ConfigError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.vocab_size <= len(SPECIAL_TOKENS) + 256:
-            raise ValueError(f"vocab_size must exceed {len(SPECIAL_TOKENS) + 256} (bytes + special tokens)")
+            raise ConfigError(f"vocab_size must exceed {len(SPECIAL_TOKENS) + 256} (bytes + special tokens)")
         if not 0 < self.min_pixels <= self.max_pixels:
-            raise ValueError("need 0 < min_pixels <= max_pixels")
+            raise ConfigError("need 0 < min_pixels <= max_pixels")
 
     @property
     def fingerprint(self) -> str:
@@ -133,6 +136,17 @@ def mrope_section(head_dim: int) -> list[int]:
     half = head_dim // 2
     height = width = half * 5 // 16
     return [half - height - width, height, width]
+
+
+@dataclass
+class CacheArguments:
+    """Where `python -m training.pretrain` and `python -m training.tiny_model` keep the models they build."""
+
+    cache_dir: Path | None = field(default=None, metadata={
+        "help": "Cache root (default: $LORA_ROUTER_CACHE or ~/.cache/lora-router)."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
 
 def default_cache_dir() -> Path:

@@ -15,15 +15,16 @@ an answer that is no label counts as a miss, in the matrix's "(other)" column.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.jsonl import write_jsonl
 from training.llava_data import Conversation, DataError, describe, read_conversations
+from training.progress import progress
 
 OTHER = "(other)"
 
@@ -103,10 +104,8 @@ def plot_confusion(report: dict, path: Path, title: str) -> None:
 
 def in_process_answers(conversations: Sequence[Conversation], adapter: Path, base: str | None = None,
                        batch_size: int = 8, max_new_tokens: int = 16, min_pixels: int | None = None,
-                       max_pixels: int | None = None) -> list[str]:
+                       max_pixels: int | None = None, quiet: bool = False) -> list[str]:
     """Greedy answers of base + adapter with transformers/PEFT, rendered and sized as in training."""
-    from tqdm import tqdm
-
     from training.inference import greedy_generate, load_model, load_processor
     from training.manifest import AdapterManifest, model_fingerprint
 
@@ -117,7 +116,7 @@ def in_process_answers(conversations: Sequence[Conversation], adapter: Path, bas
                          f"(fingerprint {model_fingerprint(base_path)} != {manifest.base_model_fingerprint})")
     processor = load_processor(base_path)
     model = load_model(base_path, adapter)
-    with tqdm(total=len(conversations), desc="in-process", unit="img", file=sys.stderr) as bar:
+    with progress(total=len(conversations), desc="in-process", unit="img", disable=quiet) as bar:
         return greedy_generate(model, processor, conversations, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels,
                                progress=bar.update)
@@ -152,9 +151,9 @@ def eval_set(data: Path, adapter: Path | None = None, limit: int | None = None) 
 
 
 def write_report(out: Path, conversations: Sequence[Conversation], answers: Sequence[str], labels: Sequence[str], *,
-                 mode: str, data: Path, adapter: Path | None, seconds: float, quiet: bool = False) -> dict:
+                 mode: str, data: Path, adapter: Path | None, seconds: float) -> dict:
     """Score `answers` against the lines' gold answers and write metrics.json, confusion.png and
-    predictions.jsonl to `out` (and print the table unless quiet); returns the metrics."""
+    predictions.jsonl to `out`; returns the metrics."""
     gold = [c.answer for c in conversations]
     report = classification_report(gold, answers, labels)
     report.update({"mode": mode, "data": str(data), "adapter": str(adapter) if adapter else None,
@@ -165,11 +164,13 @@ def write_report(out: Path, conversations: Sequence[Conversation], answers: Sequ
         {"id": c.id, "image": str(c.images[0]) if c.images else None, "gold": g, "predicted": a, "correct": a == g}
         for c, g, a in zip(conversations, gold, answers)))
     plot_confusion(report, out / "confusion.png", mode)
-    if not quiet:
-        print(mode)
-        print(format_report(report))
-        print(f"wrote {out / 'metrics.json'}, {out / 'confusion.png'}, {out / 'predictions.jsonl'}")
     return report
+
+
+def report_text(report: dict, out: Path) -> str:
+    """What a validator prints: the mode, the table, and the files written."""
+    return (f"{report['mode']}\n{format_report(report)}\n"
+            f"wrote {out / 'metrics.json'}, {out / 'confusion.png'}, {out / 'predictions.jsonl'}")
 
 
 def validate(data: Path, out: Path, adapter: Path, base: str | None = None, batch_size: int = 8,
@@ -181,44 +182,61 @@ def validate(data: Path, out: Path, adapter: Path, base: str | None = None, batc
     trained_min, trained_max = trained_pixels(adapter)
     start = time.perf_counter()
     answers = in_process_answers(conversations, adapter, base, batch_size, min_pixels=min_pixels or trained_min,
-                                 max_pixels=max_pixels or trained_max)
+                                 max_pixels=max_pixels or trained_max, quiet=quiet)
     return write_report(out, conversations, answers, labels, mode=f"in-process {adapter}", data=data,
-                        adapter=adapter, seconds=time.perf_counter() - start, quiet=quiet)
+                        adapter=adapter, seconds=time.perf_counter() - start)
 
 
-def add_eval_set_arguments(parser: argparse.ArgumentParser, adapter_required: bool) -> None:
-    """The flags of both validators (in-process, served): adapter, eval data, output folder, line limit."""
-    parser.add_argument("--adapter", type=Path, required=adapter_required, default=None,
-                        help="router adapter folder (labels and prompts from its manifest"
-                             + ("" if adapter_required else "; default: the data's") + ")")
-    parser.add_argument("--data", type=Path, required=True, help="classification JSONL (eval-classification.jsonl)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json, confusion.png, predictions")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N lines")
+@dataclass
+class EvalSetArguments:
+    """The flags both validators share (in-process here, served in router_client.validate)."""
+
+    data: Path = field(metadata={"help": "Classification JSONL (eval-classification.jsonl)."})
+    out: Path = field(metadata={"help": "Folder for metrics.json, confusion.png and predictions.jsonl."})
+    adapter: Path | None = field(default=None, metadata={
+        "help": "Router adapter folder: labels and prompts from its manifest (served: default the data's)."})
+    limit: int | None = field(default=None, metadata={"help": "Only the first N lines."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {self.limit}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.validate_router", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_eval_set_arguments(parser, adapter_required=True)
-    parser.add_argument("--base", default=None, help="base model folder (default: the manifest's)")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size")
-    parser.add_argument("--min-pixels", type=int, default=None, help="image limit (default: as trained)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="image limit (default: as trained)")
-    return parser
+@dataclass
+class InProcessArguments:
+    """How `python -m training.validate_router` runs the adapter with transformers + PEFT."""
+
+    base: str | None = field(default=None, metadata={"help": "Base model folder (default: the manifest's)."})
+    batch_size: int = field(default=8, metadata={"help": "Generation batch size."})
+    min_pixels: int | None = field(default=None, metadata={"help": "Image limit (default: as trained)."})
+    max_pixels: int | None = field(default=None, metadata={"help": "Image limit (default: as trained)."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def run(eval_args: EvalSetArguments, args: InProcessArguments) -> int:
+    """Validate in-process, write the files, print the report."""
+    from training.inference import set_threads
+
+    if eval_args.adapter is None:
+        raise ConfigError("in-process validation needs --adapter (to validate a server: python -m "
+                          "router_client.validate --base-url ...)")
+    set_threads()
+    report = validate(eval_args.data, eval_args.out, adapter=eval_args.adapter, base=args.base,
+                      batch_size=args.batch_size, limit=eval_args.limit, min_pixels=args.min_pixels,
+                      max_pixels=args.max_pixels)
+    print(report_text(report, eval_args.out))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from training.inference import set_threads
-
-    set_threads()
-    try:
-        validate(args.data, args.out, adapter=args.adapter, base=args.base, batch_size=args.batch_size,
-                 limit=args.limit, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    eval_args, args = parse_command([EvalSetArguments, InProcessArguments], argv,
+                                    prog="python -m training.validate_router", description=__doc__)
+    return run_command(lambda: run(eval_args, args), runtime_errors=(ValueError, FileNotFoundError, RuntimeError))
 
 
 if __name__ == "__main__":

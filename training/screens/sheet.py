@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.screens import KINDS, generate
 from training.screens.common import font
 
@@ -37,18 +38,32 @@ def contact_sheet(kinds: Sequence[str], per_kind: int, seed: int) -> Image.Image
     return sheet
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.screens", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("contact_sheet.png"), help="PNG to write")
-    parser.add_argument("--per-kind", type=int, default=4, help="screens per kind (one row per kind)")
-    parser.add_argument("--seed", type=int, default=0, help="first seed of every row")
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="kinds to show")
-    return parser
+@dataclass
+class SheetArguments:
+    """The flags of `python -m training.screens`."""
+
+    out: Path = field(default=Path("contact_sheet.png"), metadata={"help": "PNG to write."})
+    per_kind: int = field(default=4, metadata={"help": "Screens per kind (one row per kind)."})
+    seed: int = field(default=0, metadata={"help": "First seed of every row."})
+    kinds: list[str] = field(default_factory=lambda: list(KINDS), metadata={
+        "help": "Kinds to show, one row each.", "choices": KINDS})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        unknown = [kind for kind in self.kinds if kind not in KINDS]
+        if unknown:
+            raise ConfigError(f"unknown kind(s) {', '.join(unknown)} (kinds: {', '.join(KINDS)})")
+        if self.per_kind < 1:
+            raise ConfigError(f"per_kind must be >= 1, got {self.per_kind}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def write(args: SheetArguments) -> int:
+    """Draw the sheet; print the file written."""
     contact_sheet(args.kinds, args.per_kind, args.seed).save(args.out)
     print(args.out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = parse_command(SheetArguments, argv, prog="python -m training.screens", description=__doc__)
+    return run_command(lambda: write(args))
