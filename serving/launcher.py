@@ -343,4 +343,5 @@ class VLLMServer:
 
 def ready_line(server: VLLMServer, adapters: Iterable[str]) -> str:
     """The one line printed when the server is ready."""
-    return f"READY {server.base_url} base={server.config.model.served_name} adapters={','.join(adapters)}"
+    return (f"READY {server.base_url} auto={server.config.gateway.auto_model} "
+            f"base={server.config.model.served_name} adapters={','.join(adapters)}")

@@ -20,7 +20,6 @@ import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any
 
 import aiohttp
@@ -38,8 +37,8 @@ from serving.gateway.protocol import (
     parse_json_object,
 )
 from serving.images import InvalidImageError, PreparedImage, prepare_image
-from serving.openai_wire import bearer_headers
-from serving.routing import RouteDecision, RoutingPolicy
+from serving.openai_wire import ResponseFormatError, bearer_headers, error_message, read_completion
+from serving.routing import RouteDecision, RouteRefused, RoutingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +83,7 @@ class Gateway:
 
     async def resolve_policy(self) -> None:
         """Ask vLLM's tokenizer for the labels' first tokens (one-token routing); after each (re)start."""
-        self.policy = await self.policy.resolved(self._tokenize)
-
-    async def _tokenize(self, text: str) -> tuple[list[int], list[str]]:
-        answer = await self._upstream_json("POST", "/tokenize", {"model": self.policy.router_name, "prompt": text,
-                                                                  "add_special_tokens": False,
-                                                                  "return_token_strs": True})
-        return list(answer.get("tokens") or []), list(answer.get("token_strs") or [])
+        self.policy = await self.policy.resolved(lambda body: self._upstream_json("POST", "/tokenize", body))
 
     def app(self) -> web.Application:
         """The aiohttp application: routes, auth, OpenAI-shaped errors, a body size cap."""
@@ -241,18 +234,23 @@ class Gateway:
         return data
 
     async def _route(self, image: PreparedImage, rank: int | None) -> RouteDecision:
+        policy = self.policy  # a request that started routing on one policy finishes on it
         start = time.perf_counter()
-        answer = await self._upstream_json("POST", "/v1/chat/completions", self.policy.request(image.data_url), rank)
-        decision = self.policy.decide(answer, latency_s=time.perf_counter() - start)
-        self.metrics.confidence.observe(decision.confidence)
-        if decision.fallback_reason:
-            self.metrics.fallbacks.labels(decision.fallback_reason).inc()
-        if decision.refused:
-            raise GatewayError(422, f"route refused ({decision.fallback_reason}): the router answered "
-                                    f"{decision.raw!r} with confidence {decision.confidence:.3f}; fallback is 'error'",
-                               type="routing_error", code=decision.fallback_reason,
-                               headers=_routing_headers(decision))
-        return decision
+        answer = await self._upstream_json("POST", "/v1/chat/completions", policy.request(image.data_url), rank)
+        try:
+            outcome = policy.decide(read_completion(answer), latency_s=time.perf_counter() - start)
+        except ResponseFormatError as exc:
+            raise GatewayError(502, f"the router's answer is unusable: {exc}", type="server_error",
+                               code="upstream_failed") from None
+        self.metrics.confidence.observe(outcome.confidence)
+        reason = outcome.reason if isinstance(outcome, RouteRefused) else outcome.fallback_reason
+        if reason:
+            self.metrics.fallbacks.labels(reason).inc()
+        if isinstance(outcome, RouteRefused):
+            raise GatewayError(422, f"route refused: {outcome.message} (fallback is 'error')", type="routing_error",
+                               code=outcome.reason, headers={"x-route-fallback": outcome.reason,
+                                                             "x-route-confidence": f"{outcome.confidence:.4f}"})
+        return outcome
 
     async def _stream(self, request: web.Request, body: dict[str, Any], headers: dict[str, str],
                       rank: int | None) -> web.StreamResponse:
@@ -362,17 +360,12 @@ def _error_response(exc: GatewayError) -> web.Response:
 
 def _upstream_error(status: int, data: bytes) -> GatewayError:
     """vLLM's own error, passed on with its status and message."""
-    from serving.openai_wire import error_message
-
-    try:
-        message = error_message(parse_json_object(data), data.decode("utf-8", "replace"))
-    except GatewayError:
-        message = data.decode("utf-8", "replace")[:500]
+    message = error_message(data.decode("utf-8", "replace"))
     return GatewayError(status, message, type="upstream_error" if status >= 500 else "invalid_request_error")
 
 
 def _routing_headers(decision: RouteDecision) -> dict[str, str]:
-    headers = {"x-route-expert": decision.expert or "", "x-route-confidence": f"{decision.confidence:.4f}",
+    headers = {"x-route-expert": decision.expert, "x-route-confidence": f"{decision.confidence:.4f}",
                "x-route-ms": f"{decision.latency_s * 1000:.1f}", "x-route-mode": decision.mode}
     if decision.fallback_reason:
         headers["x-route-fallback"] = decision.fallback_reason

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from serving.openai_wire import error_body
+
 
 class GatewayError(Exception):
     """An error answered to the caller as OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
@@ -28,7 +30,7 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, param=self.param, code=self.code)
 
 
 @dataclass(frozen=True)
