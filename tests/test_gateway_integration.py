@@ -213,21 +213,25 @@ def test_a_caller_leaving_mid_stream_cancels_the_upstream_request(gw):
     body = {"model": "auto", "messages": _messages(_data_url(build_example("calendar", 990).image)),
             "max_tokens": 2000, "temperature": 0, "stream": True, "ignore_eos": True}
 
+    async def running() -> float:
+        return sum(v for (name, _), v in (await _metrics(gw)).items() if name == "vllm:num_requests_running")
+
     async def run():
         async with aiohttp.ClientSession(headers=gw.headers) as session:
             async with session.post(gw.base_url + "/chat/completions", json=body) as r:
                 assert r.status == 200
                 await r.content.readany()  # the first event: the expert is generating
-            running = (await _metrics(gw)).get(("vllm:num_requests_running", ()), None)
+                during = await running()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            values = [v for (name, labels), v in (await _metrics(gw)).items() if name == "vllm:num_requests_running"]
-            if values and sum(values) == 0:
-                return True
+            if await running() == 0:
+                return during, True
             await asyncio.sleep(0.5)
-        return False
+        return during, False
 
-    assert asyncio.run(run()), "vLLM still runs the request of a caller that left"
+    during, stopped = asyncio.run(run())
+    assert during == 1, "the streamed request was not running in vLLM"
+    assert stopped, "vLLM still runs the request of a caller that left"
 
 
 def test_vllm_killed_under_load_gives_502_or_503_then_serves_again(tmp_path, adapters_dir):
