@@ -9,13 +9,14 @@
 4. starts vLLM with the base model, the router and every expert (checked, warmed up, probed);
 5. routes one screenshot and prints the route, its confidence and the expert's answer;
 6. batch-processes a folder of sample screenshots and prints the routing table;
-7. stops the server.
+7. sends one screenshot to the service as any OpenAI client would (`model: "auto"`, the official `openai`
+   client) and prints the expert's answer with its routing headers;
+8. stops the server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 import time
@@ -23,15 +24,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openai
+
 from router_client.batch import BatchItem, run_batch
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
 from router_client.errors import RouterClientError
 from serving.config import DeploymentArguments, DeploymentConfig
+from serving.images import prepare_image
 from serving.launcher import ServerError, VLLMServer, ready_line
 from training.configuration import CommandError, ConfigError, check_types, parse_command, run_command
 from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
+from training.jsonl import read_jsonl
 from training.manifest import AdapterManifest, model_fingerprint
 from training.tiny_model import resolve_base_model
 from training.train_qwen import cli as train_cli
@@ -133,8 +138,7 @@ def train_adapters(config: DeploymentConfig, base: str, routing: Path, work: Pat
 def routing_table(results: Path, truth: dict[str, str]) -> str:
     """Markdown table of true class against routed expert, from a batch output file."""
     routed: Counter[tuple[str, str]] = Counter()
-    for line in results.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(results):
         if row["custom_id"] in truth:
             routed[truth[row["custom_id"]], row.get("expert") or row["status"]] += 1
     classes = sorted({t for t, _ in routed})
@@ -150,7 +154,7 @@ async def serve_and_route(config: DeploymentConfig, dataset: Path, work: Path) -
     async with VLLMServer(config, log_path=work / "vllm.log") as server:
         log.info("%s", ready_line(server, [a.name for a in config.adapters]))
         client_config = ClientConfig.from_deployment(config, base_url=server.base_url)
-        samples = [json.loads(line) for line in (dataset / "eval.jsonl").read_text().splitlines()]
+        samples = read_jsonl(dataset / "eval.jsonl")
 
         step("5. one screenshot: route, then the chosen expert")
         first = samples[0]
@@ -169,8 +173,29 @@ async def serve_and_route(config: DeploymentConfig, dataset: Path, work: Path) -
         output.unlink(missing_ok=True)
         summary = await run_batch(client_config, items, output)
         table = routing_table(output, {s["id"]: s["adapter"] for s in samples})
-        step("7. stop the server")
-    return [answer, summary.table(), "routing table (rows: true class, columns: routed expert)\n" + table]
+
+        step('7. the service: one screenshot to model "auto" with the openai client')
+        service = await ask_auto(server, dataset / samples[-1]["image"], samples[-1]["adapter"])
+        step("8. stop the server")
+    return [answer, summary.table(), "routing table (rows: true class, columns: routed expert)\n" + table, service]
+
+
+async def ask_auto(server: VLLMServer, image: Path, truth: str) -> str:
+    """One screenshot through the gateway as any OpenAI client sends it; the answer and its routing headers."""
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key=server.config.engine.api_key or "none")
+    url = prepare_image(image).data_url
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=server.config.gateway.auto_model, max_tokens=64, temperature=0,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
+    except openai.APIError as exc:
+        return f'model "auto" on {image.name} (true class: {truth}) failed: {exc}'
+    finally:
+        await client.close()
+    completion = raw.parse()
+    headers = {k: v for k, v in raw.headers.items() if k.startswith("x-route-")}
+    return (f'model "auto" on {image.name} (true class: {truth}) via {server.base_url}\n'
+            f"routing headers: {headers}\nanswer ({completion.model}): {completion.choices[0].message.content}")
 
 
 def quickstart(args: QuickstartArguments) -> int:
