@@ -276,3 +276,39 @@ def test_vllm_killed_under_load_gives_502_or_503_then_serves_again(tmp_path, ada
         assert server.restarts == 1
     finally:
         server.stop()
+
+
+def test_two_data_parallel_engines_get_both_stages_of_a_screenshot_on_one_engine(tmp_path, adapters_dir):
+    config = deployment(adapters_dir, engine={"port": 0, "kv_cache_gib": 1, "data_parallel_size": 2,
+                                              "cpu_threads": 1},
+                        client={"router_mode": "choice"})
+    server = start_server(config, tmp_path / "vllm.log", probe=False)
+    screenshots = 6
+    try:
+        async def run():
+            before = await _metrics(server)
+            async with aiohttp.ClientSession() as session:
+                for i in range(screenshots):  # unseen screenshots, one at a time
+                    url = _data_url(build_example(EXPERTS[i % 3], 2000 + i).image)
+                    body = {"model": "auto", "messages": _messages(url), "max_tokens": 2, "temperature": 0}
+                    async with session.post(server.base_url + "/chat/completions", json=body) as r:
+                        assert r.status == 200, await r.text()
+            return before, await _metrics(server)
+
+        before, after = asyncio.run(run())
+    finally:
+        server.stop()
+
+    def per_engine(name: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (metric, labels), value in after.items():
+            if metric == name:
+                engine = dict(labels).get("engine", "?")
+                out[engine] = out.get(engine, 0) + value - before.get((metric, labels), 0)
+        return out
+
+    queries, hits = per_engine("vllm:mm_cache_queries_total"), per_engine("vllm:mm_cache_hits_total")
+    assert sorted(queries) == ["0", "1"], queries
+    # Round robin: each engine gets half the screenshots, both of a screenshot's requests; the expert's is a hit.
+    assert queries == {"0": screenshots, "1": screenshots}, queries
+    assert hits == {"0": screenshots / 2, "1": screenshots / 2}, hits
