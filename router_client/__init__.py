@@ -30,13 +30,21 @@ from router_client.errors import (
     RouterClientError,
     UnknownExpertError,
 )
-from router_client.types import ClientStats, ExpertResult, ProcessResult, RouteDecision, StageTimings, ToolCall
+from router_client.types import (
+    APIResponse,
+    ClientStats,
+    ExpertResult,
+    ProcessResult,
+    RouteDecision,
+    StageTimings,
+    ToolCall,
+)
 from serving.images import PreparedImage
 
 __all__ = [
-    "APIConnectionError", "APIResponseError", "APIStatusError", "APITimeoutError", "AuthenticationError",
-    "BadRequestError", "ClientConfig", "ClientConfigError", "ClientStats", "ExpertResult", "InternalServerError",
-    "InvalidImageError", "LowConfidenceError", "NotFoundError", "PermissionDeniedError", "PreparedImage",
-    "ProcessResult", "RateLimitError", "RouteDecision", "RouterClient", "RouterClientError", "StageTimings",
-    "ToolCall", "UnknownExpertError", "prepare_image",
+    "APIConnectionError", "APIResponse", "APIResponseError", "APIStatusError", "APITimeoutError",
+    "AuthenticationError", "BadRequestError", "ClientConfig", "ClientConfigError", "ClientStats", "ExpertResult",
+    "InternalServerError", "InvalidImageError", "LowConfidenceError", "NotFoundError", "PermissionDeniedError",
+    "PreparedImage", "ProcessResult", "RateLimitError", "RouteDecision", "RouterClient", "RouterClientError",
+    "StageTimings", "ToolCall", "UnknownExpertError", "prepare_image",
 ]

@@ -28,7 +28,7 @@ from router_client.errors import (
     RouterClientError,
     status_error_class,
 )
-from router_client.types import ClientStats
+from router_client.types import APIResponse, ClientStats
 from serving.openai_wire import ChatCompletion, ResponseFormatError, bearer_headers, error_message, read_completion
 
 Timeout = float | aiohttp.ClientTimeout
@@ -68,6 +68,11 @@ class BaseClient:
     async def post(self, url: str, body: dict[str, Any], timeout: Timeout | None = None,
                    max_retries: int | None = None) -> dict[str, Any]:
         """POST JSON and return the JSON answer, retrying connection errors, timeouts, 429 and 5xx."""
+        return (await self.post_response(url, body, timeout, max_retries)).body
+
+    async def post_response(self, url: str, body: dict[str, Any], timeout: Timeout | None = None,
+                            max_retries: int | None = None) -> APIResponse:
+        """As post(), with the answer's status and headers kept."""
         retries = self.config.max_retries if max_retries is None else max_retries
         client_timeout = self._client_timeout(timeout)
         attempt = 0
@@ -95,7 +100,7 @@ class BaseClient:
         return aiohttp.ClientTimeout(total=total, connect=min(self.config.connect_timeout_s, total),
                                      sock_read=min(self.config.read_timeout_s, total))
 
-    async def _post_once(self, url: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> dict[str, Any]:
+    async def _post_once(self, url: str, body: dict[str, Any], timeout: aiohttp.ClientTimeout) -> APIResponse:
         session = self._ensure_session()
         self.stats.requests += 1
         try:
@@ -119,7 +124,7 @@ class BaseClient:
                               body=text if answer is None else answer, headers=headers)
         if not isinstance(answer, dict):
             raise APIResponseError(f"POST {url} answered {status} with a body that is no JSON object: {text[:200]!r}")
-        return answer
+        return APIResponse(status_code=status, headers=headers, body=answer)
 
 
 def _retry_delay(attempt: int, exc: RouterClientError) -> float:

@@ -5,7 +5,8 @@
         print(result.decision.expert, result.result.text)
 
 Every request goes to vLLM's OpenAI-compatible POST {base_url}/chat/completions with `model` set to the
-adapter's served name and temperature 0.
+adapter's served name and temperature 0. process_via_gateway() instead sends one `model: "auto"` request and
+lets the routing gateway (`python -m serving`) route; chat_completion() sends any body as it is.
 
 RouterClient is a facade: images are prepared by serving.images, router requests built and answers read by
 serving.routing (the gateway uses the same functions), and HTTP (session, retries, errors) is _base_client's.
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from router_client._base_client import BaseClient, Timeout
 from router_client.config import ClientConfig
@@ -29,6 +31,7 @@ from router_client.errors import (
     UnknownExpertError,
 )
 from router_client.types import (
+    APIResponse,
     ClientStats,
     ExpertResult,
     ProcessResult,
@@ -39,7 +42,7 @@ from router_client.types import (
 )
 from serving import images, routing
 from serving.images import ImageInput, PreparedImage
-from serving.openai_wire import ResponseFormatError, chat_request, user_turn
+from serving.openai_wire import ResponseFormatError, chat_request, read_completion, user_turn
 
 
 def prepare_image(image: ImageInput, *, max_pixels: int | None = None,
@@ -147,6 +150,50 @@ class RouterClient:
                                    total_s=time.perf_counter() - start)
             return ProcessResult(decision=decision, result=result, timings=timings)
 
+    async def process_via_gateway(self, image: ImageInput, prompt: str | None = None, *,
+                                  timeout: Timeout | None = None, max_retries: int | None = None) -> ProcessResult:
+        """Send `image` to the routing gateway as one `auto` request; it routes, runs the chosen expert and
+        answers with its completion and a `routing` object, read into the same ProcessResult as process().
+
+        Without a prompt the gateway adds the routed expert's default prompt. The gateway's answer carries
+        neither the router's own text nor its token counts: decision.raw is "" and its token counts are 0.
+        timings.expert_s is the gateway call less the route. A route that fallback 'error' refuses is the
+        gateway's 422 (an APIStatusError).
+        """
+        with self._count_errors():
+            start = time.perf_counter()
+            prepared = await self._prepare(image)
+            image_s = time.perf_counter() - start
+            if prompt:
+                turn = user_turn(prepared.data_url, prompt)
+            else:  # no text part: the gateway adds the routed expert's default prompt
+                turn = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": prepared.data_url}}]}
+            body = chat_request(self.config.auto_model, [turn], self.config.expert_max_tokens)
+            sent = time.perf_counter()
+            answer = await self._http.post_response(self.config.base_url + "/chat/completions", body, timeout,
+                                                    max_retries)
+            call_s = time.perf_counter() - sent
+            decision = self._gateway_decision(answer.body)
+            try:
+                completion = read_completion(answer.body)
+            except ResponseFormatError as exc:
+                raise APIResponseError(str(exc)) from None
+            expert_s = max(call_s - decision.latency_s, 0.0)
+            result = ExpertResult(expert=decision.expert, text=completion.text,
+                                  tool_call=ToolCall.parse(completion.text), prompt_tokens=completion.prompt_tokens,
+                                  completion_tokens=completion.completion_tokens, latency_s=expert_s)
+            timings = StageTimings(image_s=image_s, route_s=decision.latency_s, expert_s=expert_s,
+                                   total_s=time.perf_counter() - start)
+            return ProcessResult(decision=decision, result=result, timings=timings)
+
+    async def chat_completion(self, body: dict[str, Any], *, timeout: Timeout | None = None,
+                              max_retries: int | None = None) -> APIResponse:
+        """POST a chat-completions body as it is (any served model; `auto` on the gateway) and return the 2xx
+        answer with its status and headers. Other answers raise the APIStatusError of their status."""
+        with self._count_errors():
+            return await self._http.post_response(self.config.base_url + "/chat/completions", body, timeout,
+                                                  max_retries)
+
     # Routing: the arithmetic and the policy are serving.routing's; this side sends and counts.
 
     async def _route(self, image: PreparedImage, mode: str | None, timeout: Timeout | None,
@@ -171,6 +218,24 @@ class RouterClient:
         if outcome.fallback_reason is not None:
             self.stats.fallbacks[outcome.fallback_reason] += 1
         return outcome
+
+    def _gateway_decision(self, answer: dict[str, Any]) -> RouteDecision:
+        """The RouteDecision in the gateway's `routing` object (see process_via_gateway for what it lacks)."""
+        routing_object = answer.get("routing")
+        try:
+            decision = RouteDecision(
+                expert=str(routing_object["expert"]), confidence=float(routing_object["confidence"]),
+                probabilities={str(k): float(v) for k, v in routing_object["probabilities"].items()},
+                mode=routing_object["mode"], latency_s=float(routing_object["router_latency_ms"]) / 1000, raw="",
+                prompt_tokens=0, completion_tokens=0, fallback_reason=routing_object["fallback_reason"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise APIResponseError(f"the answer to model {self.config.auto_model!r} has no usable routing object "
+                                   f"({type(exc).__name__}: {exc}); is {self.config.base_url} the routing gateway "
+                                   "(python -m serving)?") from None
+        self.stats.routes += 1
+        if decision.fallback_reason is not None:
+            self.stats.fallbacks[decision.fallback_reason] += 1
+        return decision
 
     async def _router_mode(self, requested: str | None) -> RouterMode:
         """The mode a route uses; asks /tokenize once for the labels' first tokens when needed."""

@@ -20,7 +20,7 @@ from serving.openai_wire import root_url
 from training.configuration import check_types
 
 # Fields that describe the deployment itself; a `client:` section may not set them.
-_DEPLOYMENT_FIELDS = ("router_name", "base_name", "labels", "expert_prompts")
+_DEPLOYMENT_FIELDS = ("router_name", "base_name", "labels", "expert_prompts", "auto_model")
 
 
 @dataclass
@@ -36,6 +36,8 @@ class ClientConfig:
         "help": "Served name of the base model without adapter (fallback target 'base')."})
     expert_prompts: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Default task prompt per expert, used when a call gives none."})
+    auto_model: str = field(default="auto", metadata={
+        "help": "Model name the routing gateway routes (process_via_gateway's requests name it)."})
     api_key: str | None = field(default=None, repr=False, metadata={
         "help": "Sent as 'Authorization: Bearer <key>'; None sends no Authorization header."})
     router_mode: str = field(default=C.DEFAULT_ROUTER_MODE, metadata={
@@ -111,8 +113,9 @@ class ClientConfig:
 
     @classmethod
     def from_deployment(cls, dep: DeploymentConfig, **overrides: Any) -> ClientConfig:
-        """A client config for a deployment: server address, API key, served names, labels, expert prompts and
-        engine.max_pixels from `dep`, then its `client:` section, then `overrides` (any field).
+        """A client config for a deployment: server address, API key, served names (the gateway's auto model
+        too), labels, expert prompts and engine.max_pixels from `dep`, then its `client:` section, then
+        `overrides` (any field).
 
         Raises ClientConfigError for unknown keys, a deployment without router, or an engine port of 0 (picked
         at start, so unknown here) without a base_url override.
@@ -136,6 +139,7 @@ class ClientConfig:
             "base_name": dep.model.served_name,
             "labels": dep.labels,
             "expert_prompts": {e.name: e.prompt for e in dep.experts if e.prompt},
+            "auto_model": dep.gateway.auto_model,
             "api_key": dep.engine.api_key,
             "max_pixels": dep.engine.max_pixels,
             **section,

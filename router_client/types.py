@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from serving.routing import FallbackReason, RouteDecision, RouterMode
 
-__all__ = ["ClientStats", "ExpertResult", "FallbackReason", "ProcessResult", "RouteDecision", "RouterMode",
-           "StageTimings", "ToolCall"]
+__all__ = ["APIResponse", "ClientStats", "ExpertResult", "FallbackReason", "ProcessResult", "RouteDecision",
+           "RouterMode", "StageTimings", "ToolCall"]
 
 # A tool call may come bare, in Qwen's <tool_call> tags or in a code fence.
 _WRAPPERS = (re.compile(r"^<tool_call>(.*)</tool_call>$", re.S), re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S))
@@ -94,6 +95,20 @@ class ProcessResult:
         lines.append(f"timings:    route {self.timings.route_s:.3f} s, expert {self.timings.expert_s:.3f} s, "
                      f"total {self.timings.total_s:.3f} s")
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class APIResponse:
+    """A 2xx JSON answer as the server sent it: its status, headers (case-insensitive) and body."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    body: dict[str, Any]
+
+    @property
+    def request_id(self) -> str | None:
+        """The server's x-request-id header, if it sent one."""
+        return self.headers.get("x-request-id")
 
 
 @dataclass

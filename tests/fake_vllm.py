@@ -2,6 +2,8 @@
 
 A real server cannot be made to fail on cue; this one speaks the endpoints the client uses
 (/v1/chat/completions, /tokenize, /v1/models, /health) and plays scripted faults, one per request, in order.
+It also answers the routing gateway's `model: "auto"` as the gateway does: the routed expert's completion with a
+`routing` object and x-route-* headers.
 
     fake.faults.append(Fault(status=503))          # the next chat request answers 503
     fake.route = lambda png: "claim-window"        # the router's answer per image
@@ -64,6 +66,8 @@ class FakeVLLM:
         # Tokenisation of each label for /tokenize and logprobs; default one token per label.
         self.tokens: dict[str, list[str]] = {label: [label] for label in labels}
         self.answers: dict[str, str] = {}
+        # The gateway's routing model name; None answers it as vLLM does (404).
+        self.auto_model: str | None = "auto"
         self.api_key: str | None = None
         self.request_id = itertools.count(1)
         self._vocab: dict[str, int] = {}
@@ -136,10 +140,12 @@ class FakeVLLM:
     async def _chat(self, request: web.Request) -> web.Response:
         body = request[BODY]
         model = body["model"]
-        if model not in self.models:
+        if model not in self.models and model != self.auto_model:
             return _error(404, f"The model `{model}` does not exist.", {})
         content = body["messages"][-1]["content"]
         png = base64.b64decode(content[0]["image_url"]["url"].split(",", 1)[1])
+        if model == self.auto_model:
+            return self._auto(png)
         if model != "router":
             return _completion(model, self.answers.get(model, CLICK), None)
         answer = self.route(png)
@@ -160,18 +166,31 @@ class FakeVLLM:
         top += [{"token": f"token_id:{i}", "logprob": by_id.get(i, -30.0)} for i in body.get("logprob_token_ids") or []]
         return _completion(model, best, [{"token": self._token(best, as_ids), "logprob": best_lp, "top_logprobs": top}])
 
+    def _auto(self, png: bytes) -> web.Response:
+        expert, confidence = self.route(png), self.choice_probability
+        routing = {"expert": expert, "confidence": confidence, "probabilities": {expert: confidence},
+                   "mode": "choice", "router_latency_ms": 1.5, "fallback_reason": None}
+        headers = {"x-route-expert": expert, "x-route-confidence": f"{confidence:.4f}", "x-route-ms": "1.5",
+                   "x-route-mode": "choice"}
+        body = {**_completion_body(expert, self.answers.get(expert, CLICK), None), "routing": routing}
+        return web.json_response(body, headers=headers)
+
     def _token(self, token: str, as_id: bool) -> str:
         return f"token_id:{self.token_id(token)}" if as_id else token
 
 
 def _completion(model: str, text: str, logprobs: list[dict] | None) -> web.Response:
-    return web.json_response({
+    return web.json_response(_completion_body(model, text, logprobs))
+
+
+def _completion_body(model: str, text: str, logprobs: list[dict] | None) -> dict[str, Any]:
+    return {
         "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                      "logprobs": None if logprobs is None else {"content": logprobs}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 50, "completion_tokens": max(1, len(logprobs or [1, 2, 3])),
                   "total_tokens": 53},
-    })
+    }
 
 
 def _error(status: int, message: str, headers: dict[str, str]) -> web.Response:

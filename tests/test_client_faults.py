@@ -1,5 +1,5 @@
 """RouterClient against a scripted fake vLLM: retries, timeouts, status errors, fallbacks, router modes,
-request shapes, and ClientConfig built from the deployment config."""
+request shapes, routing through the gateway, and ClientConfig built from the deployment config."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 from router_client import _constants
-from router_client.client import RouterClient
+from router_client.client import RouterClient, prepare_image
 from router_client.config import ClientConfig
 from router_client.errors import (
     APIConnectionError,
+    APIResponseError,
     APIStatusError,
     APITimeoutError,
     AuthenticationError,
@@ -48,6 +49,10 @@ def config(fake: FakeVLLM, **overrides) -> ClientConfig:
 
 def screenshot(color=(200, 30, 30), size=(64, 48)) -> Image.Image:
     return Image.new("RGB", size, color)
+
+
+def screenshot_data_url() -> str:
+    return prepare_image(screenshot()).data_url
 
 
 async def test_5xx_then_success_is_retried(fake_vllm):
@@ -255,6 +260,52 @@ async def test_process_sends_identical_image_bytes_and_the_trained_prompts(fake_
     assert result.timings.total_s >= result.timings.route_s + result.timings.expert_s
 
 
+async def test_process_via_gateway_is_one_auto_request_read_into_the_same_result(fake_vllm):
+    fake_vllm.route = lambda png: "claim-window"
+    fake_vllm.faults.append(Fault(stall_s=0.01))  # a call longer than the route the fake reports (1.5 ms)
+    async with RouterClient(config(fake_vllm, router_mode="choice")) as client:
+        result = await client.process_via_gateway(screenshot(), "Click on Ann.")
+        default = await client.process_via_gateway(screenshot())
+    assert [r.body["model"] for r in fake_vllm.chat_requests()] == ["auto", "auto"]
+    with_prompt, without = (r.body["messages"] for r in fake_vllm.chat_requests())
+    assert with_prompt[-1]["content"][1] == {"type": "text", "text": "Click on Ann."}
+    # No text part: the gateway adds the routed expert's default prompt.
+    assert [part["type"] for part in without[-1]["content"]] == ["image_url"]
+    decision = result.decision
+    assert (decision.expert, decision.confidence, decision.mode, decision.fallback_reason) == (
+        "claim-window", 0.9, "choice", None)
+    assert decision.probabilities == {"claim-window": 0.9} and decision.latency_s == pytest.approx(0.0015)
+    assert result.result.expert == "claim-window" and result.result.tool_call == ToolCall("click", {"x": 10, "y": 20})
+    assert result.result.completion_tokens == 3 and default.decision.expert == "claim-window"
+    assert result.timings.total_s >= result.timings.route_s + result.timings.expert_s
+    assert client.stats.routes == 2 and not client.stats.errors
+
+
+async def test_process_via_gateway_names_a_server_that_is_no_gateway(fake_vllm):
+    fake_vllm.auto_model = None
+    async with RouterClient(config(fake_vllm, router_mode="choice")) as client:
+        with pytest.raises(NotFoundError, match="auto"):
+            await client.process_via_gateway(screenshot())
+        # A server that answers `auto` as a plain model: no routing object to read.
+        fake_vllm.models = (*fake_vllm.models, "auto")
+        with pytest.raises(APIResponseError, match="no usable routing object.*routing gateway"):
+            await client.process_via_gateway(screenshot())
+    assert client.stats.errors == {"NotFoundError": 1, "APIResponseError": 1}
+
+
+async def test_chat_completion_sends_the_body_as_is_and_keeps_status_and_headers(fake_vllm):
+    body = {"model": "calendar", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": screenshot_data_url()}}]}], "max_tokens": 5, "seed": 7}
+    async with RouterClient(config(fake_vllm, router_mode="choice")) as client:
+        answer = await client.chat_completion(body)
+        with pytest.raises(NotFoundError) as caught:
+            await client.chat_completion({**body, "model": "weather"})
+    assert fake_vllm.chat_requests()[0].body == body
+    assert answer.status_code == 200 and answer.body["model"] == "calendar"
+    assert answer.request_id == "req-1" and answer.headers["X-Request-ID"] == "req-1"
+    assert caught.value.status_code == 404 and caught.value.request_id == "req-2"
+
+
 async def test_unknown_expert_fails_before_any_request(fake_vllm):
     async with RouterClient(config(fake_vllm, router_mode="choice")) as client:
         with pytest.raises(UnknownExpertError, match="weather"):
@@ -280,6 +331,7 @@ def test_client_config_from_deployment():
     assert cfg.base_name == dep.model.served_name
     assert cfg.expert_prompts == {e.name: e.prompt for e in dep.experts}
     assert cfg.server_root == "http://10.0.0.5:8000" and cfg.min_confidence == 0.5
+    assert cfg.auto_model == dep.gateway.auto_model == "auto"
     assert ClientConfig.from_deployment(dep).base_url == "http://127.0.0.1:8000/v1"
     assert RouterClient(cfg).config is cfg
     wildcard = load_config("configs/tiny-cpu.yaml", ["engine.host=0.0.0.0", "engine.port=8123"])
