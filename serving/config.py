@@ -17,8 +17,7 @@ from typing import Any
 
 import yaml
 
-# vLLM accepts only these LoRA ranks for --max-lora-rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from training.manifest import VLLM_LORA_RANKS
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
