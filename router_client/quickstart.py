@@ -32,7 +32,7 @@ from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
 from training.manifest import AdapterManifest, model_fingerprint
 from training.tiny_model import resolve_base_model
-from training.train_qwen import cli as train_cli
+from training.train_qwen import main as train_cli
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "training"
 
