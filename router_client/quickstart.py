@@ -39,7 +39,7 @@ from training.generate_dataset import RoutingDatasetConfig, generate_routing_dat
 from training.jsonl import read_jsonl
 from training.manifest import AdapterManifest, model_fingerprint
 from training.tiny_model import resolve_base_model
-from training.train_qwen import cli as train_cli
+from training.train_qwen import main as train_cli
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "training"
 log = logging.getLogger(__name__)

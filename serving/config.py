@@ -18,8 +18,8 @@ from typing import Any
 
 from training.configuration import ConfigError, Repeated, apply_overrides, check_types, from_mapping, load_yaml
 
-# vLLM accepts only these LoRA ranks for --max-lora-rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from training.manifest import VLLM_LORA_RANKS
+
 # Hosts only this machine reaches; binding anything else needs an API key.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

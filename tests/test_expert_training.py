@@ -12,7 +12,7 @@ from training.evaluate_expert import evaluate
 from training.expert_datasets import write_dataset
 from training.manifest import AdapterManifest
 from training.screens import KINDS
-from training.train_qwen import cli
+from training.train_qwen import main as train_main
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +30,8 @@ def test_expert_beats_the_untrained_base_on_its_task(kind, pretrained_base, tmp_
     data = tmp_path / "data"
     write_dataset(kind, TRAIN, EVAL, 0, data, progress=False)
     adapter = tmp_path / kind
-    code = cli(["--config", str(RECIPE), "--data_path", str(data / "train.jsonl"), "--eval_data_path",
-                str(data / "eval.jsonl"), "--output_dir", str(adapter), "--disable_tqdm", "True"])
+    code = train_main(["--config", str(RECIPE), "--data_path", str(data / "train.jsonl"), "--eval_data_path",
+                       str(data / "eval.jsonl"), "--output_dir", str(adapter), "--disable_tqdm", "True"])
     assert code == 0
     manifest = AdapterManifest.read(adapter)
     assert manifest.labels is None and manifest.base_model == str(pretrained_base)

@@ -15,7 +15,7 @@ from router_client.validate import validate_served
 from tests.conftest import deployment, start_server
 from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
-from training.train_qwen import cli
+from training.train_qwen import main as train_main
 from training.validate_router import validate
 
 pytestmark = pytest.mark.integration
@@ -41,8 +41,9 @@ def _routing_data(root: Path, classes: tuple[str, ...]) -> Path:
 
 def _train_router(data: Path, out: Path) -> dict:
     started = time.perf_counter()
-    code = cli(["--config", str(RECIPE), "--disable_tqdm", "True", "--data_path", str(data / "train-classification.jsonl"),
-                "--eval_data_path", str(data / "eval-classification.jsonl"), "--output_dir", str(out)])
+    code = train_main(["--config", str(RECIPE), "--disable_tqdm", "True", "--data_path",
+                       str(data / "train-classification.jsonl"), "--eval_data_path",
+                       str(data / "eval-classification.jsonl"), "--output_dir", str(out)])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["wall_s"] = round(time.perf_counter() - started, 1)

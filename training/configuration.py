@@ -353,14 +353,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def _set_yaml_defaults(self, path: Path) -> None:
         settings = load_yaml(path)
-        dests = {a.dest: a for a in self._hf._actions if a.option_strings}
-        unknown = sorted(str(k) for k in settings if str(k).replace("-", "_") not in dests or k == "config")
+        # A key may be any of a flag's long names (aliases too: `evaluation_strategy` for `eval_strategy`).
+        actions = {option[2:].replace("-", "_"): a for a in self._hf._actions for option in a.option_strings
+                   if option.startswith("--") and a.dest not in ("help", "config")
+                   and not isinstance(a, argparse._StoreFalseAction)}
+        unknown = sorted(str(k) for k in settings if str(k).replace("-", "_") not in actions)
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
         defaults = {}
         for key, value in settings.items():
-            dest = str(key).replace("-", "_")
-            action = dests[dest]
+            action = actions[str(key).replace("-", "_")]
+            dest = action.dest
             # argparse converts string defaults with the flag's type; convert the other scalars the same way.
             if value is not None and not isinstance(value, (str, list, dict)) and action.type is not None:
                 value = str(value)

@@ -1,4 +1,5 @@
-"""The manifest written next to every adapter: what it was trained on and for, so serving can check it.
+"""What an adapter is: the manifest written next to every adapter (what it was trained on and for, so serving can
+check it) and the shapes vLLM can serve (ranks, language-model target modules).
 
 Training writes it; serving reads it before starting vLLM (same base model? router labels = experts?).
 """
@@ -12,6 +13,11 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "lora_router_manifest.json"
+# vLLM accepts only these LoRA ranks for --max-lora-rank: an adapter's rank must fit one of them.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Language-model projections of Qwen3-VL; the vision tower's modules are named differently (qkv, proj,
+# linear_fc1/2), so these names never put LoRA on it (vLLM ignores vision LoRA anyway).
+LANGUAGE_MODEL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Files up to this size are hashed whole; larger weight shards by their ends and middle (an 8B model is 16 GB).
 _FULL_HASH_LIMIT = 64 << 20
 _SAMPLE = 1 << 20

@@ -13,13 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.configuration import ConfigError, check_types, parse_command, run_command
-from training.manifest import AdapterManifest, model_fingerprint
+from training.manifest import LANGUAGE_MODEL_TARGETS, AdapterManifest, model_fingerprint
 from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.tiny_model import resolve_base_model
-
-# Language-model projections of Qwen3-VL; the vision tower's modules are named differently (qkv, proj,
-# linear_fc1/2), so these names never put LoRA on it (vLLM ignores vision LoRA anyway).
-LANGUAGE_MODEL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make_random_adapter(base: str, out: str | Path, *, rank: int = 8, alpha: int | None = None, seed: int = 0,

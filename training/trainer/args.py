@@ -1,0 +1,206 @@
+"""The trainer's settings: the project's own (ModelArguments, DataArguments) and transformers' TrainingArguments.
+
+Flags and `--config FILE.yaml` keys are the field names (training.configuration: defaults < YAML < flags). The seed's
+HF-Trainer command parses verbatim because TrainArguments is TrainingArguments, with what transformers 5 dropped
+from the seed's flags put back: `--evaluation_strategy` (alias of --eval_strategy), `--warmup_ratio`,
+`--overwrite_output_dir` and `--logging_dir`.
+
+The adapter must be what vLLM serves: LoRA on the language model only, a rank within the serving limit, images sized
+as the server sizes them. Those limits come from --max_lora_rank / --min_pixels / --max_pixels, else from the
+deployment YAML named by --serving_config (its `engine:` keys of the same names, read as data: training imports
+nothing from serving), else vLLM's largest rank and the model processor's own pixel limits.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
+
+from training.configuration import ArgumentParser, ConfigError, check_types, load_yaml
+from training.inference import DEFAULT_THREADS
+from training.manifest import LANGUAGE_MODEL_TARGETS, VLLM_LORA_RANKS
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SERVING_CONFIG = PROJECT_ROOT / "configs" / "tiny-cpu.yaml"
+# Module names of Qwen3-VL's vision tower: LoRA there is ignored by vLLM, so they are refused as targets.
+VISION_MODULES = ("qkv", "proj", "linear_fc1", "linear_fc2", "patch_embed", "merger", "visual")
+PROG = "python -m training.train_qwen"
+
+
+def serving_limits(path: str | Path | None) -> dict:
+    """max_lora_rank, min_pixels and max_pixels of a deployment YAML's `engine:` section (those it sets)."""
+    if path is None or (Path(path) == DEFAULT_SERVING_CONFIG and not DEFAULT_SERVING_CONFIG.is_file()):
+        return {}
+    engine = load_yaml(path).get("engine") or {}
+    return {key: engine[key] for key in ("max_lora_rank", "min_pixels", "max_pixels") if engine.get(key) is not None}
+
+
+@dataclass
+class ModelArguments:
+    """The base model and the LoRA trained on it, fitted to the vLLM deployment that serves it."""
+
+    model_name_or_path: str = field(default="tiny", metadata={
+        "help": "Base model folder or hub id; 'tiny' is the pre-trained tiny Qwen3-VL (built on first use), "
+                "'tiny-random' the random one."})
+    lora_r: int = field(default=16, metadata={"aliases": ["--lora_rank"],
+                                              "help": "LoRA rank; must not exceed max_lora_rank."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * lora_r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, [0, 1)."})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LANGUAGE_MODEL_TARGETS), metadata={
+        "help": "Language-model module names to adapt (space- or comma-separated); vision-tower modules are "
+                "refused since vLLM ignores LoRA there."})
+    serving_config: str | None = field(default=str(DEFAULT_SERVING_CONFIG), metadata={
+        "help": "Deployment YAML whose engine.max_lora_rank / min_pixels / max_pixels the adapter must fit "
+                "(default: configs/tiny-cpu.yaml)."})
+    max_lora_rank: int | None = field(default=None, metadata={
+        "help": "Serving limit on the rank (vLLM --max-lora-rank); default engine.max_lora_rank of serving_config, "
+                "else vLLM's largest."})
+    min_pixels: int | None = field(default=None, metadata={
+        "help": "Smallest image area (pixels) the processor resizes to; default the serving config's "
+                "engine.min_pixels, else the model processor's."})
+    max_pixels: int | None = field(default=None, metadata={
+        "help": "Largest image area (pixels); default the serving config's engine.max_pixels, else the model "
+                "processor's."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        self.lora_target_modules = [m.strip() for item in self.lora_target_modules for m in item.split(",")
+                                    if m.strip()]
+        limits = serving_limits(self.serving_config)
+        source = "--max_lora_rank"
+        if self.max_lora_rank is None:
+            self.max_lora_rank = limits.get("max_lora_rank")
+            source = f"engine.max_lora_rank of {self.serving_config}"
+        if self.max_lora_rank is None:
+            self.max_lora_rank, source = VLLM_LORA_RANKS[-1], "vLLM's largest rank"
+        self.min_pixels = self.min_pixels or limits.get("min_pixels")
+        self.max_pixels = self.max_pixels or limits.get("max_pixels")
+        check_types(self)
+        problems = []
+        if self.max_lora_rank not in VLLM_LORA_RANKS:
+            problems.append(f"max_lora_rank must be one of vLLM's ranks {VLLM_LORA_RANKS}, got {self.max_lora_rank}")
+        if self.lora_r < 1:
+            problems.append(f"lora_r must be >= 1, got {self.lora_r}")
+        elif self.lora_r > self.max_lora_rank:
+            problems.append(f"LoRA rank lora_r={self.lora_r} is above the serving limit max_lora_rank="
+                            f"{self.max_lora_rank} ({source}); vLLM could not load it")
+        self.lora_alpha = self.lora_alpha or 2 * self.lora_r
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules:
+            problems.append("lora_target_modules is empty")
+        vision = [m for m in self.lora_target_modules if m in VISION_MODULES or m.startswith("visual")]
+        if vision:
+            problems.append(f"lora_target_modules {vision} are vision-tower modules; vLLM serves LoRA on the "
+                            f"language model only (use e.g. {','.join(LANGUAGE_MODEL_TARGETS)})")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            problems.append(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class DataArguments:
+    """The LLaVA JSONL data, and what is learnt and measured on it beyond the answer tokens' loss."""
+
+    data_path: str | None = field(default=None, metadata={"help": "Training LLaVA JSONL (required)."})
+    eval_data_path: str | None = field(default=None, metadata={
+        "help": "Evaluation LLaVA JSONL (optional; without it nothing is evaluated)."})
+    max_new_tokens: int = field(default=16, metadata={
+        "help": "Greedy tokens generated per eval example for the classification accuracy."})
+    label_loss_weight: float = field(default=0.0, metadata={
+        "help": "Classification data only: weight of an extra cross-entropy over the labels' first tokens at the "
+                "answer position (0: off)."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        problems = []
+        if not self.data_path:
+            problems.append("--data_path is required")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.label_loss_weight < 0:
+            problems.append(f"label_loss_weight must be >= 0, got {self.label_loss_weight}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+def resolve_precision(bf16: bool, tf32: bool | None, cuda: bool, bf16_supported: bool
+                      ) -> tuple[bool, bool | None, list[str]]:
+    """(bf16, tf32, notes) this machine can honour: on a CPU both are noted and dropped; bf16 on a GPU without it
+    is an error."""
+    notes = []
+    if tf32 and not cuda:
+        notes.append("--tf32 True ignored: TF32 is a CUDA matmul mode and no CUDA GPU is available "
+                     "(training in float32 on the CPU)")
+        tf32 = None
+    if bf16 and not cuda:
+        notes.append("--bf16 True ignored: bf16 mixed precision is used on CUDA GPUs only; training in float32 "
+                     "on the CPU (vLLM still serves in bfloat16; validate_router compares the two)")
+        bf16 = False
+    elif bf16 and not bf16_supported:
+        raise ConfigError("--bf16 True: this GPU does not support bfloat16; pass --bf16 False")
+    return bf16, tf32, notes
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    """transformers' TrainingArguments, plus the seed's flags transformers 5 dropped and this project's runtime."""
+
+    eval_strategy: IntervalStrategy | str = field(default="epoch", metadata={
+        "aliases": ["--evaluation_strategy", "--evaluation-strategy"],
+        "help": "When to evaluate: no, steps (every eval_steps) or epoch; 'no' without --eval_data_path."})
+    warmup_ratio: float = field(default=0.0, metadata={
+        "help": "Fraction of the steps with linear warm-up, [0, 1) (the seed's flag; sets warmup_steps)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start afresh even if output_dir holds checkpoints (they are deleted)."})
+    logging_dir: str | None = field(default=None, metadata={
+        "help": "TensorBoard folder (default output_dir/runs/<time>_<host>)."})
+    num_threads: int = field(default=DEFAULT_THREADS, metadata={
+        "help": "torch CPU threads (these machines have 2 cores)."})
+    # What --bf16/--tf32 could not do on this machine, for the run to log once.
+    precision_notes: list[str] = field(default_factory=list, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        import torch
+
+        problems = []
+        if self.output_dir is None:
+            problems.append("--output_dir is required")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        elif self.warmup_ratio and self.warmup_steps:
+            problems.append("give warmup_ratio or warmup_steps, not both")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            problems.append("num_train_epochs must be > 0 (or give max_steps > 0)")
+        if self.num_threads < 1:
+            problems.append(f"num_threads must be >= 1, got {self.num_threads}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        if self.warmup_ratio:
+            self.warmup_steps = self.warmup_ratio  # transformers 5 reads a warmup_steps below 1 as a ratio
+        # Resolved before TrainingArguments checks them: it raises for --tf32 (and --bf16) without CUDA.
+        cuda = torch.cuda.is_available()
+        self.bf16, self.tf32, self.precision_notes = resolve_precision(
+            self.bf16, self.tf32, cuda, cuda and torch.cuda.is_bf16_supported())
+        if not cuda:
+            self.dataloader_pin_memory = False  # pinned memory only speeds up copies to a GPU
+        if self.disable_tqdm is None:
+            self.disable_tqdm = not sys.stderr.isatty()  # a bar in a log file is megabytes of redraws
+        if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}  # re-entrant checkpoints lose LoRA grads
+        if self.label_names is None:
+            self.label_names = ["labels"]  # Trainer cannot see the label argument through the PEFT wrapper
+        super().__post_init__()
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None
+               ) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+    """Settings from defaults < --config YAML < flags; a bad one exits with status 2 and the reason."""
+    parser = ArgumentParser([ModelArguments, DataArguments, TrainArguments], prog=PROG, description=description)
+    return parser.parse(argv)
