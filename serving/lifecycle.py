@@ -23,7 +23,6 @@ from serving.adapters import (
     base_fingerprint,
     check_adapter,
     check_adapters,
-    router_label_problems,
 )
 from serving.config import AdapterConfig, ConfigError, DeploymentConfig
 from training.configuration import check_types, from_mapping
@@ -178,11 +177,9 @@ def load_adapters(config: DeploymentConfig, base_model_dir: str | None) -> tuple
     problems: list[str] = []
     previous_info = None
     if previous is not None:
-        found, previous_info = check_adapter(previous.config(), Path(previous.path), base_fingerprint(base_model_dir),
-                                             config.engine.max_lora_rank)
-        problems += found
-        if not found:
-            problems += router_label_problems(previous.name, Path(previous.path), served.labels, exact=False)
+        # Its labels may name an expert removed since: rollback refuses then, the restart need not.
+        problems, previous_info = check_adapter(previous.config(), Path(previous.path),
+                                                base_fingerprint(base_model_dir), config.engine.max_lora_rank)
     records = ([state.router] if state.router else []) + state.experts
     for record, info in [*zip(records, infos), *([(previous, previous_info)] if previous else [])]:
         if info.fingerprint != record.fingerprint:
