@@ -35,6 +35,7 @@ def test_every_flag_has_help_and_help_works(module, monkeypatch, capsys):
 # command -> (module, its arguments dataclass, what it needs besides the deployment flags, parse options)
 DEPLOYMENT_COMMANDS = {
     "serving": ("serving.__main__", "ServeArguments", [], {}),
+    "admin": ("serving.admin", "AdminArguments", ["promote"], {"positional": ["action"]}),
     "one screenshot": ("router_client.__main__", "RouteArguments", ["screen.png"], {"positional": ["image"]}),
     "batch": ("router_client.batch", "BatchArguments", ["--input", "in", "--output", "out.jsonl"], {}),
     "quickstart": ("router_client.quickstart", "QuickstartArguments", [], {}),
