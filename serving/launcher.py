@@ -6,6 +6,10 @@ every adapter, each adapter has answered one image request (so no user pays the 
 adapter's answer to a fixed probe differs from the base model's (an adapter that silently does nothing is a
 known vLLM failure), and the gateway listens on the configured host and port.
 
+The adapters are the config's, or, when the admin API left a state file, the ones it left (serving.lifecycle).
+vLLM serves each under a versioned name; its LoRA slots and rank limit are fixed at start (engine.max_loras,
+engine.max_lora_rank, engine.lora_headroom) and kept through restarts.
+
 vLLM itself listens on loopback, on an internal port, with an internally generated key: only the gateway
 reaches it. If vLLM dies, the gateway answers 503 at once and the launcher restarts vLLM (at most
 gateway.max_restarts times), warms it up and serves again.
@@ -20,6 +24,7 @@ Use as a library (tests, benchmarks):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import secrets
@@ -29,19 +34,18 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from serving import openai_wire
-from serving.adapters import AdapterInfo, check_adapters
-from serving.command import ServerCommand, build_command
+from serving.adapters import AdapterInfo, base_fingerprint
+from serving.command import ServerCommand, build_command, lora_limits
 from serving.config import LOOPBACK_HOSTS, ConfigError, DeploymentConfig
 from serving.gateway.app import Gateway
-from serving.images import prepare_image
-from serving.routing import RoutingPolicy
+from serving.lifecycle import AdapterSet, config_adapters, load_adapters
+from serving.probe import PROBE_TEXT, ProbeAnswer, ProbeError, ask, warm_up_and_probe
 from training.tiny_model import resolve_base_model
 
 log = logging.getLogger(__name__)
@@ -49,25 +53,10 @@ log = logging.getLogger(__name__)
 # Seconds between readiness polls, and the grace period between SIGTERM and SIGKILL on stop.
 _POLL_S = 1.0
 _STOP_GRACE_S = 30.0
-# Largest top-logprob difference still taken as "the same answer" (bf16 noise is well below this).
-_PROBE_TOLERANCE = 1e-3
 
 
 class ServerError(RuntimeError):
     """vLLM did not become ready, or died; the message carries the end of its log."""
-
-
-@dataclass(frozen=True)
-class ProbeAnswer:
-    """A greedy answer to the probe: its text and the first token's top log-probabilities."""
-
-    text: str
-    top_logprobs: dict[str, float]
-
-    def same_as(self, other: "ProbeAnswer") -> bool:
-        if self.text != other.text or self.top_logprobs.keys() != other.top_logprobs.keys():
-            return False
-        return all(abs(self.top_logprobs[t] - other.top_logprobs[t]) <= _PROBE_TOLERANCE for t in self.top_logprobs)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -75,19 +64,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def probe_image(seed: int, size: tuple[int, int] = (640, 480)) -> str:
-    """A deterministic screenshot-like PNG as a data URL (stripes and blocks, no text needed)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", size, (245, 245, 245))
-    draw = ImageDraw.Draw(img)
-    for i in range(12):
-        y = 20 + i * 36
-        shade = (37 * (i + seed)) % 200
-        draw.rectangle([20 + 9 * ((i * 7 + seed) % 11), y, size[0] - 20, y + 24], fill=(shade, 90, 255 - shade))
-    return prepare_image(img).data_url
 
 
 class VLLMServer:
@@ -107,7 +83,8 @@ class VLLMServer:
         self.warm_up = warm_up
         self.probe = probe
         self.process: subprocess.Popen | None = None
-        self.adapters: list[AdapterInfo] = []
+        self.model_path: str | None = None
+        self.adapters: AdapterSet | None = None
         self.command: ServerCommand | None = None
         self.gateway: Gateway | None = None
         self.restarts = 0
@@ -164,24 +141,31 @@ class VLLMServer:
 
     async def start(self) -> None:
         """Check adapters, start vLLM and the gateway; return once both are ready (or raise ServerError /
-        AdapterError / ConfigError)."""
+        AdapterError / ConfigError). `config` becomes the deployment as served: the state file's adapters, if
+        any, and vLLM's LoRA limits."""
         engine = self.config.engine
         if not engine.api_key and engine.host not in LOOPBACK_HOSTS:
             raise ConfigError(f"engine.host {engine.host!r} is reachable from other machines: set engine.api_key "
                               "(or $LORA_ROUTER_API_KEY) so the gateway refuses requests without it")
-        model_path = resolve_base_model(self.config.model.path)
-        self.adapters = check_adapters(self.config, model_path)  # before anything starts
-        self.command = build_command(self.config, model_path, self.adapters, self.upstream_port,
-                                     host="127.0.0.1", api_key=self.upstream_key)
-        await self._launch_vllm(warm_up=self.warm_up, probe=self.probe)
-        self.gateway = Gateway(self.config, self.upstream_root, self.upstream_key, RoutingPolicy.of(self.config))
+        self.model_path = resolve_base_model(self.config.model.path)
+        own_adapters = config_adapters(self.config)
+        served, self.adapters = load_adapters(self.config, self.model_path)  # before anything starts
+        max_loras, max_rank = lora_limits(served, self.adapters.all())
+        # Fixed here: a restart with adapters added at runtime must give vLLM the same slots and rank limit.
+        self.config = dataclasses.replace(served, engine=dataclasses.replace(served.engine, max_loras=max_loras,
+                                                                             max_lora_rank=max_rank))
+        await self._launch_vllm(self.adapters.all(), warm_up=self.warm_up, probe=self.probe)
+        self.gateway = Gateway(self.config, self.upstream_root, self.upstream_key, self.adapters,
+                               base=base_fingerprint(self.model_path), config_adapters=own_adapters)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gateway", daemon=True)
         self._thread.start()
         await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._start_gateway(), self._loop))
 
-    async def _launch_vllm(self, warm_up: bool, probe: bool) -> None:
-        assert self.command is not None
+    async def _launch_vllm(self, adapters: list[AdapterInfo], warm_up: bool, probe: bool) -> None:
+        assert self.model_path is not None
+        self.command = build_command(self.config, self.model_path, adapters, self.upstream_port, host="127.0.0.1",
+                                     api_key=self.upstream_key)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log_file:
             # Own process group, so stop() also ends vLLM's engine-core children.
@@ -190,9 +174,9 @@ class VLLMServer:
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(timeout=timeout, headers=self.upstream_headers) as session:
             await self._wait_healthy(session)
-            await self._check_models(session)
+            await self._check_models(session, adapters)
             if warm_up or probe:
-                await self._warm_up_and_probe(session, probe)
+                await self._warm_up_and_probe(session, adapters, probe)
 
     async def _start_gateway(self) -> None:
         """In the gateway's loop: open its upstream session, listen, and watch vLLM."""
@@ -226,7 +210,8 @@ class VLLMServer:
                         self.restarts, self.config.gateway.max_restarts, self.log_path, self.log_tail(10))
             try:
                 self._stop_vllm()
-                await self._launch_vllm(warm_up=True, probe=False)
+                # What the gateway serves now: adapters added, promoted or removed at runtime included.
+                await self._launch_vllm(self.gateway.lifecycle.served(), warm_up=True, probe=False)
                 await self.gateway.resolve_policy()
             except (ServerError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 log.error("restarting vLLM failed: %s", exc)
@@ -296,48 +281,33 @@ class VLLMServer:
         raise ServerError(f"vLLM not healthy after {self.config.engine.startup_timeout_s:.0f} s; "
                           f"last lines of {self.log_path}:\n{self.log_tail()}")
 
-    async def _check_models(self, session: aiohttp.ClientSession) -> None:
+    async def _check_models(self, session: aiohttp.ClientSession, adapters: list[AdapterInfo]) -> None:
         async with session.get(self.upstream_url + "/models") as r:
             if r.status != 200:
                 raise ServerError(f"GET /v1/models answered {r.status}: {openai_wire.error_message(await r.text())}")
             served = {m["id"] for m in (await r.json())["data"]}
-        wanted = [self.config.model.served_name] + [a.name for a in self.config.adapters]
+        wanted = [self.config.model.served_name] + [a.served_as for a in adapters]
         missing = [name for name in wanted if name not in served]
         if missing:
             raise ServerError(f"vLLM does not list {missing} in /v1/models (it lists {sorted(served)})")
 
-    async def ask(self, session: aiohttp.ClientSession, model: str, image_url: str, text: str,
+    async def ask(self, session: aiohttp.ClientSession, model: str, image_url: str, text: str = PROBE_TEXT,
                   max_tokens: int = 4) -> ProbeAnswer:
-        """One greedy image request; returns the answer and its first token's top log-probabilities."""
-        body = openai_wire.chat_request(model, [openai_wire.user_turn(image_url, text)], max_tokens, logprobs=True,
-                                        top_logprobs=5)
-        # Straight to vLLM with the internal key, whatever the caller's session sends.
-        async with session.post(self.upstream_url + "/chat/completions", json=body, headers=self.upstream_headers) as r:
-            if r.status != 200:
-                raise ServerError(f"{model}: probe request answered {r.status}: "
-                                  f"{openai_wire.error_message(await r.text())}")
-            answer = await r.json()
-        try:
-            completion = openai_wire.read_completion(answer)
-        except openai_wire.ResponseFormatError as exc:
-            raise ServerError(f"{model}: probe answer: {exc}") from None
-        tops = completion.logprobs[0].top_logprobs if completion.logprobs else {}
-        return ProbeAnswer(text=completion.text, top_logprobs=tops)
+        """One greedy image request straight to vLLM with the internal key, whatever the caller's session sends;
+        a public adapter name is sent as the version vLLM serves."""
+        served = self.gateway.names.served(model) if self.gateway else model
+        return await ask(session, self.upstream_url, served, image_url, text, max_tokens, headers=self.upstream_headers)
 
-    async def _warm_up_and_probe(self, session: aiohttp.ClientSession, probe: bool) -> None:
-        names = [self.config.model.served_name] + [a.name for a in self.config.adapters]
-        probe_url = probe_image(seed=0)
-        # One at a time first: the very first request pays vLLM's lazy initialisation (~20 s on CPU).
-        answers = {name: await self.ask(session, name, probe_url, "Describe this screen.") for name in names}
-        # Then all at once on a fresh image, so the batched multi-LoRA path is warm too.
-        burst_url = probe_image(seed=1)
-        await asyncio.gather(*(self.ask(session, n, burst_url, "Describe this screen.") for n in names))
-        if not probe:
-            return
-        base = answers[self.config.model.served_name]
-        noop = [a.name for a in self.config.adapters if answers[a.name].same_as(base)]
+    async def _warm_up_and_probe(self, session: aiohttp.ClientSession, adapters: list[AdapterInfo],
+                                 probe: bool) -> None:
+        try:
+            noop = await warm_up_and_probe(session, self.upstream_url, self.config.model.served_name,
+                                           [a.served_as for a in adapters], probe)
+        except ProbeError as exc:
+            raise ServerError(str(exc)) from None
         if noop:
-            raise ServerError(f"adapter(s) {noop} answer the probe exactly as the base model does: they change "
+            names = [a.name for a in adapters if a.served_as in noop]
+            raise ServerError(f"adapter(s) {names} answer the probe exactly as the base model does: they change "
                               "nothing (all-zero LoRA B, or weights vLLM could not map onto the model)")
 
 

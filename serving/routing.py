@@ -250,10 +250,14 @@ class RoutingPolicy:
     mode: RouterMode = "choice"
 
     @classmethod
-    def of(cls, config: DeploymentConfig) -> RoutingPolicy:
-        """The policy a deployment config states: its router and experts, and its `client:` routing settings."""
-        if config.router is None:
+    def of(cls, config: DeploymentConfig, router_name: str | None = None,
+           labels: Sequence[str] | None = None) -> RoutingPolicy:
+        """The policy a deployment config states: its router and experts (or the router `router_name`, as vLLM
+        serves it, with its `labels`), and its `client:` routing settings."""
+        if router_name is None and config.router is None:
             raise RoutingConfigError("the deployment has no router adapter: model 'auto' cannot route")
+        router_name = router_name or config.router.name
+        labels = list(config.labels if labels is None else labels)
         client = config.client
         setting = str(client.get("router_mode", DEFAULT_ROUTER_MODE))
         needs_first_tokens(setting)  # refuses an unknown setting
@@ -261,8 +265,8 @@ class RoutingPolicy:
             min_confidence = float(client.get("min_confidence", DEFAULT_MIN_CONFIDENCE))
         except (TypeError, ValueError):
             raise RoutingConfigError(f"client.min_confidence must be a number, got {client.get('min_confidence')!r}")
-        return cls(router_name=config.router.name, labels=tuple(config.labels), mode_setting=setting,
-                   fallback_target=fallback_target(str(client.get("fallback", DEFAULT_FALLBACK)), config.labels,
+        return cls(router_name=router_name, labels=tuple(labels), mode_setting=setting,
+                   fallback_target=fallback_target(str(client.get("fallback", DEFAULT_FALLBACK)), labels,
                                                    config.model.served_name),
                    min_confidence=min_confidence, base_prompt=str(client.get("base_prompt", DEFAULT_BASE_PROMPT)))
 

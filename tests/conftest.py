@@ -1,8 +1,12 @@
-"""Shared fixtures: the random tiny model (mechanics need no pre-training), random stand-in adapters, and a real vLLM server on a free port."""
+"""Shared fixtures: the random tiny model (mechanics need no pre-training), random stand-in adapters, a real vLLM
+server on a free port, and the 3- and 4-class routers trained on the pre-trained base (once per session)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +15,15 @@ from serving.config import DeploymentConfig, from_dict
 from serving.launcher import VLLMServer
 from training.tiny_random import build_tiny_model
 
+log = logging.getLogger(__name__)
+
 EXPERTS = ("calendar", "claim-window", "provider-select")
+THREE = EXPERTS
+FOUR = (*THREE, "chandra-ocr")
+TRAIN_PER_CLASS = 300
+EVAL_PER_CLASS = 30
+# The router recipe a user runs (configs/training/router-tiny.yaml: the seed's flags as YAML keys), paths appended.
+ROUTER_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "training" / "router-tiny.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +84,53 @@ def served(tmp_path_factory, adapters_dir) -> VLLMServer:
     server = start_server(config, log)
     yield server
     server.stop()
+
+
+def _routing_data(root: Path, classes: tuple[str, ...]) -> Path:
+    from training.convert_routing_to_classification import convert_dataset
+    from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
+
+    out = root / f"routing-{len(classes)}"
+    cfg = RoutingDatasetConfig(classes=classes, train_images={c: TRAIN_PER_CLASS for c in classes},
+                               eval_images=EVAL_PER_CLASS, train_val_split=1.0, seed=7, output=out)
+    generate_routing_dataset(cfg)
+    convert_dataset(out)
+    return out
+
+
+def _train_router(data: Path, out: Path) -> dict:
+    from training.train_qwen import main as train_main
+
+    started = time.perf_counter()
+    code = train_main(["--config", str(ROUTER_RECIPE), "--disable_tqdm", "True", "--data_path",
+                       str(data / "train-classification.jsonl"), "--eval_data_path", str(data / "eval-classification.jsonl"),
+                       "--output_dir", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["wall_s"] = round(time.perf_counter() - started, 1)
+    return metrics
+
+
+@pytest.fixture(scope="session")
+def routers(pretrained_base, tmp_path_factory) -> dict:
+    """The 3- and 4-class routers, trained with the router recipe on the pre-trained base and validated in-process
+    by the validation CLI's code, once for every test that needs them (about 2 minutes each on 2 cores):
+    {3: {"data", "adapter", "train", "in_process", "predictions"}, 4: {...}}; both adapters lie under
+    result["root"]."""
+    from training.validate_router import validate
+
+    root = tmp_path_factory.mktemp("router-training")
+    result: dict = {"root": root}
+    for classes in (THREE, FOUR):
+        n = len(classes)
+        data = _routing_data(root, classes)
+        adapter = root / f"router{n}"
+        metrics = _train_router(data, adapter)
+        out = root / f"validate{n}-in-process"
+        report = validate(data / "eval-classification.jsonl", out, adapter=adapter, quiet=True)
+        result[n] = {"data": data, "adapter": adapter, "train": metrics, "in_process": report,
+                     "predictions": out / "predictions.jsonl"}
+        log.info("%d-class router: trained in %s s, loss %s -> %s, in-process accuracy %s (%s/%s)", n,
+                 metrics["wall_s"], metrics["loss_first"], metrics["loss_last"], report["accuracy"],
+                 report["correct"], report["count"])
+    return result

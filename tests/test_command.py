@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from serving.adapters import AdapterInfo
-from serving.command import build_command, cpu_threads
+from serving.command import build_command, cpu_threads, lora_limits
 from serving.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -18,7 +18,7 @@ def _flag(argv: list[str], name: str) -> str:
 
 def test_production_8b_config_builds_a_gpu_command():
     cfg = load_config(CONFIGS / "qwen3-vl-8b.yaml")
-    adapters = [AdapterInfo(a.name, cfg.adapter_path(a), 16) for a in cfg.adapters]
+    adapters = [AdapterInfo(a.name, cfg.adapter_path(a), 16, f"v{i}") for i, a in enumerate(cfg.adapters)]
     cmd = build_command(cfg, cfg.model.path, adapters, port=8000, python="python")
     argv = cmd.argv
     assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
@@ -29,20 +29,36 @@ def test_production_8b_config_builds_a_gpu_command():
     assert _flag(argv, "--max-lora-rank") == "16"
     assert "--enable-lora" in argv
     modules = argv[argv.index("--lora-modules") + 1: argv.index("--lora-modules") + 5]
-    assert modules == [f"{a.name}={cfg.adapter_path(a)}" for a in cfg.adapters]
-    assert modules[0].startswith("router=") and modules[0].endswith("checkpoints/router-classifier")
+    # Each adapter under its versioned name: a new version never shares vLLM's name (or prefix cache) with an old one.
+    assert modules == [f"{a.name}@v{i}={cfg.adapter_path(a)}" for i, a in enumerate(cfg.adapters)]
+    assert modules[0].startswith("router@v0=") and modules[0].endswith("checkpoints/router-classifier")
     assert _flag(argv, "--gpu-memory-utilization") == "0.9"
     assert json.loads(_flag(argv, "--mm-processor-kwargs")) == {"size": {"shortest_edge": 262144, "longest_edge": 1310720}}
     assert json.loads(_flag(argv, "--limit-mm-per-prompt")) == {"image": 1, "video": 0}
     assert _flag(argv, "--tensor-parallel-size") == "1" and _flag(argv, "--data-parallel-size") == "1"
     assert not any(k.startswith("VLLM_CPU") for k in cmd.env)
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in cmd.env  # the admin API is off
+
+
+def test_the_admin_api_turns_on_runtime_loading_and_keeps_lora_headroom():
+    cfg = load_config(CONFIGS / "qwen3-vl-8b.yaml", ["gateway.admin_api_key=admin", "engine.lora_headroom=3"])
+    adapters = [AdapterInfo(a.name, cfg.adapter_path(a), 16, "v") for a in cfg.adapters]
+    cmd = build_command(cfg, cfg.model.path, adapters, port=8000)
+    assert cmd.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and "admin" not in cmd.argv
+    assert _flag(cmd.argv, "--max-loras") == "7"  # router + three experts, and three free slots
+    assert lora_limits(cfg, adapters) == (7, 16)
+    # No adapter at start: LoRA is still on, so adapters can be added.
+    empty = build_command(load_config(CONFIGS / "tiny-cpu.yaml", ["router=null", "experts=[]",
+                                                                   "gateway.admin_api_key=admin"]), "/m", [], port=1)
+    assert "--enable-lora" in empty.argv and "--lora-modules" not in empty.argv
+    assert _flag(empty.argv, "--max-loras") == "2" and _flag(empty.argv, "--max-lora-rank") == "16"
 
 
 def test_parallelism_key_and_rank_rounding_pass_through():
     cfg = load_config(CONFIGS / "qwen3-vl-8b.yaml",
                       ["engine.tensor_parallel_size=2", "engine.data_parallel_size=4", "engine.api_key=s3cret",
                        "engine.kv_cache_gib=20", "engine.extra_args=[--enforce-eager]"])
-    adapters = [AdapterInfo(a.name, cfg.adapter_path(a), 12) for a in cfg.adapters]
+    adapters = [AdapterInfo(a.name, cfg.adapter_path(a), 12, "v") for a in cfg.adapters]
     cmd = build_command(cfg, cfg.model.path, adapters, port=8000)
     assert _flag(cmd.argv, "--tensor-parallel-size") == "2" and _flag(cmd.argv, "--data-parallel-size") == "4"
     assert _flag(cmd.argv, "--max-lora-rank") == "16"  # 12 rounded up to a rank vLLM accepts

@@ -9,7 +9,7 @@ import pytest
 
 from training import configuration
 
-COMMANDS = ["serving.__main__", "router_client.__main__", "router_client.batch", "router_client.quickstart",
+COMMANDS = ["serving.__main__", "serving.admin", "router_client.__main__", "router_client.batch", "router_client.quickstart",
             "benchmarks.load", "benchmarks.random_8b", "training.generate_dataset",
             "training.convert_routing_to_classification", "training.expert_datasets", "training.evaluate_expert",
             "training.validate_router", "training.pretrain", "training.tiny_model", "training.random_adapter",
@@ -35,6 +35,7 @@ def test_every_flag_has_help_and_help_works(module, monkeypatch, capsys):
 # command -> (module, its arguments dataclass, what it needs besides the deployment flags, parse options)
 DEPLOYMENT_COMMANDS = {
     "serving": ("serving.__main__", "ServeArguments", [], {}),
+    "admin": ("serving.admin", "AdminArguments", ["promote"], {"positional": ["action"]}),
     "one screenshot": ("router_client.__main__", "RouteArguments", ["screen.png"], {"positional": ["image"]}),
     "batch": ("router_client.batch", "BatchArguments", ["--input", "in", "--output", "out.jsonl"], {}),
     "quickstart": ("router_client.quickstart", "QuickstartArguments", [], {}),

@@ -1,72 +1,22 @@
 """End to end on the pre-trained tiny base: generate a routing dataset, train the router LoRA with the trainer CLI,
 validate it in-process and as served by a real vLLM CPU server; 3 classes, then 4 (chandra-ocr added, same
 command). Held-out screens come from seeds disjoint from the training ones (generate_dataset's eval-only split).
+The training is the session fixture `routers` (tests/conftest.py), shared with the adapter lifecycle test.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from pathlib import Path
 
 import pytest
 
 from router_client.validate import validate_served
-from tests.conftest import deployment, start_server
-from training.convert_routing_to_classification import convert_dataset
-from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
-from training.train_qwen import main as train_main
-from training.validate_router import validate
+from tests.conftest import EVAL_PER_CLASS, FOUR, THREE, deployment, start_server
 
 pytestmark = pytest.mark.integration
 
-THREE = ("calendar", "claim-window", "provider-select")
-FOUR = (*THREE, "chandra-ocr")
-TRAIN_PER_CLASS = 300
-EVAL_PER_CLASS = 30
 # Issue 3's target for the validation CLI's held-out accuracy (measured 0.967 with 3 classes, 0.958 with 4).
 ACCURACY_TARGET = 0.95
-# The router recipe a user runs (configs/training/router-tiny.yaml: the seed's flags as YAML keys), paths appended.
-RECIPE = Path(__file__).resolve().parents[1] / "configs" / "training" / "router-tiny.yaml"
-
-
-def _routing_data(root: Path, classes: tuple[str, ...]) -> Path:
-    out = root / f"routing-{len(classes)}"
-    cfg = RoutingDatasetConfig(classes=classes, train_images={c: TRAIN_PER_CLASS for c in classes},
-                               eval_images=EVAL_PER_CLASS, train_val_split=1.0, seed=7, output=out)
-    generate_routing_dataset(cfg)
-    convert_dataset(out)
-    return out
-
-
-def _train_router(data: Path, out: Path) -> dict:
-    started = time.perf_counter()
-    code = train_main(["--config", str(RECIPE), "--disable_tqdm", "True", "--data_path",
-                       str(data / "train-classification.jsonl"), "--eval_data_path",
-                       str(data / "eval-classification.jsonl"), "--output_dir", str(out)])
-    assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    metrics["wall_s"] = round(time.perf_counter() - started, 1)
-    return metrics
-
-
-@pytest.fixture(scope="module")
-def routers(pretrained_base, tmp_path_factory) -> dict:
-    """Both routers trained and validated in-process: {3: {...}, 4: {...}}."""
-    root = tmp_path_factory.mktemp("router-training")
-    result = {}
-    for classes in (THREE, FOUR):
-        n = len(classes)
-        data = _routing_data(root, classes)
-        adapter = root / f"router{n}"
-        metrics = _train_router(data, adapter)
-        report = validate(data / "eval-classification.jsonl", root / f"validate{n}-in-process", adapter=adapter,
-                          quiet=True)
-        result[n] = {"data": data, "adapter": adapter, "train": metrics, "in_process": report}
-        print(f"\n{n}-class router: trained in {metrics['wall_s']} s, loss {metrics['loss_first']} -> "
-              f"{metrics['loss_last']}, in-process accuracy {report['accuracy']} ({report['correct']}/"
-              f"{report['count']})")
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import time
 import aiohttp
 import pytest
 
-from serving.launcher import ServerError, VLLMServer, probe_image
+from serving.launcher import ServerError, VLLMServer
+from serving.probe import probe_image
 from serving.openai_wire import chat_request, user_turn
 from tests.conftest import EXPERTS, deployment, start_server
 

@@ -6,10 +6,13 @@
     GET  /v1/models            "auto" plus everything vLLM serves
     GET  /health               200 only while vLLM is up and warmed
     GET  /metrics              the gateway's Prometheus metrics, then vLLM's
-    anything else              forwarded to vLLM (e.g. /tokenize)
+    /admin/...                 the admin API (serving.gateway.admin), when gateway.admin_api_key is set
+    anything else              forwarded to vLLM (e.g. /tokenize), but never vLLM's own adapter loading
 
-vLLM listens on loopback with an internal key; only the gateway reaches it. Routes live here, the wire
-contract in serving.gateway.protocol, the routing arithmetic in serving.routing.
+vLLM listens on loopback with an internal key; only the gateway reaches it. It serves each adapter under a
+versioned name (name@version); callers use public names, which the gateway rewrites in what it forwards. Routes
+live here, the wire contract in serving.gateway.protocol, the routing arithmetic in serving.routing, the adapters
+and router versions served in serving.gateway.lifecycle.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import aiohttp
 from aiohttp import web
 
 from serving.config import DeploymentConfig
+from serving.gateway.admin import AdminRoutes
+from serving.gateway.lifecycle import AdapterLifecycle
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import (
     AutoRequest,
@@ -33,10 +38,14 @@ from serving.gateway.protocol import (
     check_remote_url,
     decode_data_url,
     expert_body,
+    is_lora_route,
+    named_model,
     parse_auto_request,
     parse_json_object,
+    with_model,
 )
 from serving.images import InvalidImageError, PreparedImage, prepare_image
+from serving.lifecycle import AdapterSet
 from serving.openai_wire import ResponseFormatError, bearer_headers, error_message, read_completion
 from serving.routing import RouteDecision, RouteRefused, RoutingPolicy
 
@@ -50,22 +59,34 @@ RETRY_AFTER_S = 5
 
 
 class Gateway:
-    """The gateway of one deployment; `ready` is set by the launcher once vLLM is up and warmed."""
+    """The gateway of one deployment; `ready` is set by the launcher once vLLM is up and warmed.
 
-    def __init__(self, config: DeploymentConfig, upstream_root: str, upstream_key: str,
-                 policy: RoutingPolicy) -> None:
+    `adapters` is what vLLM serves at start, under versioned names; `config`, `base` and `config_adapters` as for
+    AdapterLifecycle.
+    """
+
+    def __init__(self, config: DeploymentConfig, upstream_root: str, upstream_key: str, adapters: AdapterSet, *,
+                 base: str | None, config_adapters: list[str]) -> None:
         self.config = config
         self.settings = config.gateway
         self.upstream_root = upstream_root
         self.upstream_key = upstream_key
-        self.policy = policy
         self.metrics = GatewayMetrics()
+        self.lifecycle = AdapterLifecycle(config, upstream_root, upstream_key, adapters, self.metrics, base=base,
+                                          config_adapters=config_adapters)
+        self.names = self.lifecycle.names
+        self.admin = AdminRoutes(self.settings, self.lifecycle, self._check_ready)
         self.ready = False
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(self.settings.max_in_flight)
         self._waiting = 0
         self._ranks = itertools.cycle(range(config.engine.data_parallel_size))
-        self._prompts = {e.name: e.prompt for e in config.experts}
+        self._prompts = self.lifecycle.prompts
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        """The live routing policy, read once per request (the admin API may swap it any time)."""
+        return self.lifecycle.policy
 
     # -- lifecycle
 
@@ -75,15 +96,17 @@ class Gateway:
             timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=self.settings.upstream_timeout_s)
             self._session = aiohttp.ClientSession(timeout=timeout, headers=bearer_headers(self.upstream_key),
                                                   connector=aiohttp.TCPConnector(limit=0))
+        await self.lifecycle.open()
 
     async def close(self) -> None:
+        await self.lifecycle.close()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
 
     async def resolve_policy(self) -> None:
         """Ask vLLM's tokenizer for the labels' first tokens (one-token routing); after each (re)start."""
-        self.policy = await self.policy.resolved(lambda body: self._upstream_json("POST", "/tokenize", body))
+        await self.lifecycle.resolve()
 
     def app(self) -> web.Application:
         """The aiohttp application: routes, auth, OpenAI-shaped errors, a body size cap."""
@@ -93,6 +116,7 @@ class Gateway:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
+        self.admin.add_to(app)
         app.router.add_route("*", "/{tail:.*}", self.forward)
         return app
 
@@ -116,7 +140,8 @@ class Gateway:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         key = self.config.engine.api_key
-        if key and request.path not in ("/health", "/metrics"):
+        # The admin API checks its own key, which is not the service's.
+        if key and request.path not in ("/health", "/metrics") and not request.path.startswith("/admin/"):
             if request.headers.get("Authorization", "") != f"Bearer {key}":
                 raise GatewayError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                    type="authentication_error", code="invalid_api_key")
@@ -151,7 +176,7 @@ class Gateway:
         listing = await self._upstream_json("GET", "/v1/models", None)
         created = int(time.time())
         listing["data"] = [{"id": self.settings.auto_model, "object": "model", "created": created,
-                            "owned_by": "lora-router"}] + list(listing.get("data") or [])
+                            "owned_by": "lora-router"}] + self.names.public_models(list(listing.get("data") or []))
         return web.json_response(listing)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -161,12 +186,24 @@ class Gateway:
         async with self._admitted():
             self._check_ready()
             if not auto:
-                return await self._relay(request, raw, outcome_model=str(body.get("model")))
+                model = str(body.get("model"))
+                with self.names.hold(model) as served:
+                    sent = raw if served == model else with_model(body, served)
+                    return await self._relay(request, sent, outcome_model=model)
             return await self._auto(request, body)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         self._check_ready()
-        return await self._relay(request, await request.read())
+        if is_lora_route(request.path):
+            raise GatewayError(404, f"{request.path} is not served: adapters are added through the admin API "
+                                    "(/admin/adapters)", code="not_found")
+        raw = await request.read()
+        named = named_model(raw)
+        if named is None:
+            return await self._relay(request, raw)
+        body, model = named
+        with self.names.hold(model) as served:
+            return await self._relay(request, raw if served == model else with_model(body, served))
 
     # -- the auto path
 
@@ -182,16 +219,18 @@ class Gateway:
             expert = decision.expert
             route_s = decision.latency_s
             headers = _routing_headers(decision)
+            self.lifecycle.shadow(image.data_url, decision, rank)
             prompt = self._prompts.get(expert) or self.policy.base_prompt
-            sent = expert_body(auto, expert, image.data_url, prompt)
             expert_start = time.perf_counter()
-            if auto.stream:
-                response = await self._stream(request, sent, headers, rank)
-            else:
-                answer = await self._upstream_json("POST", "/v1/chat/completions", sent, rank)
-                answer["model"] = expert
-                answer["routing"] = _routing_body(decision)
-                response = web.json_response(answer, headers=headers)
+            with self.names.hold(expert) as served:
+                sent = expert_body(auto, served, image.data_url, prompt)
+                if auto.stream:
+                    response = await self._stream(request, sent, headers, rank)
+                else:
+                    answer = await self._upstream_json("POST", "/v1/chat/completions", sent, rank)
+                    answer["model"] = expert
+                    answer["routing"] = _routing_body(decision)
+                    response = web.json_response(answer, headers=headers)
             for stage, seconds in (("image", image_s), ("route", route_s),
                                    ("expert", time.perf_counter() - expert_start),
                                    ("total", time.perf_counter() - start)):
@@ -236,7 +275,8 @@ class Gateway:
     async def _route(self, image: PreparedImage, rank: int | None) -> RouteDecision:
         policy = self.policy  # a request that started routing on one policy finishes on it
         start = time.perf_counter()
-        answer = await self._upstream_json("POST", "/v1/chat/completions", policy.request(image.data_url), rank)
+        with self.names.hold(policy.router_name):
+            answer = await self._upstream_json("POST", "/v1/chat/completions", policy.request(image.data_url), rank)
         try:
             outcome = policy.decide(read_completion(answer), latency_s=time.perf_counter() - start)
         except ResponseFormatError as exc:

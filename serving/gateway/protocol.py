@@ -9,6 +9,7 @@ import base64
 import binascii
 import copy
 import json
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -133,3 +134,64 @@ def expert_body(request: AutoRequest, expert: str, data_url: str, default_prompt
     if not request.has_text and default_prompt:
         message["content"].append({"type": "text", "text": default_prompt})
     return body
+
+
+@dataclass(frozen=True)
+class AddAdapterRequest:
+    """A checked `POST /admin/adapters` body: the expert's public name, its folder and its default prompt."""
+
+    name: str
+    path: str
+    prompt: str
+
+
+def _admin_fields(body: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, str]:
+    """The string fields of an admin request body, or a 400 naming the first field missing, unknown or not a string."""
+    unknown = sorted(set(body) - set(required) - set(optional))
+    if unknown:
+        raise GatewayError(400, f"unknown field(s) {', '.join(unknown)}; expected {', '.join(required + optional)}",
+                           param=unknown[0])
+    for name in required:
+        if not body.get(name):
+            raise GatewayError(400, f"'{name}' is missing", param=name)
+    for name in body:
+        if not isinstance(body[name], str):
+            raise GatewayError(400, f"'{name}' must be a string, got {body[name]!r}", param=name)
+    return body
+
+
+def parse_add_adapter(body: dict[str, Any]) -> AddAdapterRequest:
+    """`{"name", "path", "prompt"?}`: an expert to add."""
+    fields = _admin_fields(body, ("name", "path"), ("prompt",))
+    return AddAdapterRequest(name=fields["name"], path=fields["path"], prompt=fields.get("prompt", ""))
+
+
+def parse_candidate(body: dict[str, Any]) -> str:
+    """`{"path"}`: the folder of a router version to load as the candidate."""
+    return _admin_fields(body, ("path",))["path"]
+
+
+# vLLM's own adapter loading routes: only the admin API, after its checks, may load an adapter.
+_LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
+
+
+def is_lora_route(path: str) -> bool:
+    """Whether a path reaches vLLM's adapter loading (however it is spelled: extra slashes, '.' parts, a prefix)."""
+    normal = posixpath.normpath("/" + path.lstrip("/"))
+    return any(normal == route or normal.startswith(route + "/") for route in _LORA_ROUTES)
+
+
+def named_model(raw: bytes) -> tuple[dict[str, Any], str] | None:
+    """A forwarded request's JSON object body and the model it names, or None when it has neither."""
+    try:
+        body = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        return None
+    return body, body["model"]
+
+
+def with_model(body: dict[str, Any], model: str) -> bytes:
+    """The body, re-encoded, naming `model` (a public name's versioned one)."""
+    return json.dumps({**body, "model": model}).encode()
