@@ -50,6 +50,7 @@ class PhaseMetrics:
     e2e_s: Percentiles
     chain_gap_s: Percentiles  # two-stage: end to end minus both requests (client time between the stages)
     ttft_s: Percentiles  # vLLM's server-side histogram, every request of the phase
+    server_means_s: dict[str, float]  # mean seconds per request of vLLM's timing histograms (and gateway stages)
     mean_route_prompt_tokens: float | None
     mean_expert_prompt_tokens: float | None
     mean_expert_completion_tokens: float | None
@@ -75,7 +76,7 @@ def summarise(name: str, workload: str, records: Sequence[RequestRecord], durati
     routed = [r for r in records if r.route_s is not None]
     experts = [r for r in ok if r.expert_s is not None]
     http = len(routed) + sum(r.expert_s is not None for r in records)
-    out_tokens = sum(r.route_completion_tokens + r.expert_completion_tokens for r in ok)
+    out_tokens = sum((r.route_completion_tokens or 0) + r.expert_completion_tokens for r in ok)
     errors = Counter((r.error or "").split(":", 1)[0] for r in records if not r.ok)
 
     def mean(values: list[float]) -> float | None:
@@ -95,10 +96,12 @@ def summarise(name: str, workload: str, records: Sequence[RequestRecord], durati
         chain_gap_s=percentiles([r.e2e_s - r.route_s - r.expert_s for r in ok
                                  if r.e2e_s is not None and r.route_s is not None and r.expert_s is not None]),
         ttft_s=server_ttft(server),
-        mean_route_prompt_tokens=mean([r.route_prompt_tokens for r in routed]),
+        server_means_s=server.means(),
+        mean_route_prompt_tokens=mean([r.route_prompt_tokens for r in routed if r.route_prompt_tokens is not None]),
         mean_expert_prompt_tokens=mean([r.expert_prompt_tokens for r in experts]),
         mean_expert_completion_tokens=mean([r.expert_completion_tokens for r in experts]),
-        route_completion_tokens_max=max((r.route_completion_tokens for r in routed), default=None),
+        route_completion_tokens_max=max((r.route_completion_tokens for r in routed
+                                         if r.route_completion_tokens is not None), default=None),
         mean_image_tokens=float(np.mean([r.image_tokens for r in records])) if records else 0.0,
         mean_router_image_tokens=float(np.mean([r.router_image_tokens for r in records])) if records else 0.0,
         routes=len(routed), unroutable=sum(r.fallback_reason is not None for r in routed),
