@@ -42,7 +42,8 @@ class BenchConfig:
     compare_concurrency: int = field(default=16, metadata={
         "help": "Concurrency of the side-by-side phases (router-only, expert-only, modes, resolutions, base)."})
     warmup_requests: int = field(default=2, metadata={
-        "help": "Unmeasured requests per request kind before the first measured phase."})
+        "help": "Unmeasured screenshots per request kind before the first measured phase, sent at once; then as "
+                "many as compare_concurrency, at once (0: no warm-up)."})
     request_rate: float | None = field(default=None, metadata={
         "help": "Open-loop Poisson arrival rate in screenshots/s; None: 0.7 x the best two-stage throughput of the "
                 "closed-loop phases before it."})

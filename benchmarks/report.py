@@ -105,12 +105,14 @@ def markdown(result: BenchmarkResult) -> str:
 
     out.append("\n## Phases\n\nLatencies in ms as p50 / p90 / p99, over successful requests. TTFT in ms from "
                "vLLM's /metrics histogram over all requests of the phase (router and expert alike): the exact mean, "
-               "then p50 / p99 interpolated inside its coarse buckets. Tokens are means per request.\n\n")
+               "then p50 / p99 interpolated inside its coarse buckets. Tokens are means per request. Phases marked "
+               "*(interleaved)* ran request by request with their pair (at concurrency 1); their TTFT, cache and load "
+               "columns cover both.\n\n")
     out.append(_table(
         ("phase", "ok/sent", "errors", "retries", "screenshots/s", "route", "expert", "end to end",
          "TTFT mean (p50 / p99)",
          "tokens in route/expert", "tokens out expert", "routing acc.", "unroutable", "mm cache hits", "load"),
-        [(p.name, f"{p.completed}/{p.screenshots}", ", ".join(f"{k} {v}" for k, v in p.errors.items()) or "-",
+        [(p.name + (" *(interleaved)*" if p.interleaved_with else ""), f"{p.completed}/{p.screenshots}", ", ".join(f"{k} {v}" for k, v in p.errors.items()) or "-",
           str(p.retries), _f(p.screenshots_per_s), _pct(p.route_s), _pct(p.expert_s), _pct(p.e2e_s), _ttft(p.ttft_s),
           f"{_f(p.mean_route_prompt_tokens, 0)}/{_f(p.mean_expert_prompt_tokens, 0)}",
           _f(p.mean_expert_completion_tokens, 1), _f(p.routing_accuracy), str(p.unroutable),

@@ -3,12 +3,14 @@
 Phases run one after another on one server, each on screenshots it alone sends, so a phase's /metrics difference
 is its own (a phase that re-sends an earlier one's screenshots sends copies the server has not seen: twins, or
 reduced-resolution router images). Phases that a target compares run next to each other, because the machine's
-load drifts. The client-side phases talk to vLLM directly; gateway phases send `model: auto` to the gateway.
+load drifts; two phases at concurrency 1 compared screenshot by screenshot run interleaved, request by request,
+and share one /metrics difference. The client-side phases talk to vLLM directly; gateway phases send
+`model: auto` to the gateway.
 
     plan  warm-up (every request kind, unmeasured)
-          per expert at c=1: expert-only, two-stage (twins)                 (routing overhead per expert)
-          c=1: router-only, expert-only, two-stage                          (chaining)
-               gateway (twins of the two-stage screenshots)                 (gateway added latency)
+          per expert at c=1: expert-only | two-stage (twins), interleaved   (routing overhead per expert)
+          c=1: router-only, expert-only,
+               two-stage | gateway (twins), interleaved                     (chaining, gateway added latency)
           c=1: router-only at reduced resolution (same screenshots); the same in the other router mode
           two-stage sweep below the compare concurrency C
           c=C: router-only, expert-only, two-stage                          (pipelining, vs HF)
@@ -80,10 +82,12 @@ class PhaseSpec:
 
 @dataclass
 class Plan:
-    """The phases in order and the roles they play in the targets."""
+    """The phases in order, the roles they play in the targets, and which pairs run interleaved (first -> second:
+    the second re-sends the first's screenshots as twins, at concurrency 1)."""
 
     phases: list[PhaseSpec]
     roles: Roles
+    interleaved: dict[str, str]
 
 
 @dataclass
@@ -117,6 +121,7 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway
     c = bench.compare_concurrency
     phases: list[PhaseSpec] = []
     per_expert: dict[str, tuple[str, str]] = {}
+    interleaved: dict[str, str] = {}
 
     def add(workload: Workload, concurrency: int | None, requests: int, kind: str | None = None,
             reduced: bool = False, reuse: str | None = None) -> str:
@@ -128,17 +133,23 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway
     if bench.per_expert_requests:
         for kind in kinds:
             expert = add(EXPERT_ONLY, 1, bench.per_expert_requests, kind)
-            # Twins of the expert-only screenshots: the same answers, so the ratio is what routing adds.
+            # Twins of the expert-only screenshots, interleaved with them: the same answers under the same load,
+            # so the ratio is what routing adds.
             per_expert[kind] = (add(ts, 1, bench.per_expert_requests, kind, reuse=expert), expert)
+            interleaved[expert] = per_expert[kind][0]
     n1, nc = bench.requests_at(1), bench.requests_at(c)
     router_1, expert_1, two_stage_1 = add(ro, 1, n1), add(EXPERT_ONLY, 1, n1), add(ts, 1, n1)
-    # Right after the client-side two-stage phase, on twins of its screenshots: the same work, the same load.
-    gateway_1 = add(gw, 1, n1, reuse=two_stage_1) if with_gateway else ""
+    gateway_1 = ""
+    if with_gateway:
+        # Twins of the client-side two-stage screenshots, interleaved with them: a few ms are measured here.
+        gateway_1 = add(gw, 1, n1, reuse=two_stage_1)
+        interleaved[two_stage_1] = gateway_1
     reduced_route_1 = add(ro, 1, n1, reduced=True, reuse=router_1)
     other_1 = add(ro_other, 1, n1)
     reduced_other_1 = add(ro_other, 1, n1, reduced=True, reuse=other_1)
     sweep = [add(ts, k, bench.requests_at(k)) for k in bench.concurrencies if 1 < k < c]
     router_c, expert_c, two_stage_c = add(ro, c, nc), add(EXPERT_ONLY, c, nc), add(ts, c, nc)
+    # Right after the client-side phase, on twins of its screenshots: the same work, the next seconds' load.
     gateway_c = add(gw, c, nc, reuse=two_stage_c) if with_gateway else ""
     reduced_route_c = add(ro, c, nc, reduced=True, reuse=router_c)
     other_c = add(ro_other, c, nc)
@@ -158,7 +169,7 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway
         per_expert=per_expert,
         resolution_pairs={mode: [(router_1, reduced_route_1), (router_c, reduced_route_c)],
                           other: [(other_1, reduced_other_1), (other_c, reduced_other_c)]})
-    return Plan(phases=phases, roles=roles)
+    return Plan(phases=phases, roles=roles, interleaved=interleaved)
 
 
 async def closed_loop(client: RouterClient, workload: Workload, items: Sequence[BenchItem], concurrency: int,
@@ -174,6 +185,26 @@ async def closed_loop(client: RouterClient, workload: Workload, items: Sequence[
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(items)))))
     return sorted(records, key=lambda r: r.index), time.perf_counter() - start
+
+
+# One side of an interleaved pair: the workload, its screenshots, the phase name.
+Side = tuple[Workload, Sequence[BenchItem], str]
+
+
+async def interleaved(client: RouterClient, gateway: GatewayTarget | None, first: Side,
+                      second: Side) -> tuple[list[RequestRecord], float, list[RequestRecord], float]:
+    """Two phases at concurrency 1, request by request: the i-th screenshot of each, alternating which goes first,
+    so both meet the same machine load. Each phase's duration is the sum of its own requests' times."""
+    records: tuple[list[RequestRecord], list[RequestRecord]] = ([], [])
+    durations = [0.0, 0.0]
+    start = time.perf_counter()
+    for i, pair in enumerate(zip(first[1], second[1])):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            workload, _, phase = (first, second)[side]
+            sent = time.perf_counter()
+            records[side].append(await run_request(client, workload, pair[side], phase, start, gateway))
+            durations[side] += time.perf_counter() - sent
+    return records[0], durations[0], records[1], durations[1]
 
 
 async def open_loop(client: RouterClient, workload: Workload, items: Sequence[BenchItem], rate: float,
@@ -214,20 +245,25 @@ class _Run:
         return snap
 
     async def warm_up(self, plan: Plan) -> dict[str, int]:
-        """`warmup_requests` unmeasured screenshots per distinct request kind of the plan."""
+        """Unmeasured screenshots per distinct request kind of the plan: `warmup_requests` at once, then as many as
+        the compare concurrency at once. The engine's first large batches are slow (the route profile saw 27 routes/s
+        in its first burst of 16 against 44-48 later), and the first measured phase at that concurrency (router-only
+        in the mode in use, compared with the other mode) must not pay for them."""
         kinds = {(p.workload, p.reduced_router) for p in plan.phases}
+        sizes = (self.bench.warmup_requests, self.bench.compare_concurrency) if self.bench.warmup_requests else ()
         sent = failed = 0
         for workload, reduced in sorted(kinds, key=lambda k: (k[0].name, k[1])):
-            items = self.pool.take(self.bench.warmup_requests)
-            if reduced:
-                items = self.pool.reduced(items)
-            records, _ = await closed_loop(self.client, workload, items, self.bench.warmup_requests, "warm-up",
-                                           self.gateway)
-            sent += len(records)
-            failed += sum(not r.ok for r in records)
+            for size in sizes:
+                items = self.pool.take(size)
+                if reduced:
+                    items = self.pool.reduced(items)
+                records, _ = await closed_loop(self.client, workload, items, size, "warm-up", self.gateway)
+                sent += len(records)
+                failed += sum(not r.ok for r in records)
         return {"screenshots": sent, "failed": failed}
 
-    async def run_phase(self, spec: PhaseSpec) -> PhaseMetrics:
+    def take(self, spec: PhaseSpec) -> list[BenchItem]:
+        """The phase's screenshots: new ones, or copies of an earlier phase's (reduced router images, or twins)."""
         if spec.reuse:
             source = self.items[spec.reuse]
             items = self.pool.reduced(source) if spec.reduced_router else self.pool.twins(source)
@@ -236,6 +272,25 @@ class _Run:
             if spec.reduced_router:
                 items = self.pool.reduced(items)
         self.items[spec.name] = items
+        return items
+
+    async def run_interleaved(self, first: PhaseSpec, second: PhaseSpec) -> None:
+        """Two phases at concurrency 1, interleaved; both get the pair's /metrics difference, load and CPU."""
+        items = (self.take(first), self.take(second))
+        load_before, retries, cpu = os.getloadavg()[0], self.client.stats.retries, _cpu_s(resource.RUSAGE_SELF)
+        before = await self.snapshot(with_gateway=True)
+        records_a, duration_a, records_b, duration_b = await interleaved(
+            self.client, self.gateway, (first.workload, items[0], first.name), (second.workload, items[1], second.name))
+        server = (await self.snapshot(with_gateway=True)).minus(before)
+        load, retries, cpu = ((load_before, os.getloadavg()[0]), self.client.stats.retries - retries,
+                              _cpu_s(resource.RUSAGE_SELF) - cpu)
+        for spec, records, duration, other in ((first, records_a, duration_a, second.name),
+                                               (second, records_b, duration_b, first.name)):
+            self._add(spec, summarise(spec.name, spec.workload.name, records, duration, server, load, retries, cpu,
+                                      1, None, spec.kind, spec.reduced_router, interleaved_with=other), records)
+
+    async def run_phase(self, spec: PhaseSpec) -> PhaseMetrics:
+        items = self.take(spec)
         load_before, retries, cpu = os.getloadavg()[0], self.client.stats.retries, _cpu_s(resource.RUSAGE_SELF)
         via_gateway = spec.workload.via_gateway
         before = await self.snapshot(via_gateway)
@@ -254,11 +309,14 @@ class _Run:
                             (load_before, os.getloadavg()[0]), self.client.stats.retries - retries,
                             _cpu_s(resource.RUSAGE_SELF) - cpu, spec.concurrency, rate, spec.kind,
                             spec.reduced_router)
+        self._add(spec, metrics, records)
+        return metrics
+
+    def _add(self, spec: PhaseSpec, metrics: PhaseMetrics, records: list[RequestRecord]) -> None:
         self.phases[spec.name] = metrics
         self.records += records
         log.info("%-42s %3d/%-3d ok  %6.2f screenshots/s  p50 %s  load %.1f", spec.name, metrics.completed,
                  metrics.screenshots, metrics.screenshots_per_s, _ms(metrics.e2e_s.p50), metrics.load_after)
-        return metrics
 
     async def run_peers(self, tokenizer: str, model: str, out_dir: Path) -> list[PeerResult]:
         """`vllm bench serve` at the compare concurrency on the expert-only path, then (on twins of the same
@@ -421,8 +479,14 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
             before = await run.snapshot()
             warmup = await run.warm_up(plan)
             peers = []
+            specs = {spec.name: spec for spec in plan.phases}
             for spec in plan.phases:
-                await run.run_phase(spec)
+                if spec.name in run.phases:
+                    continue  # ran interleaved with an earlier one
+                if spec.name in plan.interleaved:
+                    await run.run_interleaved(spec, specs[plan.interleaved[spec.name]])
+                else:
+                    await run.run_phase(spec)
                 if spec.name == (plan.roles.gateway_c or plan.roles.two_stage_c) and bench.peer_requests:
                     # Right after our phases at the compare concurrency, so it sees the same machine load.
                     peers = await run.run_peers(model_dir, deployment.model.served_name, out_dir)

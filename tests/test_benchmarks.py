@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,10 +17,10 @@ from benchmarks.config import BenchConfig
 from benchmarks.metrics import PhaseMetrics, summarise
 from benchmarks.pool import ScreenPool
 from benchmarks.report import write_report
-from benchmarks.runner import build_plan, phase_name, run_benchmark
+from benchmarks.runner import build_plan, interleaved, phase_name, run_benchmark
 from benchmarks.server_metrics import ServerSnapshot, parse_metrics
 from benchmarks.targets import Roles, Target, evaluate, paired_difference
-from benchmarks.workloads import RequestRecord, gateway, router_only, two_stage
+from benchmarks.workloads import EXPERT_ONLY, RequestRecord, gateway, router_only, two_stage
 from router_client import PreparedImage
 
 METRICS = """\
@@ -107,11 +108,37 @@ def test_plan_puts_compared_phases_side_by_side_and_names_them_once():
     # Per expert, two-stage re-sends the expert-only phase's screenshots (as twins).
     for ts_name, ex_name in roles.per_expert.values():
         assert specs[ts_name].reuse == ex_name
+    # Pairs compared at concurrency 1 screenshot by screenshot run interleaved.
+    assert plan.interleaved == {**{ex: ts for ts, ex in roles.per_expert.values()}, roles.two_stage_1: roles.gateway_1}
     assert roles.mode_pairs == {1: (roles.router_1, phase_name(router_only("choice"), 1)),
                                 16: (roles.router_c, phase_name(router_only("choice"), 16))}
     without = build_plan(bench, "one-token", ["calendar", "claim-window"], with_gateway=False)
     assert not any(p.workload.via_gateway for p in without.phases)
     assert without.roles.gateway_1 == without.roles.gateway_c == ""
+
+
+class _OrderClient:
+    """Answers run_expert at once and notes which screenshot (by its prompt) asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def run_expert(self, expert, image, prompt, max_tokens):
+        self.calls.append(prompt)
+        return type("Result", (), {"latency_s": 0.0, "prompt_tokens": 1, "completion_tokens": 1})()
+
+
+def test_interleaved_phases_alternate_which_goes_first():
+    def screenshots(side: str) -> list[SimpleNamespace]:
+        return [SimpleNamespace(index=i, kind="calendar", prompt=f"{side}{i}", max_tokens=2, image=None,
+                                image_tokens=1, router_image_tokens=1) for i in range(3)]
+
+    client = _OrderClient()
+    records_a, duration_a, records_b, _ = asyncio.run(interleaved(client, None, (EXPERT_ONLY, screenshots("a"), "a"),
+                                                                  (EXPERT_ONLY, screenshots("b"), "b")))
+    assert client.calls == ["a0", "b0", "b1", "a1", "a2", "b2"]
+    assert [r.phase for r in records_a] == ["a"] * 3 and [r.index for r in records_b] == [0, 1, 2]
+    assert all(r.ok for r in records_a + records_b) and duration_a >= 0
 
 
 def _record(phase: str, index: int, e2e: float, route: float | None = 0.04) -> RequestRecord:
@@ -300,7 +327,8 @@ def test_smoke_run_accounts_for_every_request(served, tmp_path):
     for name, source in reusing.items():
         assert {r.index for r in result.records if r.phase == name} == {
             r.index for r in result.records if r.phase == source}
-    assert result.warmup["screenshots"] == len({(s.workload, s.reduced_router) for s in plan.phases})
+    assert result.warmup["screenshots"] == len({(s.workload, s.reduced_router) for s in plan.phases}) * (
+        bench.warmup_requests + bench.compare_concurrency)
     gateway_records = [r for r in result.records if r.phase in (plan.roles.gateway_1, plan.roles.gateway_c)]
     assert len(gateway_records) == 2 * 2
     for r in gateway_records:
