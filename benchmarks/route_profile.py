@@ -18,7 +18,8 @@ order, not mode).
 
 In this process, on the same images: PNG decode and the HF image processor (the API server's image work; this
 process shares the machine with vLLM, so it is an estimate). Writes route_profile.json: the setup, and per variant
-client p50/p90/p99 and vLLM's mean queue / prefill / decode / end-to-end seconds.
+client p50/p90/p99 and vLLM's mean queue / prefill / decode / end-to-end seconds; the server's log goes to
+route_profile_vllm.log, so it can share a folder with a benchmark run.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ async def profile(args: ProfileArguments, deployment: DeploymentConfig, out_dir:
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     server = VLLMServer(dataclasses.replace(deployment, engine=dataclasses.replace(deployment.engine, port=0)),
-                        log_path=out_dir / "vllm.log")
+                        log_path=out_dir / "route_profile_vllm.log")
     log.info("starting vLLM ...")
     await server.start()
     try:
