@@ -120,6 +120,9 @@ def test_a_png_that_preparing_would_not_change_goes_on_as_it_came():
     kept = png_as_sent(data, max_pixels=None, max_image_pixels=40_000_000)
     assert kept.data_url == "data:image/png;base64," + base64.b64encode(data).decode()
     assert (kept.width, kept.height) == (64, 48)
+    # The caller's own base64 is reused as it is.
+    payload = base64.b64encode(data).decode()
+    assert png_as_sent(data, max_pixels=None, max_image_pixels=40_000_000, encoded=payload).data_url == kept.data_url
     # The pixels vLLM decodes are the ones prepare_image would have sent.
     prepared = prepare_image(data)
     assert prepared.data_url != kept.data_url

@@ -115,10 +115,12 @@ def decode_data_url(url: str) -> bytes:
                            code="invalid_image") from None
 
 
-def png_as_sent(data: bytes, *, max_pixels: int | None, max_image_pixels: int) -> PreparedImage | None:
+def png_as_sent(data: bytes, *, max_pixels: int | None, max_image_pixels: int,
+                encoded: str | None = None) -> PreparedImage | None:
     """The caller's PNG as it came, when serving.images.prepare_image would not change a pixel of it: 8-bit RGB
     without transparency, within max_pixels and the pixel cap. Its header and every chunk's checksum are checked
     (verify), its pixels not decoded. None when it needs preparing, or fails a check (prepare_image then says why).
+    `encoded` is the base64 of `data` as the caller sent it, reused as it is (None: encoded here).
     """
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
         return None
@@ -131,8 +133,8 @@ def png_as_sent(data: bytes, *, max_pixels: int | None, max_image_pixels: int) -
         image.verify()
     except Exception:  # PIL raises many exception types on corrupt data
         return None
-    return PreparedImage(data_url="data:image/png;base64," + base64.b64encode(data).decode("ascii"), width=width,
-                         height=height, source="<request>")
+    payload = encoded if encoded is not None else base64.b64encode(data).decode("ascii")
+    return PreparedImage(data_url="data:image/png;base64," + payload, width=width, height=height, source="<request>")
 
 
 def check_remote_url(url: str, allowed_hosts: list[str]) -> str:
