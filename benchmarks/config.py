@@ -22,8 +22,12 @@ class BenchConfig:
     """How one benchmark run loads the deployment."""
 
     base_url: str | None = field(default=None, metadata={
-        "help": "OpenAI API root of a running server (http://host:port/v1); None starts one from the deployment "
-                "config and stops it at the end."})
+        "help": "OpenAI API root the client-side phases talk to on a running deployment (http://host:port/v1); "
+                "None starts vLLM and the gateway from the deployment config (client-side phases then talk to vLLM "
+                "directly) and stops them at the end."})
+    gateway_url: str | None = field(default=None, metadata={
+        "help": "With base_url: the running routing gateway's API root (http://host:port/v1) for the gateway "
+                "phases (model auto); None skips them. Ignored when the benchmark starts the server."})
     seed: int = field(default=0, metadata={
         "help": "Seed of the screenshots, the class draw and the Poisson arrivals; same seed, same requests."})
     concurrencies: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32], metadata={
@@ -33,12 +37,13 @@ class BenchConfig:
     requests_per_slot: int = field(default=4, metadata={
         "help": "Measured screenshots per concurrency slot: a phase at concurrency c sends "
                 "max(min_requests, requests_per_slot * c)."})
-    per_expert_requests: int = field(default=6, metadata={
+    per_expert_requests: int = field(default=8, metadata={
         "help": "Screenshots of each class for the per-expert routing overhead at concurrency 1 (0 skips it)."})
     compare_concurrency: int = field(default=16, metadata={
         "help": "Concurrency of the side-by-side phases (router-only, expert-only, modes, resolutions, base)."})
     warmup_requests: int = field(default=2, metadata={
-        "help": "Unmeasured requests per request kind before the first measured phase."})
+        "help": "Unmeasured screenshots per request kind before the first measured phase, sent at once; then as "
+                "many as compare_concurrency, at once (0: no warm-up)."})
     request_rate: float | None = field(default=None, metadata={
         "help": "Open-loop Poisson arrival rate in screenshots/s; None: 0.7 x the best two-stage throughput of the "
                 "closed-loop phases before it."})

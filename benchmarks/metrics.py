@@ -50,6 +50,7 @@ class PhaseMetrics:
     e2e_s: Percentiles
     chain_gap_s: Percentiles  # two-stage: end to end minus both requests (client time between the stages)
     ttft_s: Percentiles  # vLLM's server-side histogram, every request of the phase
+    server_means_s: dict[str, float]  # mean seconds per request of vLLM's timing histograms (and gateway stages)
     mean_route_prompt_tokens: float | None
     mean_expert_prompt_tokens: float | None
     mean_expert_completion_tokens: float | None
@@ -65,17 +66,19 @@ class PhaseMetrics:
     load_before: float  # 1-minute load average of the machine running the benchmark
     load_after: float
     client_cpu_s: float  # CPU seconds the benchmark's own process used during the phase (it shares the machine)
+    interleaved_with: str | None  # ran request by request with this phase: server, load, CPU and retries are the pair's
 
 
 def summarise(name: str, workload: str, records: Sequence[RequestRecord], duration_s: float, server: ServerSnapshot,
               load: tuple[float, float], retries: int, client_cpu_s: float, concurrency: int | None = None,
-              arrival_rate: float | None = None, kind: str | None = None, reduced_router: bool = False) -> PhaseMetrics:
-    """PhaseMetrics of one phase."""
+              arrival_rate: float | None = None, kind: str | None = None, reduced_router: bool = False,
+              interleaved_with: str | None = None) -> PhaseMetrics:
+    """PhaseMetrics of one phase (for an interleaved one, `server` and the rest are the pair's)."""
     ok = [r for r in records if r.ok]
     routed = [r for r in records if r.route_s is not None]
     experts = [r for r in ok if r.expert_s is not None]
     http = len(routed) + sum(r.expert_s is not None for r in records)
-    out_tokens = sum(r.route_completion_tokens + r.expert_completion_tokens for r in ok)
+    out_tokens = sum((r.route_completion_tokens or 0) + r.expert_completion_tokens for r in ok)
     errors = Counter((r.error or "").split(":", 1)[0] for r in records if not r.ok)
 
     def mean(values: list[float]) -> float | None:
@@ -95,10 +98,12 @@ def summarise(name: str, workload: str, records: Sequence[RequestRecord], durati
         chain_gap_s=percentiles([r.e2e_s - r.route_s - r.expert_s for r in ok
                                  if r.e2e_s is not None and r.route_s is not None and r.expert_s is not None]),
         ttft_s=server_ttft(server),
-        mean_route_prompt_tokens=mean([r.route_prompt_tokens for r in routed]),
+        server_means_s=server.means(),
+        mean_route_prompt_tokens=mean([r.route_prompt_tokens for r in routed if r.route_prompt_tokens is not None]),
         mean_expert_prompt_tokens=mean([r.expert_prompt_tokens for r in experts]),
         mean_expert_completion_tokens=mean([r.expert_completion_tokens for r in experts]),
-        route_completion_tokens_max=max((r.route_completion_tokens for r in routed), default=None),
+        route_completion_tokens_max=max((r.route_completion_tokens for r in routed
+                                         if r.route_completion_tokens is not None), default=None),
         mean_image_tokens=float(np.mean([r.image_tokens for r in records])) if records else 0.0,
         mean_router_image_tokens=float(np.mean([r.router_image_tokens for r in records])) if records else 0.0,
         routes=len(routed), unroutable=sum(r.fallback_reason is not None for r in routed),
@@ -106,5 +111,5 @@ def summarise(name: str, workload: str, records: Sequence[RequestRecord], durati
         server=dict(server.counters),
         mm_cache_hit_rate=server.ratio("vllm:mm_cache_hits_total", "vllm:mm_cache_queries_total"),
         prefix_cache_hit_rate=server.ratio("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"),
-        load_before=load[0], load_after=load[1], client_cpu_s=client_cpu_s,
+        load_before=load[0], load_after=load[1], client_cpu_s=client_cpu_s, interleaved_with=interleaved_with,
     )

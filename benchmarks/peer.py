@@ -1,4 +1,5 @@
-"""A peer's tool on the same server: `vllm bench serve` on the expert-only path, for its throughput and TTFT.
+"""A peer's tool on the same server: `vllm bench serve` on the expert-only path (straight to vLLM) and through the
+routing gateway (model auto), for its throughput and TTFT.
 
     python -m benchmarks.peer <vllm bench serve arguments>
 
@@ -12,6 +13,7 @@ fetched and every image is new to the server. `random-mm` also works offline but
 its own sizes, not screenshots. `vllm bench serve` streams, so its TTFT is measured in the client. Its LoRA
 choice is round-robin over the experts (it cannot route by class), its output length one number for every
 request (`--custom-output-len`: the mean of the benchmark's per-screenshot lengths), temperature 0, EOS honoured.
+Through the gateway it sends `--model auto` and no LoRA names: the gateway routes each request.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from serving.openai_wire import user_turn
 from training.jsonl import write_jsonl
 
 RESULT_FILE = "vllm_bench_serve.json"
+GATEWAY_RESULT_FILE = "vllm_bench_serve_gateway.json"
 # The figures of vllm bench serve's result JSON the report shows.
 RESULT_KEYS = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_input_tokens",
                "total_output_tokens", "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
@@ -40,6 +43,7 @@ RESULT_KEYS = ("completed", "failed", "duration", "request_throughput", "output_
 class PeerResult:
     """What `vllm bench serve` reported, and how it was invoked."""
 
+    target: str  # "vllm" (straight to vLLM, LoRAs round-robin) or "gateway" (model auto)
     command: list[str]
     num_prompts: int
     max_concurrency: int
@@ -48,6 +52,7 @@ class PeerResult:
     result: dict  # RESULT_KEYS of its JSON (empty if it failed)
     server: dict[str, float]  # /metrics counter differences over its run
     server_ttft_s: Percentiles  # vLLM's TTFT histogram over its run (its client-side TTFT is in `result`)
+    server_means_s: dict[str, float]  # mean seconds per request of vLLM's (and the gateway's) timing histograms
     client_cpu_s: float  # CPU seconds its process used (start-up included), on the machine the server shares
     log_tail: str
 
@@ -58,22 +63,24 @@ def write_dataset(items: Sequence[BenchItem], path: Path) -> None:
 
 
 def bench_command(*, root_url: str, model: str, tokenizer: str, experts: Sequence[str], dataset: Path,
-                  num_prompts: int, max_concurrency: int, output_len: int, seed: int, result_dir: Path) -> list[str]:
-    """The `vllm bench serve` invocation (through this module) for the expert-only path."""
+                  num_prompts: int, max_concurrency: int, output_len: int, seed: int, result_dir: Path,
+                  result_file: str = RESULT_FILE) -> list[str]:
+    """The `vllm bench serve` invocation (through this module): the experts round-robin, or with no experts
+    `model` alone (the gateway's auto)."""
+    loras = ["--lora-modules", *experts, "--lora-assignment", "round-robin"] if experts else []
     return [
         sys.executable, "-m", "benchmarks.peer",
         "--backend", "openai-chat", "--base-url", root_url, "--endpoint", "/v1/chat/completions",
-        "--model", model, "--tokenizer", tokenizer,
-        "--lora-modules", *experts, "--lora-assignment", "round-robin",
+        "--model", model, "--tokenizer", tokenizer, *loras,
         "--dataset-name", "custom_image", "--dataset-path", str(dataset), "--disable-shuffle",
         "--num-prompts", str(num_prompts), "--max-concurrency", str(max_concurrency),
         "--custom-output-len", str(output_len), "--temperature", "0", "--seed", str(seed),
         "--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,90,99",
-        "--save-result", "--result-dir", str(result_dir), "--result-filename", RESULT_FILE, "--disable-tqdm",
+        "--save-result", "--result-dir", str(result_dir), "--result-filename", result_file, "--disable-tqdm",
     ]
 
 
-async def run_peer(command: list[str], api_key: str | None, result_dir: Path,
+async def run_peer(command: list[str], api_key: str | None, result_path: Path,
                    timeout_s: float) -> tuple[int, dict, str]:
     """Run the command (the API key goes by environment, as OPENAI_API_KEY); its return code, results and log end."""
     env = {**os.environ, **({"OPENAI_API_KEY": api_key} if api_key else {})}
@@ -85,10 +92,9 @@ async def run_peer(command: list[str], api_key: str | None, result_dir: Path,
         proc.kill()
         output, _ = await proc.communicate()
     text = output.decode(errors="replace")
-    path = result_dir / RESULT_FILE
     result = {}
-    if proc.returncode == 0 and path.exists():
-        data = json.loads(path.read_text())
+    if proc.returncode == 0 and result_path.exists():
+        data = json.loads(result_path.read_text())
         result = {k: data[k] for k in RESULT_KEYS if k in data}
     return proc.returncode, result, "\n".join(text.splitlines()[-15:])
 

@@ -7,6 +7,10 @@ screenshots), the expert's task prompt and gold answer from training.tasks, and 
 serving.images.prepare_image, the one image preparation. The router request and the expert request of one
 screenshot carry the same image bytes (the one reuse a two-stage request intends), unless the item was made for a
 reduced-resolution router.
+
+A phase compared with an earlier one screenshot by screenshot sends its *twins* (twins()): the same screenshots with
+one pixel nudged, so they do the same work (the same image tokens; the same answers, lengths included) while no
+cache of the server (multimodal inputs, prefix KV) has seen them.
 """
 
 from __future__ import annotations
@@ -73,6 +77,18 @@ class ScreenPool:
             small = prepare_image(build_example(item.kind, item.seed).image, max_pixels=self.router_max_pixels)
             out.append(dataclasses.replace(item, router_image=small,
                                            router_image_tokens=self.image_tokens(small.width, small.height)))
+        return out
+
+    def twins(self, items: Sequence[BenchItem]) -> list[BenchItem]:
+        """The same screenshots, new to the server: the top-left pixel's red value flipped in its lowest bit, so the
+        PNG bytes (vLLM's multimodal cache key, and through it the prefix cache's) differ and the picture does not."""
+        out = []
+        for item in items:
+            image = build_example(item.kind, item.seed).image.convert("RGB")
+            red, green, blue = image.getpixel((0, 0))
+            image.putpixel((0, 0), (red ^ 1, green, blue))
+            twin = prepare_image(image, max_pixels=self.image_max_pixels)
+            out.append(dataclasses.replace(item, image=twin, router_image=twin, router_image_tokens=item.image_tokens))
         return out
 
     def _make(self, index: int, kind: str) -> BenchItem:

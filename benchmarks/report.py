@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.metrics import PhaseMetrics
+from benchmarks.peer import PeerResult
 from benchmarks.runner import BenchmarkResult
-from benchmarks.server_metrics import COUNTERS
+from benchmarks.server_metrics import COUNTERS, GATEWAY_STAGE, TIMINGS
 from router_client.percentiles import Percentiles
 
 JSON_NAME, MARKDOWN_NAME, LATENCY_PNG, THROUGHPUT_PNG = "report.json", "report.md", "latency.png", "throughput.png"
@@ -85,6 +86,10 @@ def markdown(result: BenchmarkResult) -> str:
         ("router image tokens (reduced)",
          f"mean {reduced.get('mean', 0):.0f}, {reduced.get('min')}-{reduced.get('max')}" if reduced else "-"),
         ("router mode", setup["router_mode"]),
+        ("client-side phases", setup["server"]["base_url"]
+         + (" (vLLM itself, its internal key)" if setup["server"]["started_by_benchmark"] else "")),
+        ("gateway phases", f"{setup['server']['gateway_url']} (model auto)" if setup["server"]["gateway_url"]
+         else "skipped: a --base-url run without --gateway-url"),
         ("client", f"fallback {setup['client']['fallback']}, retries {setup['client']['max_retries']}"),
         ("TTFT", setup["ttft_source"]),
         ("warm-up", f"{result.warmup['screenshots']} screenshots, {result.warmup['failed']} failed (not measured)"),
@@ -100,18 +105,21 @@ def markdown(result: BenchmarkResult) -> str:
 
     out.append("\n## Phases\n\nLatencies in ms as p50 / p90 / p99, over successful requests. TTFT in ms from "
                "vLLM's /metrics histogram over all requests of the phase (router and expert alike): the exact mean, "
-               "then p50 / p99 interpolated inside its coarse buckets. Tokens are means per request.\n\n")
+               "then p50 / p99 interpolated inside its coarse buckets. Tokens are means per request. Phases marked "
+               "*(interleaved)* ran request by request with their pair (at concurrency 1); their TTFT, cache and load "
+               "columns cover both.\n\n")
     out.append(_table(
         ("phase", "ok/sent", "errors", "retries", "screenshots/s", "route", "expert", "end to end",
          "TTFT mean (p50 / p99)",
          "tokens in route/expert", "tokens out expert", "routing acc.", "unroutable", "mm cache hits", "load"),
-        [(p.name, f"{p.completed}/{p.screenshots}", ", ".join(f"{k} {v}" for k, v in p.errors.items()) or "-",
+        [(p.name + (" *(interleaved)*" if p.interleaved_with else ""), f"{p.completed}/{p.screenshots}", ", ".join(f"{k} {v}" for k, v in p.errors.items()) or "-",
           str(p.retries), _f(p.screenshots_per_s), _pct(p.route_s), _pct(p.expert_s), _pct(p.e2e_s), _ttft(p.ttft_s),
           f"{_f(p.mean_route_prompt_tokens, 0)}/{_f(p.mean_expert_prompt_tokens, 0)}",
           _f(p.mean_expert_completion_tokens, 1), _f(p.routing_accuracy), str(p.unroutable),
           _f(p.mm_cache_hit_rate), f"{p.load_before:.1f}->{p.load_after:.1f}")
          for p in result.phases]))
 
+    out.append(_timings_section(result))
     out.append(_modes_section(result))
 
     out.append("\n## Reduced-resolution router (same screenshots, router-only phases)\n\n")
@@ -128,8 +136,8 @@ def markdown(result: BenchmarkResult) -> str:
                             _f(sum(b.seconds_per_screenshot) / len(b.seconds_per_screenshot)), b.output_tokens,
                             _f(b.routing_accuracy)) for b in result.baselines]))
 
-    if result.peer:
-        out.append(_peer_section(result))
+    for peer in result.peers:
+        out.append(_peer_section(result, peer))
 
     out.append("\n## vLLM /metrics counters (everything this run sent: warm-up, phases, the peer tool)\n\n")
     out.append(_table(("counter", "before", "after", "difference"), [
@@ -152,12 +160,38 @@ def _modes_section(result: BenchmarkResult) -> str:
          "(server)", "routing acc.", "unroutable"), rows)
 
 
-def _peer_section(result: BenchmarkResult) -> str:
-    peer = result.peer
+def _timings_section(result: BenchmarkResult) -> str:
+    """Where a request's time goes, phase by phase at concurrency 1: the client's view, vLLM's per-request timing
+    histograms (router and expert requests of the phase together) and the gateway's stages."""
+    rows = []
+    for p in result.phases:
+        if p.concurrency != 1:
+            continue
+        means = p.server_means_s
+        rows.append((p.name, _s(p.e2e_s.mean, digits=1), _s(p.route_s.mean, digits=1), _s(p.expert_s.mean, digits=1),
+                     *(_s(means.get(name), digits=1) for name in TIMINGS), _gateway_stages(means)))
+    return ("\n## Where the time goes at concurrency 1 (means, ms)\n\nClient: end to end, route, expert request as the "
+            "client times them (a gateway phase's route is its x-route-ms). vLLM: its per-request histograms from "
+            "arrival in the engine, over every request of the phase (a two-stage phase's router and expert requests "
+            "together). The client's request time beyond vLLM's end to end is HTTP, the API server's parsing, chat "
+            "template and image processing.\n\n" + _table(
+                ("phase", "end to end", "route", "expert", "vLLM e2e", "vLLM queue", "vLLM prefill", "vLLM decode",
+                 "gateway image / route / expert / total"), rows))
+
+
+def _gateway_stages(means: dict[str, float]) -> str:
+    stages = [means.get(f"{GATEWAY_STAGE}[{stage}]") for stage in ("image", "route", "expert", "total")]
+    return "-" if None in stages else " / ".join(_s(v, digits=1) for v in stages)
+
+
+def _peer_section(result: BenchmarkResult, peer: PeerResult) -> str:
     r = peer.result
-    ours = next((p for p in result.phases if p.workload == "expert-only" and p.concurrency == peer.max_concurrency
-                 and p.kind is None), None)
-    text = (f"\n## `vllm bench serve` on the expert-only path (concurrency {peer.max_concurrency}, {peer.num_prompts} "
+    via_gateway = peer.target == "gateway"
+    ours = next((p for p in result.phases if p.concurrency == peer.max_concurrency and p.kind is None
+                 and not p.reduced_router
+                 and (p.workload.startswith("gateway") if via_gateway else p.workload == "expert-only")), None)
+    path = "through the gateway (model auto)" if via_gateway else "on the expert-only path (vLLM itself)"
+    text = (f"\n## `vllm bench serve` {path} (concurrency {peer.max_concurrency}, {peer.num_prompts} "
             f"requests, {peer.output_len} output tokens each, exit {peer.returncode})\n\n")
     if not r:
         return text + "It failed; the end of its output:\n\n```\n" + peer.log_tail + "\n```\n"
@@ -179,6 +213,9 @@ def _peer_section(result: BenchmarkResult) -> str:
                                         f"{peer.server.get('vllm:mm_cache_queries_total', 0):g}",
              f"{ours.server.get('vllm:mm_cache_hits_total', 0):g} / "
              f"{ours.server.get('vllm:mm_cache_queries_total', 0):g}" if ours else "-")]
+    if via_gateway:
+        rows.append(("gateway image / route / expert / total ms (means)", _gateway_stages(peer.server_means_s),
+                     _gateway_stages(ours.server_means_s) if ours else "-"))
     return text + _table(("", "vllm bench serve", f"this benchmark ({ours.name if ours else 'n/a'})"), rows)
 
 

@@ -1,15 +1,21 @@
 """One benchmark run: the plan of phases, closed and open loop load, the peer tool and the baselines.
 
 Phases run one after another on one server, each on screenshots it alone sends, so a phase's /metrics difference
-is its own. Phases that a target compares run next to each other, because the machine's load drifts.
+is its own (a phase that re-sends an earlier one's screenshots sends copies the server has not seen: twins, or
+reduced-resolution router images). Phases that a target compares run next to each other, because the machine's
+load drifts; two phases at concurrency 1 compared screenshot by screenshot run interleaved, request by request,
+and share one /metrics difference. The client-side phases talk to vLLM directly; gateway phases send
+`model: auto` to the gateway.
 
     plan  warm-up (every request kind, unmeasured)
-          per expert at c=1: expert-only, two-stage                         (routing overhead per expert)
-          c=1: router-only, expert-only, two-stage                          (chaining)
+          per expert at c=1: expert-only | two-stage (twins), interleaved   (routing overhead per expert)
+          c=1: router-only, expert-only,
+               two-stage | gateway (twins), interleaved                     (chaining, gateway added latency)
           c=1: router-only at reduced resolution (same screenshots); the same in the other router mode
           two-stage sweep below the compare concurrency C
           c=C: router-only, expert-only, two-stage                          (pipelining, vs HF)
-               `vllm bench serve` on the expert-only path                   (the peer tool)
+               gateway (twins of the two-stage screenshots)                 (gateway throughput)
+               `vllm bench serve` on the expert-only path, then through the gateway (model auto)
           c=C: reduced router-only (same screenshots), the same two in the other mode, reduced two-stage
           c=C: adapters mixed, base only
           two-stage sweep above C, then two-stage open loop (Poisson)
@@ -21,9 +27,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import multiprocessing
 import os
 import random
 import resource
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -41,17 +50,18 @@ from benchmarks.hf_baselines import BaselineResult
 from benchmarks.metrics import PhaseMetrics, server_ttft, summarise
 from benchmarks.peer import PeerResult
 from benchmarks.pool import BenchItem, ScreenPool
-from benchmarks.server_metrics import ServerSnapshot, scrape
+from benchmarks.server_metrics import GATEWAY_STAGE, ServerSnapshot, scrape
 from benchmarks.targets import Agreement, Roles, Target, agreement, evaluate
-from benchmarks.workloads import (ADAPTERS_MIXED, BASE_ONLY, EXPERT_ONLY, RequestRecord, Workload, router_only,
-                                  run_request, two_stage)
+from benchmarks.workloads import (ADAPTERS_MIXED, BASE_ONLY, EXPERT_ONLY, GatewayTarget, RequestRecord, Workload,
+                                  gateway, router_only, run_request, two_stage)
 from router_client import ClientConfig, RouterClient
 from serving.adapters import max_rank_for
-from serving.command import cpu_threads
+from serving.command import ServerCommand, cpu_threads
 from serving.config import DeploymentConfig
 from serving.launcher import VLLMServer
 from serving.openai_wire import bearer_headers
 from serving.routing import ROUTER_MODES
+from training.configuration import setup_logging
 from training.inference import load_processor, pixel_limits
 from training.screens import KINDS
 from training.tiny_model import resolve_base_model
@@ -71,15 +81,17 @@ class PhaseSpec:
     concurrency: int | None = None  # closed loop; None: open loop (Poisson)
     kind: str | None = None  # every screenshot of this class; None: drawn from the class mix
     reduced_router: bool = False  # router requests get reduced-resolution images
-    reuse: str | None = None  # take the screenshots of this earlier phase (with reduced router images)
+    reuse: str | None = None  # send this earlier phase's screenshots again: reduced router images, else twins
 
 
 @dataclass
 class Plan:
-    """The phases in order and the roles they play in the targets."""
+    """The phases in order, the roles they play in the targets, and which pairs run interleaved (first -> second:
+    the second re-sends the first's screenshots as twins, at concurrency 1)."""
 
     phases: list[PhaseSpec]
     roles: Roles
+    interleaved: dict[str, str]
 
 
 @dataclass
@@ -92,7 +104,7 @@ class BenchmarkResult:
     warmup: dict[str, int]
     server_before: dict[str, float]
     server_after: dict[str, float]
-    peer: PeerResult | None
+    peers: list[PeerResult]  # `vllm bench serve` against vLLM, then against the gateway
     baselines: list[BaselineResult]
     resolution: list[Agreement]  # one per router mode
     targets: list[Target]
@@ -105,13 +117,15 @@ def phase_name(workload: Workload, concurrency: int | None, kind: str | None = N
     return f"{workload.name}{'+reduced' if reduced else ''}@{where}{'/' + kind if kind else ''}"
 
 
-def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str]) -> Plan:
-    """The ordered phases for router `mode` (the other mode is measured beside it) and screenshot `kinds`."""
+def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway: bool = True) -> Plan:
+    """The ordered phases for router `mode` (the other mode is measured beside it) and screenshot `kinds`; the
+    gateway phases only `with_gateway`."""
     other = next(m for m in ROUTER_MODES if m != mode)
-    ts, ro, ro_other = two_stage(mode), router_only(mode), router_only(other)
+    ts, ro, ro_other, gw = two_stage(mode), router_only(mode), router_only(other), gateway(mode)
     c = bench.compare_concurrency
     phases: list[PhaseSpec] = []
     per_expert: dict[str, tuple[str, str]] = {}
+    interleaved: dict[str, str] = {}
 
     def add(workload: Workload, concurrency: int | None, requests: int, kind: str | None = None,
             reduced: bool = False, reuse: str | None = None) -> str:
@@ -123,14 +137,24 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str]) -> Plan:
     if bench.per_expert_requests:
         for kind in kinds:
             expert = add(EXPERT_ONLY, 1, bench.per_expert_requests, kind)
-            per_expert[kind] = (add(ts, 1, bench.per_expert_requests, kind), expert)
+            # Twins of the expert-only screenshots, interleaved with them: the same answers under the same load,
+            # so the ratio is what routing adds.
+            per_expert[kind] = (add(ts, 1, bench.per_expert_requests, kind, reuse=expert), expert)
+            interleaved[expert] = per_expert[kind][0]
     n1, nc = bench.requests_at(1), bench.requests_at(c)
     router_1, expert_1, two_stage_1 = add(ro, 1, n1), add(EXPERT_ONLY, 1, n1), add(ts, 1, n1)
+    gateway_1 = ""
+    if with_gateway:
+        # Twins of the client-side two-stage screenshots, interleaved with them: a few ms are measured here.
+        gateway_1 = add(gw, 1, n1, reuse=two_stage_1)
+        interleaved[two_stage_1] = gateway_1
     reduced_route_1 = add(ro, 1, n1, reduced=True, reuse=router_1)
     other_1 = add(ro_other, 1, n1)
     reduced_other_1 = add(ro_other, 1, n1, reduced=True, reuse=other_1)
     sweep = [add(ts, k, bench.requests_at(k)) for k in bench.concurrencies if 1 < k < c]
     router_c, expert_c, two_stage_c = add(ro, c, nc), add(EXPERT_ONLY, c, nc), add(ts, c, nc)
+    # Right after the client-side phase, on twins of its screenshots: the same work, the next seconds' load.
+    gateway_c = add(gw, c, nc, reuse=two_stage_c) if with_gateway else ""
     reduced_route_c = add(ro, c, nc, reduced=True, reuse=router_c)
     other_c = add(ro_other, c, nc)
     reduced_other_c = add(ro_other, c, nc, reduced=True, reuse=other_c)
@@ -142,17 +166,18 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str]) -> Plan:
     roles = Roles(
         two_stage_1=two_stage_1, router_1=router_1, expert_1=expert_1, two_stage_c=two_stage_c, router_c=router_c,
         expert_c=expert_c, mixed_c=mixed_c, base_c=base_c, reduced_route_1=reduced_route_1,
-        reduced_two_stage_c=reduced_two_stage_c, one_token=one_token_routes,
+        reduced_two_stage_c=reduced_two_stage_c, gateway_1=gateway_1, gateway_c=gateway_c, mode=mode,
+        mode_pairs={1: (router_1, other_1), c: (router_c, other_c)}, one_token=one_token_routes,
         two_stage_all=list(dict.fromkeys([two_stage_1, two_stage_c, *sweep, *poisson,
                                           *(ts_name for ts_name, _ in per_expert.values())])),
         per_expert=per_expert,
         resolution_pairs={mode: [(router_1, reduced_route_1), (router_c, reduced_route_c)],
                           other: [(other_1, reduced_other_1), (other_c, reduced_other_c)]})
-    return Plan(phases=phases, roles=roles)
+    return Plan(phases=phases, roles=roles, interleaved=interleaved)
 
 
 async def closed_loop(client: RouterClient, workload: Workload, items: Sequence[BenchItem], concurrency: int,
-                      phase: str) -> tuple[list[RequestRecord], float]:
+                      phase: str, gateway: GatewayTarget | None = None) -> tuple[list[RequestRecord], float]:
     """`concurrency` workers, each sending its next screenshot as soon as its last one is answered."""
     records: list[RequestRecord] = []
     queue = iter(items)
@@ -160,10 +185,30 @@ async def closed_loop(client: RouterClient, workload: Workload, items: Sequence[
 
     async def worker() -> None:
         for item in queue:  # one iterator shared by the workers: every item is sent once
-            records.append(await run_request(client, workload, item, phase, start))
+            records.append(await run_request(client, workload, item, phase, start, gateway))
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(items)))))
     return sorted(records, key=lambda r: r.index), time.perf_counter() - start
+
+
+# One side of an interleaved pair: the workload, its screenshots, the phase name.
+Side = tuple[Workload, Sequence[BenchItem], str]
+
+
+async def interleaved(client: RouterClient, gateway: GatewayTarget | None, first: Side,
+                      second: Side) -> tuple[list[RequestRecord], float, list[RequestRecord], float]:
+    """Two phases at concurrency 1, request by request: the i-th screenshot of each, alternating which goes first,
+    so both meet the same machine load. Each phase's duration is the sum of its own requests' times."""
+    records: tuple[list[RequestRecord], list[RequestRecord]] = ([], [])
+    durations = [0.0, 0.0]
+    start = time.perf_counter()
+    for i, pair in enumerate(zip(first[1], second[1])):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            workload, _, phase = (first, second)[side]
+            sent = time.perf_counter()
+            records[side].append(await run_request(client, workload, pair[side], phase, start, gateway))
+            durations[side] += time.perf_counter() - sent
+    return records[0], durations[0], records[1], durations[1]
 
 
 async def open_loop(client: RouterClient, workload: Workload, items: Sequence[BenchItem], rate: float,
@@ -181,43 +226,78 @@ async def open_loop(client: RouterClient, workload: Workload, items: Sequence[Be
 
 
 class _Run:
-    """State of one run against one server: the client, the screenshot pool, the /metrics session."""
+    """State of one run against one server: the client, the gateway (if any), the screenshot pool, the /metrics
+    session (vLLM's, with the client's key)."""
 
-    def __init__(self, bench: BenchConfig, client: RouterClient, pool: ScreenPool, session: aiohttp.ClientSession):
+    def __init__(self, bench: BenchConfig, client: RouterClient, gateway: GatewayTarget | None, pool: ScreenPool,
+                 session: aiohttp.ClientSession):
         self.bench = bench
         self.client = client
+        self.gateway = gateway
         self.pool = pool
         self.session = session
         self.phases: dict[str, PhaseMetrics] = {}
         self.records: list[RequestRecord] = []
         self.items: dict[str, list[BenchItem]] = {}
 
-    async def snapshot(self) -> ServerSnapshot:
-        return await scrape(self.session, self.client.config.server_root)
+    async def snapshot(self, with_gateway: bool = False) -> ServerSnapshot:
+        """vLLM's /metrics; with the gateway's stage timings (from its own /metrics) when asked."""
+        snap = await scrape(self.session, self.client.config.server_root)
+        if with_gateway and self.gateway is not None:
+            own = await scrape(self.gateway.session, self.gateway.base_url.removesuffix("/v1"))
+            snap.histograms.update({k: v for k, v in own.histograms.items() if k.startswith(GATEWAY_STAGE)})
+        return snap
 
     async def warm_up(self, plan: Plan) -> dict[str, int]:
-        """`warmup_requests` unmeasured screenshots per distinct request kind of the plan."""
-        kinds = {(p.workload, p.reduced_router or p.reuse is not None) for p in plan.phases}
+        """Unmeasured screenshots per distinct request kind of the plan: `warmup_requests` at once, then as many as
+        the compare concurrency at once. The engine's first large batches are slow (the route profile saw 27 routes/s
+        in its first burst of 16 against 44-48 later), and the first measured phase at that concurrency (router-only
+        in the mode in use, compared with the other mode) must not pay for them."""
+        kinds = {(p.workload, p.reduced_router) for p in plan.phases}
+        sizes = (self.bench.warmup_requests, self.bench.compare_concurrency) if self.bench.warmup_requests else ()
         sent = failed = 0
         for workload, reduced in sorted(kinds, key=lambda k: (k[0].name, k[1])):
-            items = self.pool.take(self.bench.warmup_requests)
-            if reduced:
-                items = self.pool.reduced(items)
-            records, _ = await closed_loop(self.client, workload, items, self.bench.warmup_requests, "warm-up")
-            sent += len(records)
-            failed += sum(not r.ok for r in records)
+            for size in sizes:
+                items = self.pool.take(size)
+                if reduced:
+                    items = self.pool.reduced(items)
+                records, _ = await closed_loop(self.client, workload, items, size, "warm-up", self.gateway)
+                sent += len(records)
+                failed += sum(not r.ok for r in records)
         return {"screenshots": sent, "failed": failed}
 
-    async def run_phase(self, spec: PhaseSpec) -> PhaseMetrics:
+    def take(self, spec: PhaseSpec) -> list[BenchItem]:
+        """The phase's screenshots: new ones, or copies of an earlier phase's (reduced router images, or twins)."""
         if spec.reuse:
-            items = self.pool.reduced(self.items[spec.reuse])
+            source = self.items[spec.reuse]
+            items = self.pool.reduced(source) if spec.reduced_router else self.pool.twins(source)
         else:
             items = self.pool.take(spec.requests, spec.kind)
             if spec.reduced_router:
                 items = self.pool.reduced(items)
         self.items[spec.name] = items
+        return items
+
+    async def run_interleaved(self, first: PhaseSpec, second: PhaseSpec) -> None:
+        """Two phases at concurrency 1, interleaved; both get the pair's /metrics difference, load and CPU."""
+        items = (self.take(first), self.take(second))
         load_before, retries, cpu = os.getloadavg()[0], self.client.stats.retries, _cpu_s(resource.RUSAGE_SELF)
-        before = await self.snapshot()
+        before = await self.snapshot(with_gateway=True)
+        records_a, duration_a, records_b, duration_b = await interleaved(
+            self.client, self.gateway, (first.workload, items[0], first.name), (second.workload, items[1], second.name))
+        server = (await self.snapshot(with_gateway=True)).minus(before)
+        load, retries, cpu = ((load_before, os.getloadavg()[0]), self.client.stats.retries - retries,
+                              _cpu_s(resource.RUSAGE_SELF) - cpu)
+        for spec, records, duration, other in ((first, records_a, duration_a, second.name),
+                                               (second, records_b, duration_b, first.name)):
+            self._add(spec, summarise(spec.name, spec.workload.name, records, duration, server, load, retries, cpu,
+                                      1, None, spec.kind, spec.reduced_router, interleaved_with=other), records)
+
+    async def run_phase(self, spec: PhaseSpec) -> PhaseMetrics:
+        items = self.take(spec)
+        load_before, retries, cpu = os.getloadavg()[0], self.client.stats.retries, _cpu_s(resource.RUSAGE_SELF)
+        via_gateway = spec.workload.via_gateway
+        before = await self.snapshot(via_gateway)
         rate = None
         if spec.concurrency is None:
             rate = self.bench.request_rate or OPEN_LOOP_LOAD * max(
@@ -226,38 +306,120 @@ class _Run:
             rng = random.Random(f"{self.bench.seed}:arrivals:{spec.name}")
             records, duration = await open_loop(self.client, spec.workload, items, rate, rng, spec.name)
         else:
-            records, duration = await closed_loop(self.client, spec.workload, items, spec.concurrency, spec.name)
-        server = (await self.snapshot()).minus(before)
+            records, duration = await closed_loop(self.client, spec.workload, items, spec.concurrency, spec.name,
+                                                  self.gateway)
+        server = (await self.snapshot(via_gateway)).minus(before)
         metrics = summarise(spec.name, spec.workload.name, records, duration, server,
                             (load_before, os.getloadavg()[0]), self.client.stats.retries - retries,
                             _cpu_s(resource.RUSAGE_SELF) - cpu, spec.concurrency, rate, spec.kind,
-                            spec.reduced_router or spec.reuse is not None)
+                            spec.reduced_router)
+        self._add(spec, metrics, records)
+        return metrics
+
+    def _add(self, spec: PhaseSpec, metrics: PhaseMetrics, records: list[RequestRecord]) -> None:
         self.phases[spec.name] = metrics
         self.records += records
         log.info("%-42s %3d/%-3d ok  %6.2f screenshots/s  p50 %s  load %.1f", spec.name, metrics.completed,
                  metrics.screenshots, metrics.screenshots_per_s, _ms(metrics.e2e_s.p50), metrics.load_after)
-        return metrics
 
-    async def run_peer(self, tokenizer: str, model: str, out_dir: Path) -> PeerResult:
-        """`vllm bench serve` on the expert-only path at the compare concurrency."""
+    async def run_peers(self, tokenizer: str, model: str, out_dir: Path) -> list[PeerResult]:
+        """`vllm bench serve` at the compare concurrency on the expert-only path, then (on twins of the same
+        screenshots) through the gateway."""
         items = self.pool.take(self.bench.peer_requests)
+        results = [await self._run_peer("vllm", items, self.client.config.server_root, self.client.config.api_key,
+                                        model, self.client.config.labels, tokenizer, out_dir, peer.RESULT_FILE)]
+        if self.gateway is not None:
+            results.append(await self._run_peer(
+                "gateway", self.pool.twins(items), self.gateway.base_url.removesuffix("/v1"), self.gateway.api_key,
+                self.gateway.model, [], tokenizer, out_dir, peer.GATEWAY_RESULT_FILE))
+        return results
+
+    async def _run_peer(self, target: str, items: Sequence[BenchItem], root_url: str, api_key: str | None,
+                        model: str, experts: Sequence[str], tokenizer: str, out_dir: Path,
+                        result_file: str) -> PeerResult:
         output_len = max(1, round(float(np.mean([i.max_tokens for i in items]))))
         concurrency = self.bench.compare_concurrency
         with tempfile.TemporaryDirectory() as tmp:
             dataset = Path(tmp) / "screens.jsonl"
             peer.write_dataset(items, dataset)
             command = peer.bench_command(
-                root_url=self.client.config.server_root, model=model, tokenizer=tokenizer,
-                experts=self.client.config.labels, dataset=dataset, num_prompts=len(items),
-                max_concurrency=concurrency, output_len=output_len, seed=self.bench.seed, result_dir=out_dir)
-            before, cpu = await self.snapshot(), _cpu_s(resource.RUSAGE_CHILDREN)
-            code, result, tail = await peer.run_peer(command, self.client.config.api_key, out_dir,
+                root_url=root_url, model=model, tokenizer=tokenizer, experts=experts, dataset=dataset,
+                num_prompts=len(items), max_concurrency=concurrency, output_len=output_len, seed=self.bench.seed,
+                result_dir=out_dir, result_file=result_file)
+            with_gateway = target == "gateway"
+            before, cpu = await self.snapshot(with_gateway), _cpu_s(resource.RUSAGE_CHILDREN)
+            code, result, tail = await peer.run_peer(command, api_key, out_dir / result_file,
                                                      timeout_s=self.bench.timeout_s * 4)
-            server, cpu = (await self.snapshot()).minus(before), _cpu_s(resource.RUSAGE_CHILDREN) - cpu
-        log.info("vllm bench serve: exit %s, %.2f requests/s", code, result.get("request_throughput", float("nan")))
-        return PeerResult(command=command, num_prompts=len(items), max_concurrency=concurrency, output_len=output_len,
-                          returncode=code, result=result, server=server.counters,
-                          server_ttft_s=server_ttft(server), client_cpu_s=cpu, log_tail=tail)
+            server, cpu = (await self.snapshot(with_gateway)).minus(before), _cpu_s(resource.RUSAGE_CHILDREN) - cpu
+        log.info("vllm bench serve (%s): exit %s, %.2f requests/s", target, code,
+                 result.get("request_throughput", float("nan")))
+        return PeerResult(target=target, command=command, num_prompts=len(items), max_concurrency=concurrency,
+                          output_len=output_len, returncode=code, result=result, server=server.counters,
+                          server_ttft_s=server_ttft(server), server_means_s=server.means(), client_cpu_s=cpu,
+                          log_tail=tail)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What the benchmark needs of the server it started: the gateway's API root, vLLM's own and its key, and the
+    command that started vLLM."""
+
+    base_url: str
+    upstream_url: str
+    upstream_key: str
+    command: ServerCommand
+
+
+class ServerProcess:
+    """serving.launcher.VLLMServer (vLLM and the gateway) in a child process, the shape `python -m serving` has:
+    run in this process, the gateway's event loop shared an interpreter, and so the GIL, with the load generator's,
+    and its throughput at c=16 was 16% below the client-side path's on twins of the same screenshots."""
+
+    def __init__(self, deployment: DeploymentConfig, log_path: Path) -> None:
+        context = multiprocessing.get_context("spawn")  # a clean interpreter: no fork of this one's threads
+        self._conn, self._child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(deployment, log_path, self._child), name="vllm-server",
+                                        daemon=True)
+
+    async def start(self) -> Served:
+        """Start the child and wait until the server is ready; its start-up error is raised here."""
+        self._process.start()
+        self._child.close()  # the child's end lives in the child now: its exit reads as EOF here
+        answer = await asyncio.to_thread(self._conn.recv)
+        if isinstance(answer, BaseException):
+            self._process.join()
+            raise answer
+        return answer
+
+    def stop(self) -> None:
+        """Ask the child to stop the server and wait for it."""
+        if self._process.is_alive():
+            self._conn.send("stop")
+            self._process.join(timeout=120)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+
+
+def _serve(deployment: DeploymentConfig, log_path: Path, conn) -> None:
+    """The child: start the server, send Served (or the start-up error), serve until told to stop."""
+    # multiprocessing's terminate() sends SIGTERM: leave through `finally`, so vLLM is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    setup_logging()
+    server = VLLMServer(deployment, log_path=log_path)
+    try:
+        try:
+            asyncio.run(server.start())
+        except Exception as exc:  # any start-up failure goes to the parent, which raises it
+            conn.send(exc)
+            return
+        conn.send(Served(server.base_url, server.upstream_url, server.upstream_key, server.command))
+        try:
+            conn.recv()
+        except EOFError:  # the parent is gone
+            pass
+    finally:
+        server.stop()
 
 
 def _cpu_s(who: int) -> float:
@@ -300,8 +462,8 @@ def _token_stats(values: Sequence[int]) -> dict[str, float]:
 
 
 def _setup(bench: BenchConfig, deployment: DeploymentConfig, config_path: str | None, model_dir: str,
-           server: VLLMServer | None, base_url: str, threads: int | None, mode: str, client_config: ClientConfig,
-           run: _Run) -> dict[str, Any]:
+           server: Served | None, base_url: str, gateway_url: str | None, threads: int | None, mode: str,
+           client_config: ClientConfig, run: _Run) -> dict[str, Any]:
     """What the report records about the run's setup."""
     ranks = [a["rank"] for a in environment.adapters(deployment)]
     command = server.command if server else None
@@ -315,7 +477,7 @@ def _setup(bench: BenchConfig, deployment: DeploymentConfig, config_path: str | 
         "adapters": environment.adapters(deployment),
         "max_loras": deployment.engine.max_loras or len(deployment.adapters),
         "max_lora_rank": deployment.engine.max_lora_rank or (max_rank_for(max(ranks)) if ranks else None),
-        "server": {"base_url": base_url, "started_by_benchmark": server is not None,
+        "server": {"base_url": base_url, "gateway_url": gateway_url, "started_by_benchmark": server is not None,
                    "argv": command.argv if command else None,
                    "env": command.env if command else None},
         "cpu_threads": threads,
@@ -331,7 +493,11 @@ def _setup(bench: BenchConfig, deployment: DeploymentConfig, config_path: str | 
 
 async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_dir: Path,
                         config_path: str | None = None) -> BenchmarkResult:
-    """Run every phase, the peer tool and the baselines; start (and stop) a server unless bench.base_url is set."""
+    """Run every phase, the peer tool and the baselines; start (and stop) a server unless bench.base_url is set.
+
+    The client-side phases talk to vLLM itself (the started server's upstream, with its internal key; or
+    bench.base_url), the gateway phases to the gateway (the started server's; or bench.gateway_url, else none).
+    """
     kinds = _check_mix(bench, deployment)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = resolve_base_model(deployment.model.path)
@@ -343,19 +509,26 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
         # Through the deployment: the server command's environment sets OMP_NUM_THREADS from engine.cpu_threads.
         deployment = dataclasses.replace(
             deployment, engine=dataclasses.replace(deployment.engine, cpu_threads=bench.cpu_threads))
-    server: VLLMServer | None = None
+    if bench.router_mode:
+        # Through the deployment too, so the gateway the benchmark starts routes in the same mode as the client.
+        deployment = dataclasses.replace(deployment, client={**deployment.client, "router_mode": bench.router_mode})
+    process: ServerProcess | None = None
+    server: Served | None = None
     if bench.base_url is None:
         engine = dataclasses.replace(deployment.engine, port=0)
-        server = VLLMServer(dataclasses.replace(deployment, engine=engine), log_path=out_dir / "vllm.log")
-        log.info("starting vLLM ...")
-        await server.start()
+        process = ServerProcess(dataclasses.replace(deployment, engine=engine), out_dir / "vllm.log")
+        log.info("starting vLLM and the gateway (in their own process) ...")
+        server = await process.start()
     # What the command passed to the vLLM it started; for a server started elsewhere, the deployment's setting.
     threads = int(server.command.env["OMP_NUM_THREADS"]) if server and on_cpu else cpu_threads(deployment.engine)
     try:
-        base_url = bench.base_url or server.base_url
+        base_url = bench.base_url or server.upstream_url
+        gateway_url = server.base_url if server else bench.gateway_url
+        if gateway_url is None:
+            log.warning("no gateway phases: --base-url names a running server and no --gateway-url was given")
         client_config = ClientConfig.from_deployment(
             deployment, base_url=base_url, fallback="base", timeout_s=bench.timeout_s,
-            read_timeout_s=bench.timeout_s, **({"router_mode": bench.router_mode} if bench.router_mode else {}))
+            read_timeout_s=bench.timeout_s, **({"api_key": server.upstream_key} if server else {}))
         tokenizer = processor.tokenizer
         pool = ScreenPool(
             bench.seed, {k: bench.class_mix[k] for k in kinds}, image_max_pixels=client_config.max_pixels,
@@ -363,22 +536,32 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
             answer_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
             image_tokens=_image_token_counter(processor, deployment))
         async with RouterClient(client_config) as client, \
-                aiohttp.ClientSession(headers=bearer_headers(client_config.api_key)) as session:
+                aiohttp.ClientSession(headers=bearer_headers(client_config.api_key)) as session, \
+                aiohttp.ClientSession(headers=bearer_headers(deployment.engine.api_key),
+                                      timeout=aiohttp.ClientTimeout(total=bench.timeout_s)) as gateway_session:
             mode = client.mode
-            plan = build_plan(bench, mode, kinds)
-            run = _Run(bench, client, pool, session)
+            gateway = None if gateway_url is None else GatewayTarget(
+                gateway_session, gateway_url.rstrip("/"), deployment.gateway.auto_model, deployment.engine.api_key)
+            plan = build_plan(bench, mode, kinds, with_gateway=gateway is not None)
+            run = _Run(bench, client, gateway, pool, session)
             before = await run.snapshot()
             warmup = await run.warm_up(plan)
-            peer_result = None
+            peers = []
+            specs = {spec.name: spec for spec in plan.phases}
             for spec in plan.phases:
-                await run.run_phase(spec)
-                if spec.name == plan.roles.two_stage_c and bench.peer_requests:
+                if spec.name in run.phases:
+                    continue  # ran interleaved with an earlier one
+                if spec.name in plan.interleaved:
+                    await run.run_interleaved(spec, specs[plan.interleaved[spec.name]])
+                else:
+                    await run.run_phase(spec)
+                if spec.name == (plan.roles.gateway_c or plan.roles.two_stage_c) and bench.peer_requests:
                     # Right after our phases at the compare concurrency, so it sees the same machine load.
-                    peer_result = await run.run_peer(model_dir, deployment.model.served_name, out_dir)
+                    peers = await run.run_peers(model_dir, deployment.model.served_name, out_dir)
             after = await run.snapshot()
     finally:
-        if server is not None:
-            server.stop()
+        if process is not None:
+            process.stop()
     baselines = []
     if bench.hf_requests:
         log.info("transformers + PEFT baselines ...")
@@ -387,14 +570,14 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
     resolution = [agreement(m, [r for r in run.records if r.phase in {full for full, _ in pairs}],
                             [r for r in run.records if r.phase in {reduced for _, reduced in pairs}])
                   for m, pairs in plan.roles.resolution_pairs.items()]
-    targets = evaluate(run.phases, plan.roles, baselines, resolution)
-    setup = _setup(bench, deployment, config_path, model_dir, server, base_url, threads if on_cpu else None, mode,
-                   client_config, run)
+    targets = evaluate(run.phases, plan.roles, baselines, resolution, run.records)
+    setup = _setup(bench, deployment, config_path, model_dir, server, base_url, gateway_url,
+                   threads if on_cpu else None, mode, client_config, run)
     setup.update(started_utc=started.isoformat(timespec="seconds"),
                  finished_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  load_average_1m={"start": load_start, "end": os.getloadavg()[0]})
     return BenchmarkResult(setup=setup, phases=list(run.phases.values()), records=run.records, warmup=warmup,
-                           server_before=before.counters, server_after=after.counters, peer=peer_result,
+                           server_before=before.counters, server_after=after.counters, peers=peers,
                            baselines=baselines, resolution=resolution, targets=targets)
 
 

@@ -25,23 +25,40 @@ COUNTERS = (
     "vllm:request_success_total",
 )
 TTFT = "vllm:time_to_first_token_seconds"
+# Per-request timings whose means split a request's time: vLLM's, from arrival in its engine to the answer (queued,
+# prefill: scheduled to first token, decode: first to last token, e2e: all of it), and the gateway's stages
+# (image preparation, the router request, the expert request, total), labelled "gateway_stage_seconds[stage]".
+TIMINGS = (
+    "vllm:e2e_request_latency_seconds",
+    "vllm:request_queue_time_seconds",
+    "vllm:request_prefill_time_seconds",
+    "vllm:request_decode_time_seconds",
+)
+GATEWAY_STAGE = "gateway_stage_seconds"
 
 
 @dataclass
 class ServerSnapshot:
-    """The counters of COUNTERS and the TTFT histogram's cumulative buckets (upper bound -> count)."""
+    """The counters of COUNTERS, the TTFT histogram's cumulative buckets (upper bound -> count), and the (sum,
+    count) of each timing histogram (TIMINGS, the gateway's stages)."""
 
     counters: dict[str, float] = field(default_factory=dict)
     ttft_buckets: dict[float, float] = field(default_factory=dict)
     ttft_sum: float = 0.0
     ttft_count: float = 0.0
+    histograms: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def minus(self, before: ServerSnapshot) -> ServerSnapshot:
         """What happened between `before` and this snapshot."""
         return ServerSnapshot(
             counters={k: v - before.counters.get(k, 0.0) for k, v in self.counters.items()},
             ttft_buckets={le: n - before.ttft_buckets.get(le, 0.0) for le, n in self.ttft_buckets.items()},
-            ttft_sum=self.ttft_sum - before.ttft_sum, ttft_count=self.ttft_count - before.ttft_count)
+            ttft_sum=self.ttft_sum - before.ttft_sum, ttft_count=self.ttft_count - before.ttft_count,
+            histograms={k: _minus(v, before.histograms.get(k, (0.0, 0.0))) for k, v in self.histograms.items()})
+
+    def means(self) -> dict[str, float]:
+        """Mean seconds per observation of each timing histogram that observed anything."""
+        return {k: total / n for k, (total, n) in self.histograms.items() if n > 0}
 
     def ratio(self, hits: str, queries: str) -> float | None:
         """counters[hits] / counters[queries], None without queries."""
@@ -65,6 +82,10 @@ class ServerSnapshot:
         return lower_bound
 
 
+def _minus(after: tuple[float, float], before: tuple[float, float]) -> tuple[float, float]:
+    return after[0] - before[0], after[1] - before[1]
+
+
 def parse_metrics(text: str) -> ServerSnapshot:
     """A snapshot from Prometheus exposition text (parsed by prometheus_client)."""
     snap = ServerSnapshot(counters=dict.fromkeys(COUNTERS, 0.0))
@@ -81,6 +102,12 @@ def parse_metrics(text: str) -> ServerSnapshot:
                 snap.ttft_sum += sample.value
             elif sample.name == TTFT + "_count":
                 snap.ttft_count += sample.value
+            elif sample.name.endswith(("_sum", "_count")):
+                name, _, part = sample.name.rpartition("_")
+                if name in TIMINGS or name == GATEWAY_STAGE:
+                    key = f"{name}[{sample.labels['stage']}]" if name == GATEWAY_STAGE else name
+                    total, n = snap.histograms.get(key, (0.0, 0.0))
+                    snap.histograms[key] = (total + sample.value, n) if part == "sum" else (total, n + sample.value)
     return snap
 
 

@@ -9,9 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from benchmarks.hf_baselines import SINGLE_LOAD, TWO_STAGE_INFERENCE, BaselineResult
 from benchmarks.metrics import PhaseMetrics
 from benchmarks.workloads import RequestRecord
+
+# The issue's thresholds for routing and the gateway.
+ROUTING_OVERHEAD_MAX = 1.15  # p50 two-stage / p50 expert-only per expert, c=1
+GATEWAY_THROUGHPUT_MIN = 0.95  # gateway / client-side two-stage screenshots/s, compare concurrency
+GATEWAY_ADDED_P50_MS_MAX = 5.0  # gateway p50 - client-side two-stage p50, c=1
 
 
 @dataclass
@@ -39,6 +46,10 @@ class Roles:
     base_c: str
     reduced_route_1: str
     reduced_two_stage_c: str
+    gateway_1: str  # through the gateway, twins of two_stage_1's screenshots ("" when no gateway was measured)
+    gateway_c: str  # the same at the compare concurrency
+    mode: str  # the router mode of the two-stage paths (the gateway's: the same deployment setting)
+    mode_pairs: dict[int, tuple[str, str]]  # concurrency -> (router-only in `mode`, router-only in the other mode)
     one_token: list[str]  # phases whose routes use one-token mode
     two_stage_all: list[str]  # full-resolution two-stage phases
     per_expert: dict[str, tuple[str, str]]  # expert -> (two-stage, expert-only) phases at concurrency 1
@@ -83,9 +94,29 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:.3g}{unit}"
 
 
+def paired_difference(records: Sequence[RequestRecord], first: str, second: str) -> tuple[float | None, int]:
+    """The median over screenshots sent in both phases (a twin keeps its screenshot's index) of phase `second`'s
+    end-to-end seconds minus phase `first`'s, and how many screenshots were paired."""
+    before = {r.index: r.e2e_s for r in records if r.phase == first and r.e2e_s is not None}
+    diffs = [r.e2e_s - before[r.index] for r in records
+             if r.phase == second and r.e2e_s is not None and r.index in before]
+    return (float(np.median(diffs)) if diffs else None), len(diffs)
+
+
+def gateway_stages_ms(phase: PhaseMetrics | None) -> str:
+    """The gateway's mean stage times over a phase, and what is left of its total beside the two vLLM calls."""
+    means = phase.server_means_s if phase else {}
+    stages = {stage: means.get(f"gateway_stage_seconds[{stage}]") for stage in ("image", "route", "expert", "total")}
+    if None in stages.values():
+        return "gateway stage timings n/a"
+    own = stages["total"] - stages["route"] - stages["expert"]
+    return ("gateway stage means " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in stages.items())
+            + f" (its own time beside the two vLLM calls {own * 1000:.1f} ms)")
+
+
 def evaluate(phases: Mapping[str, PhaseMetrics], roles: Roles, baselines: Sequence[BaselineResult],
-             resolution: Sequence[Agreement]) -> list[Target]:
-    """Every target and comparison, from the phases that ran."""
+             resolution: Sequence[Agreement], records: Sequence[RequestRecord] = ()) -> list[Target]:
+    """Every target and comparison, from the phases that ran (and their requests, for paired comparisons)."""
 
     def get(role: str) -> PhaseMetrics | None:
         return phases.get(getattr(roles, role))
@@ -170,10 +201,15 @@ def evaluate(phases: Mapping[str, PhaseMetrics], roles: Roles, baselines: Sequen
     for expert, (ts_name, ex_name) in roles.per_expert.items():
         ts, ex = phases.get(ts_name), phases.get(ex_name)
         ratio = _ratio(ts.e2e_s.p50 if ts else None, ex.e2e_s.p50 if ex else None)
-        targets.append(Target(f"routing overhead for {expert}: p50 two-stage / p50 expert-only, c=1", ratio,
-                              "(informational)", None,
+        targets.append(Target(f"routing costs little for {expert}: p50 two-stage / p50 expert-only, c=1 (same "
+                              "screenshots)", ratio, f"<= {ROUTING_OVERHEAD_MAX:g}",
+                              None if ratio is None else ratio <= ROUTING_OVERHEAD_MAX,
                               f"{_fmt(ts.e2e_s.p50 if ts else None, ' s')} / "
-                              f"{_fmt(ex.e2e_s.p50 if ex else None, ' s')}"))
+                              f"{_fmt(ex.e2e_s.p50 if ex else None, ' s')}; route p50 "
+                              f"{_fmt(ts.route_s.p50 if ts else None, ' s')}, expert stage p50 "
+                              f"{_fmt(ts.expert_s.p50 if ts else None, ' s')}"))
+    targets.append(_mode_target(phases, roles))
+    targets += _gateway_targets(phases, roles, records)
 
     red1, red_c = get("reduced_route_1"), get("reduced_two_stage_c")
     saved = _ratio(red1.e2e_s.p50 if red1 else None, r1.e2e_s.p50 if r1 else None)
@@ -190,3 +226,49 @@ def evaluate(phases: Mapping[str, PhaseMetrics], roles: Roles, baselines: Sequen
                           f"{tokens}; two-stage screenshots/s reduced / full at compare concurrency {_fmt(speed)} "
                           f"(mm cache hit rate reduced {mm}); cost: {cost}"))
     return targets
+
+
+def _mode_target(phases: Mapping[str, PhaseMetrics], roles: Roles) -> Target:
+    """The two-stage paths' (and the gateway's) router mode against the other, router-only routes/s."""
+    ratios, parts = [], []
+    for concurrency, (mine, other) in sorted(roles.mode_pairs.items()):
+        a, b = phases.get(mine), phases.get(other)
+        if not a or not b:
+            continue
+        ratio = _ratio(a.screenshots_per_s, b.screenshots_per_s)
+        ratios.append(ratio)
+        parts.append(f"c={concurrency}: {_fmt(a.screenshots_per_s, '/s')} (p50 {_fmt(a.route_s.p50, ' s')}) vs "
+                     f"{_fmt(b.screenshots_per_s, '/s')} (p50 {_fmt(b.route_s.p50, ' s')}) = {_fmt(ratio)}")
+    measured = min(ratios) if ratios and None not in ratios else None
+    return Target(f"the router mode in use ({roles.mode}) is at least as fast as the other: lowest routes/s ratio "
+                  "over the concurrencies measured (router-only)", measured, ">= 1",
+                  None if measured is None else measured >= 1.0, "; ".join(parts) or "not measured")
+
+
+def _gateway_targets(phases: Mapping[str, PhaseMetrics], roles: Roles,
+                     records: Sequence[RequestRecord]) -> list[Target]:
+    """The gateway's throughput and added latency, against the client-side two-stage phases it was paired with."""
+    ts1, gw1 = phases.get(roles.two_stage_1), phases.get(roles.gateway_1)
+    tsc, gwc = phases.get(roles.two_stage_c), phases.get(roles.gateway_c)
+    absent = "not measured: no gateway (a --base-url run without --gateway-url)"
+    ratio = _ratio(gwc.screenshots_per_s if gwc else None, tsc.screenshots_per_s if tsc else None)
+    throughput = Target(
+        "gateway / client-side two-stage screenshots/s, compare concurrency (same screenshots)", ratio,
+        f">= {GATEWAY_THROUGHPUT_MIN:g}", None if ratio is None else ratio >= GATEWAY_THROUGHPUT_MIN,
+        absent if not gwc or not tsc else
+        f"gateway {_fmt(gwc.screenshots_per_s, '/s')} ({gwc.failed} failed), client-side "
+        f"{_fmt(tsc.screenshots_per_s, '/s')} ({tsc.failed} failed); p50 end to end {_fmt(gwc.e2e_s.p50, ' s')} vs "
+        f"{_fmt(tsc.e2e_s.p50, ' s')}; {gateway_stages_ms(gwc)}")
+    added = None
+    if ts1 and gw1 and None not in (ts1.e2e_s.p50, gw1.e2e_s.p50):
+        added = (gw1.e2e_s.p50 - ts1.e2e_s.p50) * 1000
+    paired, pairs = paired_difference(records, roles.two_stage_1, roles.gateway_1)
+    latency = Target(
+        "gateway added latency: p50 gateway - p50 client-side two-stage, c=1, ms (same screenshots)", added,
+        f"<= {GATEWAY_ADDED_P50_MS_MAX:g} ms", None if added is None else added <= GATEWAY_ADDED_P50_MS_MAX,
+        absent if not gw1 or not ts1 else
+        f"p50 {_fmt(gw1.e2e_s.p50, ' s')} vs {_fmt(ts1.e2e_s.p50, ' s')}; median per-screenshot difference "
+        f"{_fmt(None if paired is None else paired * 1000, ' ms')} over {pairs} screenshots; route p50 "
+        f"{_fmt(gw1.route_s.p50, ' s')} (x-route-ms) vs {_fmt(ts1.route_s.p50, ' s')} (client); "
+        f"{gateway_stages_ms(gw1)}")
+    return [throughput, latency]

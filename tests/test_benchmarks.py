@@ -1,21 +1,26 @@
-"""Benchmarks: the pieces without a server (metrics parsing, the plan, the peer tool's input, the random 8B
-writer on a scaled-down shape), and a smoke run against a real tiny server (report shape, every request
-accounted for; no timing asserted)."""
+"""Benchmarks: the pieces without a server (metrics parsing, the plan, the target arithmetic on known inputs,
+twin screenshots, the peer tool's input, the random 8B writer on a scaled-down shape), and a smoke run against a
+real tiny server and its gateway (report shape, every request accounted for; no timing asserted)."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from benchmarks import peer, random_8b
 from benchmarks.config import BenchConfig
+from benchmarks.metrics import PhaseMetrics, summarise
+from benchmarks.pool import ScreenPool
 from benchmarks.report import write_report
-from benchmarks.runner import build_plan, phase_name, run_benchmark
-from benchmarks.server_metrics import parse_metrics
-from benchmarks.workloads import two_stage
+from benchmarks.runner import build_plan, interleaved, phase_name, run_benchmark
+from benchmarks.server_metrics import ServerSnapshot, parse_metrics
+from benchmarks.targets import Roles, Target, evaluate, paired_difference
+from benchmarks.workloads import EXPERT_ONLY, RequestRecord, gateway, router_only, two_stage
 from router_client import PreparedImage
 
 METRICS = """\
@@ -50,6 +55,31 @@ def test_ttft_quantiles_interpolate_inside_buckets():
     assert snap.ttft_quantile(0.99) == pytest.approx(0.5)  # in +Inf: the last finite bound
 
 
+GATEWAY_METRICS = """\
+# TYPE gateway_stage_seconds histogram
+gateway_stage_seconds_bucket{le="+Inf",stage="image"} 4.0
+gateway_stage_seconds_count{stage="image"} 4.0
+gateway_stage_seconds_sum{stage="image"} 0.002
+gateway_stage_seconds_count{stage="route"} 4.0
+gateway_stage_seconds_sum{stage="route"} 0.2
+vllm:request_prefill_time_seconds_count{engine="0",model_name="base"} 8.0
+vllm:request_prefill_time_seconds_sum{engine="0",model_name="base"} 0.16
+vllm:e2e_request_latency_seconds_count{engine="0",model_name="base"} 8.0
+vllm:e2e_request_latency_seconds_sum{engine="0",model_name="base"} 0.8
+"""
+
+
+def test_timing_histograms_give_per_request_means_per_phase():
+    before = parse_metrics(GATEWAY_METRICS)
+    assert before.means() == pytest.approx({
+        "gateway_stage_seconds[image]": 0.0005, "gateway_stage_seconds[route]": 0.05,
+        "vllm:request_prefill_time_seconds": 0.02, "vllm:e2e_request_latency_seconds": 0.1})
+    after = parse_metrics(GATEWAY_METRICS.replace("} 4.0", "} 6.0").replace("} 0.2", "} 0.26"))
+    delta = after.minus(before)
+    assert delta.means()["gateway_stage_seconds[route]"] == pytest.approx(0.03)  # 0.06 s over 2 more routes
+    assert "vllm:request_prefill_time_seconds" not in delta.means()  # nothing observed in between
+
+
 def test_plan_puts_compared_phases_side_by_side_and_names_them_once():
     bench = BenchConfig(concurrencies=[1, 4, 16, 32], compare_concurrency=16, per_expert_requests=2)
     plan = build_plan(bench, "one-token", ["calendar", "claim-window"])
@@ -68,6 +98,135 @@ def test_plan_puts_compared_phases_side_by_side_and_names_them_once():
     assert phase_name(two_stage("one-token"), 32) in names and names[-1] == phase_name(two_stage("one-token"), None)
     assert set(roles.per_expert) == {"calendar", "claim-window"}
     assert all("one-token" in n for n in roles.one_token)
+    specs = {p.name: p for p in plan.phases}
+    # Gateway phases: right after the client-side two-stage phase they are compared with, on its screenshots.
+    for two_stage_name, gateway_name, concurrency in ((roles.two_stage_1, roles.gateway_1, 1),
+                                                      (roles.two_stage_c, roles.gateway_c, 16)):
+        assert gateway_name == phase_name(gateway("one-token"), concurrency)
+        assert names.index(gateway_name) == names.index(two_stage_name) + 1
+        assert specs[gateway_name].reuse == two_stage_name and not specs[gateway_name].reduced_router
+    # Per expert, two-stage re-sends the expert-only phase's screenshots (as twins).
+    for ts_name, ex_name in roles.per_expert.values():
+        assert specs[ts_name].reuse == ex_name
+    # Pairs compared at concurrency 1 screenshot by screenshot run interleaved.
+    assert plan.interleaved == {**{ex: ts for ts, ex in roles.per_expert.values()}, roles.two_stage_1: roles.gateway_1}
+    assert roles.mode_pairs == {1: (roles.router_1, phase_name(router_only("choice"), 1)),
+                                16: (roles.router_c, phase_name(router_only("choice"), 16))}
+    without = build_plan(bench, "one-token", ["calendar", "claim-window"], with_gateway=False)
+    assert not any(p.workload.via_gateway for p in without.phases)
+    assert without.roles.gateway_1 == without.roles.gateway_c == ""
+
+
+class _OrderClient:
+    """Answers run_expert at once and notes which screenshot (by its prompt) asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def run_expert(self, expert, image, prompt, max_tokens):
+        self.calls.append(prompt)
+        return type("Result", (), {"latency_s": 0.0, "prompt_tokens": 1, "completion_tokens": 1})()
+
+
+def test_interleaved_phases_alternate_which_goes_first():
+    def screenshots(side: str) -> list[SimpleNamespace]:
+        return [SimpleNamespace(index=i, kind="calendar", prompt=f"{side}{i}", max_tokens=2, image=None,
+                                image_tokens=1, router_image_tokens=1) for i in range(3)]
+
+    client = _OrderClient()
+    records_a, duration_a, records_b, _ = asyncio.run(interleaved(client, None, (EXPERT_ONLY, screenshots("a"), "a"),
+                                                                  (EXPERT_ONLY, screenshots("b"), "b")))
+    assert client.calls == ["a0", "b0", "b1", "a1", "a2", "b2"]
+    assert [r.phase for r in records_a] == ["a"] * 3 and [r.index for r in records_b] == [0, 1, 2]
+    assert all(r.ok for r in records_a + records_b) and duration_a >= 0
+
+
+def _record(phase: str, index: int, e2e: float, route: float | None = 0.04) -> RequestRecord:
+    return RequestRecord(phase=phase, index=index, kind="calendar", start_s=0.0, e2e_s=e2e, route_s=route,
+                         expert_s=None, routed="calendar", route_mode="one-token", fallback_reason=None,
+                         expert="calendar", route_prompt_tokens=None, route_completion_tokens=None,
+                         expert_prompt_tokens=60, expert_completion_tokens=20, max_tokens=21, image_tokens=27,
+                         router_image_tokens=27, ok=True, error=None)
+
+
+def _phase(name: str, records: list[RequestRecord], duration_s: float, concurrency: int,
+           workload: str = "two-stage[one-token]") -> PhaseMetrics:
+    return summarise(name, workload, records, duration_s, ServerSnapshot(), (0.0, 0.0), 0, 0.0, concurrency)
+
+
+def _targets(phases: list[PhaseMetrics], records: list[RequestRecord] = ()) -> tuple[Roles, dict[str, Target]]:
+    bench = BenchConfig(concurrencies=[1, 16], compare_concurrency=16, per_expert_requests=2)
+    roles = build_plan(bench, "one-token", ["calendar"]).roles
+    return roles, {t.name.split(":")[0]: t for t in evaluate({p.name: p for p in phases}, roles, [], [], records)}
+
+
+def test_gateway_targets_compare_it_with_the_client_side_two_stage_phases():
+    roles, _ = _targets([])
+    client_1 = [_record(roles.two_stage_1, i, e) for i, e in enumerate([0.200, 0.210, 0.300])]
+    gateway_1 = [_record(roles.gateway_1, i, e) for i, e in enumerate([0.204, 0.216, 0.301])]
+    phases = [_phase(roles.two_stage_1, client_1, 1.0, 1), _phase(roles.gateway_1, gateway_1, 1.0, 1),
+              _phase(roles.two_stage_c, client_1 * 4, 1.0, 16), _phase(roles.gateway_c, gateway_1 * 4, 1.25, 16)]
+    _, targets = _targets(phases, client_1 + gateway_1)
+    latency = targets["gateway added latency"]
+    assert latency.measured == pytest.approx(6.0)  # p50 0.216 - 0.210 s
+    assert latency.met is False and "median per-screenshot difference 4 ms over 3 screenshots" in latency.detail
+    throughput = targets["gateway / client-side two-stage screenshots/s, compare concurrency (same screenshots)"]
+    assert throughput.measured == pytest.approx(0.8)  # 12 in 1.25 s against 12 in 1 s
+    assert throughput.met is False
+    _, absent = _targets(phases[:1] + phases[2:3])
+    assert absent["gateway added latency"].met is None and "no gateway" in absent["gateway added latency"].detail
+
+
+def test_paired_difference_matches_screenshots_by_index_and_skips_failures():
+    a = [_record("a", 0, 0.1), _record("a", 1, 0.2), _record("a", 2, 0.3)]
+    b = [_record("b", 1, 0.25), _record("b", 0, 0.1), dataclasses.replace(_record("b", 2, 0.9), e2e_s=None)]
+    assert paired_difference(a + b, "a", "b") == (pytest.approx(0.025), 2)
+    assert paired_difference(a, "a", "b") == (None, 0)
+
+
+def test_routing_cost_per_expert_and_the_router_mode_targets():
+    roles, _ = _targets([])
+    ts_name, ex_name = roles.per_expert["calendar"]
+    expert = [_record(ex_name, i, e, route=None) for i, e in enumerate([0.20, 0.25, 0.30])]
+    routed = [_record(ts_name, i, e) for i, e in enumerate([0.24, 0.29, 0.33])]
+    mine_1, other_1 = roles.mode_pairs[1]
+    mine_c, other_c = roles.mode_pairs[16]
+    routers = [_phase(mine_1, [_record(mine_1, 0, 0.05)] * 20, 1.0, 1, "router-only[one-token]"),
+               _phase(other_1, [_record(other_1, 0, 0.09)] * 10, 1.0, 1, "router-only[choice]"),
+               _phase(mine_c, [_record(mine_c, 0, 0.5)] * 30, 1.0, 16, "router-only[one-token]"),
+               _phase(other_c, [_record(other_c, 0, 0.5)] * 36, 1.0, 16, "router-only[choice]")]
+    _, targets = _targets([_phase(ex_name, expert, 1.0, 1, "expert-only"), _phase(ts_name, routed, 1.0, 1),
+                           *routers])
+    overhead = targets["routing costs little for calendar"]
+    assert overhead.measured == pytest.approx(0.29 / 0.25) and overhead.met is False  # 1.16 > 1.15
+    mode = next(t for name, t in targets.items() if name.startswith("the router mode in use (one-token)"))
+    assert mode.measured == pytest.approx(30 / 36) and mode.met is False  # 2.0 at c=1, 0.83 at c=16
+    assert "c=1:" in mode.detail and "c=16:" in mode.detail
+
+
+def test_twins_are_the_same_screenshots_in_new_bytes():
+    pool = ScreenPool(0, {"calendar": 1.0, "provider-select": 1.0}, image_max_pixels=None, router_max_pixels=20_000,
+                      expert_max_tokens=None, answer_tokens=len, image_tokens=lambda w, h: w * h // 1024)
+    items = pool.take(2)
+    twins = pool.twins(items)
+    for item, twin in zip(items, twins):
+        assert (twin.index, twin.kind, twin.seed, twin.prompt, twin.max_tokens, twin.image_tokens) == (
+            item.index, item.kind, item.seed, item.prompt, item.max_tokens, item.image_tokens)
+        assert twin.image.data_url != item.image.data_url and twin.router_image is twin.image
+        original, copy = (_pixels(p) for p in (item.image, twin.image))
+        assert original.size == copy.size
+        changed = [xy for xy in ((0, 0), (1, 0), (0, 1), (copy.width - 1, copy.height - 1))
+                   if original.getpixel(xy) != copy.getpixel(xy)]
+        assert changed == [(0, 0)]
+
+
+def _pixels(image: PreparedImage):
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(image.data_url.split(",", 1)[1]))).convert("RGB")
 
 
 def test_peer_dataset_carries_our_images_first_and_the_command_is_vllm_bench_serve(tmp_path):
@@ -85,6 +244,12 @@ def test_peer_dataset_carries_our_images_first_and_the_command_is_vllm_bench_ser
                         ("--custom-output-len", "7"), ("--max-concurrency", "2")):
         assert cmd[cmd.index(flag) + 1] == value
     assert cmd[cmd.index("--lora-modules") + 1:cmd.index("--lora-modules") + 3] == ["a", "b"]
+    # Through the gateway: model auto, no LoRA names (the gateway routes), its own result file.
+    cmd = peer.bench_command(root_url="http://h:2", model="auto", tokenizer="/m", experts=[], dataset=path,
+                             num_prompts=2, max_concurrency=2, output_len=7, seed=0, result_dir=tmp_path,
+                             result_file=peer.GATEWAY_RESULT_FILE)
+    assert "--lora-modules" not in cmd and cmd[cmd.index("--model") + 1] == "auto"
+    assert cmd[cmd.index("--result-filename") + 1] == peer.GATEWAY_RESULT_FILE
 
 
 SMALL_SHAPE = random_8b.Qwen3VLShape(
@@ -137,7 +302,9 @@ def test_the_default_shape_is_qwen3_vl_8b():
 
 @pytest.mark.integration
 def test_smoke_run_accounts_for_every_request(served, tmp_path):
-    bench = BenchConfig(base_url=served.base_url, concurrencies=[1, 2], min_requests=2, requests_per_slot=1,
+    # The session server's gateway for both: client-side phases through its forwarding, gateway phases as model auto.
+    bench = BenchConfig(base_url=served.base_url, gateway_url=served.base_url, concurrencies=[1, 2], min_requests=2,
+                        requests_per_slot=1,
                         per_expert_requests=1, compare_concurrency=2, warmup_requests=1, request_rate=4.0,
                         poisson_requests=2, class_mix={"calendar": 1, "claim-window": 1}, expert_max_tokens=4,
                         peer_requests=2, hf_requests=1)
@@ -160,21 +327,35 @@ def test_smoke_run_accounts_for_every_request(served, tmp_path):
     for name, source in reusing.items():
         assert {r.index for r in result.records if r.phase == name} == {
             r.index for r in result.records if r.phase == source}
-    assert result.warmup["screenshots"] == len({(s.workload, bool(s.reduced_router or s.reuse)) for s in plan.phases})
+    assert result.warmup["screenshots"] == len({(s.workload, s.reduced_router) for s in plan.phases}) * (
+        bench.warmup_requests + bench.compare_concurrency)
+    gateway_records = [r for r in result.records if r.phase in (plan.roles.gateway_1, plan.roles.gateway_c)]
+    assert len(gateway_records) == 2 * 2
+    for r in gateway_records:
+        if r.ok:  # what the gateway's x-route-* headers said
+            assert r.route_s > 0 and r.route_mode == result.setup["router_mode"]
+            assert r.expert in ("calendar", "claim-window", "provider-select")
+        else:  # a random stand-in router's answer that names no expert, under the session server's fallback 'error'
+            assert r.error.startswith("GatewayRequestError: 422: route refused"), r.error
 
     data = json.loads(paths["json"].read_text())
-    expected = {"setup", "phases", "targets", "resolution", "baselines", "peer", "server", "warmup", "requests"}
+    expected = {"setup", "phases", "targets", "resolution", "baselines", "peers", "server", "warmup", "requests"}
     assert expected <= set(data)
     assert data["server"]["before"].keys() == data["server"]["after"].keys()
     assert len(data["requests"]) == len(result.records)
-    assert {t["name"].split(":")[0] for t in data["targets"]} >= {"chaining adds nothing", "pipelining adds nothing"}
+    assert {t["name"].split(":")[0] for t in data["targets"]} >= {
+        "chaining adds nothing", "pipelining adds nothing", "gateway added latency",
+        "gateway / client-side two-stage screenshots/s, compare concurrency (same screenshots)"}
     assert [b["name"] for b in data["baselines"]] == ["hf-two-stage-inference", "hf-single-load"]
-    assert data["peer"]["returncode"] == 0 and data["peer"]["result"]["completed"] == 2
+    # Every request of both runs answered (through the gateway, a refused route counts as failed).
+    assert [(p["target"], p["returncode"], p["result"]["completed"] + p["result"]["failed"])
+            for p in data["peers"]] == [("vllm", 0, 2), ("gateway", 0, 2)]
     assert {a.mode for a in result.resolution} == {"choice", "one-token"}
     assert 0 < sum(a.pairs for a in result.resolution) <= sum(by_name[name].screenshots for name in reusing)
     markdown = paths["markdown"].read_text()
-    for section in ("## Targets", "## Phases", "## vLLM /metrics counters", "vllm bench serve"):
+    for section in ("## Targets", "## Phases", "## Where the time goes", "## vLLM /metrics counters",
+                    "`vllm bench serve` through the gateway"):
         assert section in markdown
     for kind in ("latency", "throughput"):
         assert paths[kind].read_bytes()[:4] == b"\x89PNG"
-    assert Path(tmp_path / peer.RESULT_FILE).exists()
+    assert Path(tmp_path / peer.RESULT_FILE).exists() and Path(tmp_path / peer.GATEWAY_RESULT_FILE).exists()

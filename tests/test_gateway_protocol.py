@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import io
 
 import pytest
+from PIL import Image
 
 from serving.gateway.protocol import (
     GatewayError,
@@ -13,7 +15,9 @@ from serving.gateway.protocol import (
     expert_body,
     parse_auto_request,
     parse_json_object,
+    png_as_sent,
 )
+from serving.images import prepare_image
 
 URL = "data:image/png;base64," + base64.b64encode(b"png bytes").decode()
 
@@ -103,3 +107,38 @@ def test_an_allowed_host_passes():
 def test_malformed_bodies(raw, words):
     with pytest.raises(GatewayError, match=words):
         parse_json_object(raw)
+
+
+def encoded(mode: str = "RGB", size: tuple[int, int] = (64, 48), fmt: str = "PNG", **options) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 120).save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def test_a_png_that_preparing_would_not_change_goes_on_as_it_came():
+    data = encoded(compress_level=9)
+    kept = png_as_sent(data, max_pixels=None, max_image_pixels=40_000_000)
+    assert kept.data_url == "data:image/png;base64," + base64.b64encode(data).decode()
+    assert (kept.width, kept.height) == (64, 48)
+    # The caller's own base64 is reused as it is.
+    payload = base64.b64encode(data).decode()
+    assert png_as_sent(data, max_pixels=None, max_image_pixels=40_000_000, encoded=payload).data_url == kept.data_url
+    # The pixels vLLM decodes are the ones prepare_image would have sent.
+    prepared = prepare_image(data)
+    assert prepared.data_url != kept.data_url
+    assert [Image.open(io.BytesIO(base64.b64decode(p.data_url.split(",")[1]))).tobytes() for p in (kept, prepared)] \
+        == [Image.open(io.BytesIO(data)).convert("RGB").tobytes()] * 2
+
+
+@pytest.mark.parametrize("case, data, max_pixels, cap", [
+    ("transparent", encoded("RGBA"), None, 40_000_000),
+    ("palette", encoded("P"), None, 40_000_000),
+    ("grey", encoded("L"), None, 40_000_000),
+    ("over max_pixels", encoded(), 1000, 40_000_000),
+    ("over the pixel cap (prepare_image refuses it)", encoded(), None, 1000),
+    ("JPEG", encoded(fmt="JPEG"), None, 40_000_000),
+    ("truncated", encoded()[:-20], None, 40_000_000),
+    ("corrupt chunk", encoded()[:40] + b"x" + encoded()[41:], None, 40_000_000),
+])
+def test_anything_else_is_prepared(case, data, max_pixels, cap):
+    assert png_as_sent(data, max_pixels=max_pixels, max_image_pixels=cap) is None

@@ -42,6 +42,7 @@ from serving.gateway.protocol import (
     named_model,
     parse_auto_request,
     parse_json_object,
+    png_as_sent,
     with_model,
 )
 from serving.images import InvalidImageError, PreparedImage, prepare_image
@@ -245,10 +246,18 @@ class Gateway:
 
     async def _prepare(self, auto: AutoRequest) -> PreparedImage:
         url = auto.image.url
+        encoded = None
         if url.startswith("data:"):
             data = decode_data_url(url)
+            encoded = url.partition(",")[2]  # the checked base64 of `data`: encoding it again took 0.5-0.8 ms
         else:
             data = await self._fetch_image(check_remote_url(url, self.settings.image_url_hosts))
+        # A PNG that preparing would leave as it is goes on as it came: decoding and re-encoding it (~6 ms of CPU,
+        # 33 ms of latency on average on 2 busy cores) bought nothing, vLLM gets the same pixels either way.
+        kept = png_as_sent(data, max_pixels=self.config.engine.max_pixels,
+                           max_image_pixels=self.settings.max_image_pixels, encoded=encoded)
+        if kept is not None:
+            return kept
         try:
             # Decoding and PNG encoding take CPU time; off the event loop, other requests keep flowing.
             return await asyncio.to_thread(prepare_image, data, max_pixels=self.config.engine.max_pixels,

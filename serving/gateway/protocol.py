@@ -8,12 +8,16 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import io
 import json
 import posixpath
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from PIL import Image
+
+from serving.images import PreparedImage
 from serving.openai_wire import error_body
 
 
@@ -110,6 +114,28 @@ def decode_data_url(url: str) -> bytes:
     except (binascii.Error, ValueError):
         raise GatewayError(400, "image_url data URL is not valid base64", param="messages",
                            code="invalid_image") from None
+
+
+def png_as_sent(data: bytes, *, max_pixels: int | None, max_image_pixels: int,
+                encoded: str | None = None) -> PreparedImage | None:
+    """The caller's PNG as it came, when serving.images.prepare_image would not change a pixel of it: 8-bit RGB
+    without transparency, within max_pixels and the pixel cap. Its header and every chunk's checksum are checked
+    (verify), its pixels not decoded. None when it needs preparing, or fails a check (prepare_image then says why).
+    `encoded` is the base64 of `data` as the caller sent it, reused as it is (None: encoded here).
+    """
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        fits = width * height <= min(max_pixels or max_image_pixels, max_image_pixels)
+        if image.mode != "RGB" or "transparency" in image.info or not fits:
+            return None
+        image.verify()
+    except Exception:  # PIL raises many exception types on corrupt data
+        return None
+    payload = encoded if encoded is not None else base64.b64encode(data).decode("ascii")
+    return PreparedImage(data_url="data:image/png;base64," + payload, width=width, height=height, source="<request>")
 
 
 def check_remote_url(url: str, allowed_hosts: list[str]) -> str:
