@@ -205,7 +205,8 @@ async def profile(args: ProfileArguments, deployment: DeploymentConfig, out_dir:
                 async with session.post(root + "/tokenize", json=body) as response:
                     return await response.json()
 
-            policy = await RoutingPolicy.of(deployment).resolved(tokenize)
+            names = server.adapters.public_names()  # vLLM serves versioned names
+            policy = await RoutingPolicy.of(deployment, router_name=names[deployment.router.name]).resolved(tokenize)
 
             def one_token(item: BenchItem) -> dict[str, Any]:
                 return router_request(policy.router_name, policy.labels, item.router_image.data_url, "one-token",
@@ -226,7 +227,7 @@ async def profile(args: ProfileArguments, deployment: DeploymentConfig, out_dir:
                 return body
 
             def expert(item: BenchItem) -> dict[str, Any]:
-                return chat_request(item.kind, [user_turn(item.image.data_url, item.prompt)], 1)
+                return chat_request(names[item.kind], [user_turn(item.image.data_url, item.prompt)], 1)
 
             def model_size(item: BenchItem) -> BenchItem:
                 w, h = item.image.width, item.image.height

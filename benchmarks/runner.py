@@ -327,7 +327,8 @@ class _Run:
         screenshots) through the gateway."""
         items = self.pool.take(self.bench.peer_requests)
         results = [await self._run_peer("vllm", items, self.client.config.server_root, self.client.config.api_key,
-                                        model, self.client.config.labels, tokenizer, out_dir, peer.RESULT_FILE)]
+                                        model, [self.client.config.served(e) for e in self.client.config.labels],
+                                        tokenizer, out_dir, peer.RESULT_FILE)]
         if self.gateway is not None:
             results.append(await self._run_peer(
                 "gateway", self.pool.twins(items), self.gateway.base_url.removesuffix("/v1"), self.gateway.api_key,
@@ -368,6 +369,7 @@ class Served:
     upstream_url: str
     upstream_key: str
     command: ServerCommand
+    served_names: dict[str, str]  # public adapter name -> the versioned name vLLM serves it under
 
 
 class ServerProcess:
@@ -413,7 +415,8 @@ def _serve(deployment: DeploymentConfig, log_path: Path, conn) -> None:
         except Exception as exc:  # any start-up failure goes to the parent, which raises it
             conn.send(exc)
             return
-        conn.send(Served(server.base_url, server.upstream_url, server.upstream_key, server.command))
+        conn.send(Served(server.base_url, server.upstream_url, server.upstream_key, server.command,
+                         server.adapters.public_names()))
         try:
             conn.recv()
         except EOFError:  # the parent is gone
@@ -528,7 +531,8 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
             log.warning("no gateway phases: --base-url names a running server and no --gateway-url was given")
         client_config = ClientConfig.from_deployment(
             deployment, base_url=base_url, fallback="base", timeout_s=bench.timeout_s,
-            read_timeout_s=bench.timeout_s, **({"api_key": server.upstream_key} if server else {}))
+            read_timeout_s=bench.timeout_s,
+            **({"api_key": server.upstream_key, "served_names": server.served_names} if server else {}))
         tokenizer = processor.tokenizer
         pool = ScreenPool(
             bench.seed, {k: bench.class_mix[k] for k in kinds}, image_max_pixels=client_config.max_pixels,

@@ -200,14 +200,16 @@ class RouterClient:
                      max_retries: int | None) -> RouteDecision:
         used = await self._router_mode(mode)
         first_tokens = self._first_tokens or {}
-        body = routing.router_request(self.config.router_name, self.config.labels, image.data_url, used, first_tokens)
+        body = routing.router_request(self.config.served(self.config.router_name), self.config.labels, image.data_url,
+                                      used, first_tokens)
         start = time.perf_counter()
         completion = await self._http.chat_completion(body, timeout, max_retries)
         latency = time.perf_counter() - start
         try:
             outcome = routing.decide(completion, mode=used, labels=self.config.labels, first_tokens=first_tokens,
                                      min_confidence=self.config.min_confidence,
-                                     fallback_target=self.config.fallback_target, latency_s=latency)
+                                     fallback_target=self.config.fallback_target, latency_s=latency,
+                                     temperature=self.config.temperature)
         except ResponseFormatError as exc:
             raise APIResponseError(str(exc)) from None
         self.stats.routes += 1
@@ -257,7 +259,7 @@ class RouterClient:
     async def _load_first_tokens(self) -> None:
         url = self.config.server_root + "/tokenize"
         answers = await asyncio.gather(*(
-            self._http.post(url, routing.tokenize_request(self.config.router_name, label))
+            self._http.post(url, routing.tokenize_request(self.config.served(self.config.router_name), label))
             for label in self.config.labels))
         try:
             self._first_tokens = {label: routing.read_first_token(answer, label)
@@ -281,7 +283,8 @@ class RouterClient:
 
     async def _run_expert(self, expert: str, image: PreparedImage, prompt: str, max_tokens: int | None,
                           timeout: Timeout | None, max_retries: int | None) -> ExpertResult:
-        body = chat_request(expert, [user_turn(image.data_url, prompt)], max_tokens or self.config.expert_max_tokens)
+        body = chat_request(self.config.served(expert), [user_turn(image.data_url, prompt)],
+                            max_tokens or self.config.expert_max_tokens)
         start = time.perf_counter()
         completion = await self._http.chat_completion(body, timeout, max_retries)
         latency = time.perf_counter() - start

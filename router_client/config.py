@@ -18,9 +18,10 @@ from serving import routing
 from serving.config import DeploymentConfig
 from serving.openai_wire import root_url
 from training.configuration import check_types
+from training.manifest import AdapterManifest
 
 # Fields that describe the deployment itself; a `client:` section may not set them.
-_DEPLOYMENT_FIELDS = ("router_name", "base_name", "labels", "expert_prompts", "auto_model")
+_DEPLOYMENT_FIELDS = ("router_name", "base_name", "labels", "expert_prompts", "auto_model", "served_names")
 
 
 @dataclass
@@ -36,6 +37,10 @@ class ClientConfig:
         "help": "Served name of the base model without adapter (fallback target 'base')."})
     expert_prompts: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Default task prompt per expert, used when a call gives none."})
+    served_names: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "Public name -> the name the server serves it under, for a client talking straight to the vLLM "
+                "behind a gateway (it serves versioned names, name@fingerprint); names not listed are sent as "
+                "they are."})
     auto_model: str = field(default="auto", metadata={
         "help": "Model name the routing gateway routes (process_via_gateway's requests name it)."})
     api_key: str | None = field(default=None, repr=False, metadata={
@@ -48,7 +53,11 @@ class ClientConfig:
         "help": "For an answer that is no label or below min_confidence: 'error' (raise), 'base' (run the "
                 "task on the base model) or 'expert:<name>' (run it on that expert)."})
     min_confidence: float = field(default=C.DEFAULT_MIN_CONFIDENCE, metadata={
-        "help": "Routes below this confidence (0-1) go to the fallback."})
+        "help": "Routes below this confidence (0-1) go to the fallback (from_deployment: default the router "
+                "manifest's calibrated threshold)."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "One-token label scores are divided by it before the softmax (from_deployment: default the router "
+                "manifest's calibrated temperature)."})
     base_prompt: str = field(default=C.DEFAULT_BASE_PROMPT, metadata={
         "help": "Task prompt for the base model when a route falls back to it and the call gives none."})
     expert_max_tokens: int = field(default=C.DEFAULT_EXPERT_MAX_TOKENS, metadata={
@@ -88,6 +97,8 @@ class ClientConfig:
         _ = self.fallback_target  # raises ClientConfigError for a fallback that names no model
         if not 0.0 <= self.min_confidence <= 1.0:
             raise ClientConfigError(f"min_confidence must be within 0-1, got {self.min_confidence}")
+        if self.temperature <= 0:
+            raise ClientConfigError(f"temperature must be > 0, got {self.temperature}")
         for name in ("timeout_s", "connect_timeout_s", "read_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ClientConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -105,6 +116,10 @@ class ClientConfig:
             return routing.fallback_target(self.fallback, self.labels, self.base_name)
         except routing.RoutingConfigError as exc:
             raise ClientConfigError(str(exc)) from None
+
+    def served(self, name: str) -> str:
+        """The `model` to send for a public adapter (or base model) name."""
+        return self.served_names.get(name, name)
 
     @property
     def server_root(self) -> str:
@@ -143,6 +158,7 @@ class ClientConfig:
             "api_key": dep.engine.api_key,
             "max_pixels": dep.engine.max_pixels,
             **section,
+            **_calibrated(dep, section),
             **overrides,
         }
         if "base_url" not in values:
@@ -151,3 +167,15 @@ class ClientConfig:
             values["base_url"] = root_url(dep.engine.host, dep.engine.port) + "/v1"
         return cls(**values)
 
+
+
+def _calibrated(dep: DeploymentConfig, section: dict[str, Any]) -> dict[str, float]:
+    """min_confidence and temperature: the `client:` section's, else the router manifest's calibration."""
+    try:
+        calibration = AdapterManifest.read(dep.adapter_path(dep.router)).calibration
+    except (FileNotFoundError, ValueError):
+        calibration = None  # no manifest here (a remote deployment): the section's values or the defaults
+    try:
+        return routing.calibrated_settings(section, calibration)
+    except routing.RoutingConfigError as exc:
+        raise ClientConfigError(str(exc)) from None
