@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from serving.config import VLLM_LORA_RANKS, AdapterConfig, ConfigError, DeploymentConfig
 from training.manifest import MANIFEST_NAME, AdapterManifest, file_sha256, model_fingerprint
@@ -30,7 +31,8 @@ class AdapterError(ConfigError):
 @dataclass(frozen=True)
 class AdapterInfo:
     """What serving needs to know about one checked adapter: its public name, folder, rank, version fingerprint,
-    the labels of a router (from its manifest) and an expert's default prompt."""
+    the labels and calibration (temperature, threshold) of a router (from its manifest) and an expert's default
+    prompt."""
 
     name: str
     path: Path
@@ -38,6 +40,7 @@ class AdapterInfo:
     fingerprint: str
     labels: tuple[str, ...] | None = None
     prompt: str = ""
+    calibration: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
     @property
     def served_as(self) -> str:
@@ -120,13 +123,14 @@ def _check_one(adapter: AdapterConfig, folder: Path, base_fingerprint: str | Non
     return problems, rank
 
 
-def _manifest_labels(folder: Path) -> tuple[str, ...] | None:
-    """A router's labels from its manifest; None for an expert, or when the manifest is missing or broken."""
+def _manifest_routing(folder: Path) -> tuple[tuple[str, ...] | None, dict[str, Any] | None]:
+    """A router's labels and calibration from its manifest; None for an expert, or when the manifest is missing or
+    broken."""
     try:
-        labels = AdapterManifest.read(folder).labels
+        manifest = AdapterManifest.read(folder)
     except (FileNotFoundError, ValueError):
-        return None  # reported by _check_one when the base model is known
-    return tuple(labels) if labels is not None else None
+        return None, None  # reported by _check_one when the base model is known
+    return (tuple(manifest.labels) if manifest.labels is not None else None), manifest.calibration
 
 
 def router_label_problems(name: str, folder: Path, experts: Sequence[str], exact: bool) -> list[str]:
@@ -171,7 +175,8 @@ def check_adapter(adapter: AdapterConfig, folder: Path, base: str | None, max_ra
     if max_rank is not None and rank > max_rank:
         problems.append(f"{adapter.name}: rank {rank} is above engine.max_lora_rank={max_rank}")
     fingerprint = adapter_fingerprint(folder) if folder.is_dir() else ""
-    return problems, AdapterInfo(adapter.name, folder, rank, fingerprint, _manifest_labels(folder), adapter.prompt)
+    labels, calibration = _manifest_routing(folder)
+    return problems, AdapterInfo(adapter.name, folder, rank, fingerprint, labels, adapter.prompt, calibration)
 
 
 def check_adapters(config: DeploymentConfig, base_model_dir: str | None = None, *, slots: int | None = None,

@@ -12,6 +12,11 @@ Router modes:
 
 Fallback: an answer that names no label (unknown_label) or a label below min_confidence (low_confidence) runs on
 the fallback target (an expert, or the base model's served name), or is refused under fallback 'error'.
+
+Calibration: one-token scores are divided by a temperature before the softmax, and min_confidence defaults to the
+threshold that kept held-out routed accuracy at a target; both are fitted by the validators (training.calibration)
+and kept in the router's manifest. They describe one-token probabilities: choice mode's answer probability is
+not rescaled.
 """
 
 from __future__ import annotations
@@ -155,8 +160,9 @@ def router_request(model: str, labels: Sequence[str], image_url: str, mode: Rout
 
 
 def read_router_answer(completion: ChatCompletion, mode: RouterMode, labels: Sequence[str],
-                       first_tokens: Mapping[str, FirstToken]) -> RouterAnswer:
-    """The router's completion (to a router_request in `mode`) as a label and label probabilities.
+                       first_tokens: Mapping[str, FirstToken], temperature: float = 1.0) -> RouterAnswer:
+    """The router's completion (to a router_request in `mode`) as a label and label probabilities (one-token: the
+    softmax of the label scores divided by `temperature`; choice mode's answer probability is left as it is).
 
     Raises ResponseFormatError when the completion has no logprobs.
     """
@@ -168,19 +174,33 @@ def read_router_answer(completion: ChatCompletion, mode: RouterMode, labels: Seq
         # The constrained decoder may spell a label in several tokens: its probability is their product.
         probabilities = {label: math.exp(sum(t.logprob for t in completion.logprobs))} if label else {}
         return RouterAnswer(raw=raw, label=label, probabilities=probabilities)
-    first = completion.logprobs[0]
-    by_token = {f"token_id:{first_tokens[label].id}": label for label in labels}
-    found = {by_token[token]: logprob for token, logprob in first.top_logprobs.items() if token in by_token}
-    # Softmax over the labels' first tokens; a label vLLM did not return gets 0.
+    scores = label_scores(completion, labels, first_tokens)
+    # Softmax over the labels' first tokens, scores divided by the temperature; a label vLLM did not return gets 0.
     probabilities = dict.fromkeys(labels, 0.0)
+    found = {label: score / temperature for label, score in scores.items() if score > -math.inf}
     if found:
         top = max(found.values())
-        weights = {label: math.exp(logprob - top) for label, logprob in found.items()}
+        weights = {label: math.exp(score - top) for label, score in found.items()}
         total = sum(weights.values())
         probabilities.update({label: weight / total for label, weight in weights.items()})
     # The router's own greedy token must start a label; otherwise its answer names no expert.
-    label = max(labels, key=probabilities.__getitem__) if first.token in by_token else None
+    greedy = completion.logprobs[0].token
+    starts_label = any(greedy == f"token_id:{first_tokens[label].id}" for label in labels)
+    label = max(labels, key=probabilities.__getitem__) if starts_label else None
     return RouterAnswer(raw=raw, label=label, probabilities=probabilities)
+
+
+def label_scores(completion: ChatCompletion, labels: Sequence[str],
+                 first_tokens: Mapping[str, FirstToken]) -> dict[str, float]:
+    """Each label's score in a one-token answer: its first token's full-vocabulary log-probability at the first
+    answer step (-inf when vLLM did not return it). What calibration fits its temperature on.
+
+    Raises ResponseFormatError when the completion has no logprobs.
+    """
+    if not completion.logprobs:
+        raise ResponseFormatError("router answer has no logprobs (requested with logprobs=true)")
+    top = completion.logprobs[0].top_logprobs
+    return {label: top.get(f"token_id:{first_tokens[label].id}", -math.inf) for label in labels}
 
 
 def fallback_target(fallback: str, labels: Sequence[str], base_name: str) -> str | None:
@@ -209,13 +229,13 @@ def fallback_reason(answer: RouterAnswer, min_confidence: float) -> FallbackReas
 
 def decide(completion: ChatCompletion, *, mode: RouterMode, labels: Sequence[str],
            first_tokens: Mapping[str, FirstToken], min_confidence: float, fallback_target: str | None,
-           latency_s: float) -> RouteDecision | RouteRefused:
+           latency_s: float, temperature: float = 1.0) -> RouteDecision | RouteRefused:
     """The route for the router's completion: its label, the fallback target when fallback_reason gives a reason,
     or RouteRefused when there is a reason and no target (fallback 'error').
 
     Raises ResponseFormatError when the completion has no logprobs.
     """
-    answer = read_router_answer(completion, mode, labels, first_tokens)
+    answer = read_router_answer(completion, mode, labels, first_tokens, temperature)
     reason = fallback_reason(answer, min_confidence)
     if reason is not None and fallback_target is None:
         return _refusal(answer, reason, labels, min_confidence)
@@ -245,15 +265,17 @@ class RoutingPolicy:
     mode_setting: str = DEFAULT_ROUTER_MODE
     fallback_target: str | None = None
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    temperature: float = 1.0
     base_prompt: str = DEFAULT_BASE_PROMPT
     first_tokens: Mapping[str, FirstToken] = field(default_factory=dict)
     mode: RouterMode = "choice"
 
     @classmethod
-    def of(cls, config: DeploymentConfig, router_name: str | None = None,
-           labels: Sequence[str] | None = None) -> RoutingPolicy:
+    def of(cls, config: DeploymentConfig, router_name: str | None = None, labels: Sequence[str] | None = None,
+           calibration: Mapping[str, Any] | None = None) -> RoutingPolicy:
         """The policy a deployment config states: its router and experts (or the router `router_name`, as vLLM
-        serves it, with its `labels`), and its `client:` routing settings."""
+        serves it, with its `labels`), and its `client:` routing settings; min_confidence and temperature not set
+        there come from the router manifest's `calibration` (see calibrated_settings)."""
         if router_name is None and config.router is None:
             raise RoutingConfigError("the deployment has no router adapter: model 'auto' cannot route")
         router_name = router_name or config.router.name
@@ -261,14 +283,12 @@ class RoutingPolicy:
         client = config.client
         setting = str(client.get("router_mode", DEFAULT_ROUTER_MODE))
         needs_first_tokens(setting)  # refuses an unknown setting
-        try:
-            min_confidence = float(client.get("min_confidence", DEFAULT_MIN_CONFIDENCE))
-        except (TypeError, ValueError):
-            raise RoutingConfigError(f"client.min_confidence must be a number, got {client.get('min_confidence')!r}")
+        settings = calibrated_settings(client, calibration)
         return cls(router_name=router_name, labels=tuple(labels), mode_setting=setting,
                    fallback_target=fallback_target(str(client.get("fallback", DEFAULT_FALLBACK)), labels,
                                                    config.model.served_name),
-                   min_confidence=min_confidence, base_prompt=str(client.get("base_prompt", DEFAULT_BASE_PROMPT)))
+                   min_confidence=settings["min_confidence"], temperature=settings["temperature"],
+                   base_prompt=str(client.get("base_prompt", DEFAULT_BASE_PROMPT)))
 
     async def resolved(self, tokenize: Callable[[dict[str, Any]], Awaitable[Any]]) -> RoutingPolicy:
         """This policy with its mode resolved; `tokenize(body)` answers a /tokenize request (one-token needs it)."""
@@ -285,4 +305,28 @@ class RoutingPolicy:
     def decide(self, completion: ChatCompletion, latency_s: float) -> RouteDecision | RouteRefused:
         """The route for the router's completion under this policy."""
         return decide(completion, mode=self.mode, labels=self.labels, first_tokens=self.first_tokens,
-                      min_confidence=self.min_confidence, fallback_target=self.fallback_target, latency_s=latency_s)
+                      min_confidence=self.min_confidence, fallback_target=self.fallback_target, latency_s=latency_s,
+                      temperature=self.temperature)
+
+
+def calibrated_settings(client: Mapping[str, Any], calibration: Mapping[str, Any] | None) -> dict[str, float]:
+    """min_confidence and temperature for a deployment's `client:` section and its router manifest's calibration:
+    a value the section sets wins; else the manifest's threshold and temperature (the validators'
+    --write-calibration fits them on held-out data); else 0 and 1. RoutingConfigError names every bad value."""
+    calibration = calibration or {}
+    defaults = {"min_confidence": (calibration.get("threshold"), DEFAULT_MIN_CONFIDENCE),
+                "temperature": (calibration.get("temperature"), 1.0)}
+    values, problems = {}, []
+    for key, (calibrated, default) in defaults.items():
+        value = client.get(key, calibrated)
+        try:
+            values[key] = float(default if value is None else value)
+        except (TypeError, ValueError):
+            problems.append(f"client.{key} must be a number, got {value!r}")
+    if not problems and not 0.0 <= values["min_confidence"] <= 1.0:
+        problems.append(f"min_confidence must be within 0-1, got {values['min_confidence']}")
+    if not problems and values["temperature"] <= 0:
+        problems.append(f"temperature must be > 0, got {values['temperature']}")
+    if problems:
+        raise RoutingConfigError("; ".join(problems))
+    return values

@@ -52,12 +52,25 @@ def greedy_generate(model, processor, conversations: Sequence[Conversation], *, 
                     batch_size: int = 8, min_pixels: int | None = None, max_pixels: int | None = None,
                     progress: Callable[[int], None] | None = None) -> list[str]:
     """Greedy answers (decoded, special tokens dropped, stripped) to each conversation's prompt."""
+    return greedy_generate_scored(model, processor, conversations, (), max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels,
+                                  progress=progress)[0]
+
+
+def greedy_generate_scored(model, processor, conversations: Sequence[Conversation], score_ids: Sequence[int], *,
+                           max_new_tokens: int = 8, batch_size: int = 8, min_pixels: int | None = None,
+                           max_pixels: int | None = None,
+                           progress: Callable[[int], None] | None = None) -> tuple[list[str], list[list[float]]]:
+    """Greedy answers, and per conversation the full-vocabulary log-probability of each of `score_ids` at the
+    first answer step (the model's raw logits: what vLLM returns for logprob_token_ids)."""
     import torch
 
     tok = processor.tokenizer
     pixel_kwargs = image_kwargs(min_pixels, max_pixels)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     answers: list[str] = []
+    scores: list[list[float]] = []
+    ids = torch.tensor(list(score_ids), dtype=torch.long)
     was_training = model.training
     model.eval()
     try:
@@ -68,11 +81,14 @@ def greedy_generate(model, processor, conversations: Sequence[Conversation], *, 
             batch.pop("labels")
             with torch.no_grad():
                 out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     eos_token_id=eos, pad_token_id=tok.pad_token_id)
-            new = out[:, batch["input_ids"].shape[1]:]
+                                     eos_token_id=eos, pad_token_id=tok.pad_token_id, output_logits=len(ids) > 0,
+                                     return_dict_in_generate=True)
+            new = out.sequences[:, batch["input_ids"].shape[1]:]
             answers += [text.strip() for text in tok.batch_decode(new, skip_special_tokens=True)]
+            if len(ids):
+                scores += torch.log_softmax(out.logits[0].float(), dim=-1)[:, ids].tolist()
             if progress:
                 progress(len(chunk))
     finally:
         model.train(was_training)
-    return answers
+    return answers, scores

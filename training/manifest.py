@@ -69,6 +69,9 @@ class AdapterManifest:
     user_prompt: str | None = field(default=None, metadata={"help": "User prompt used in training, if fixed."})
     dataset_sha256: str | None = field(default=None, metadata={"help": "Hash of the training JSONL."})
     metrics: dict[str, Any] = field(default_factory=dict, metadata={"help": "Final evaluation metrics."})
+    calibration: dict[str, Any] | None = field(default=None, metadata={
+        "help": "Router only: training.calibration.Calibration fitted on held-out data (temperature, threshold); "
+                "serving routes with it unless the deployment's client: section says otherwise."})
 
     def write(self, adapter_dir: str | Path) -> Path:
         path = Path(adapter_dir) / MANIFEST_NAME

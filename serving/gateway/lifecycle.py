@@ -294,7 +294,8 @@ class AdapterLifecycle:
     # -- steps
 
     def _policy(self, router: AdapterInfo) -> RoutingPolicy:
-        return RoutingPolicy.of(self.config, router_name=router.served_as, labels=router.labels)
+        return RoutingPolicy.of(self.config, router_name=router.served_as, labels=router.labels,
+                                calibration=router.calibration)
 
     async def _resolved(self, policy: RoutingPolicy) -> RoutingPolicy:
         return await policy.resolved(lambda body: self._post_json("/tokenize", body))
