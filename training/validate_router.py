@@ -8,9 +8,16 @@ The served adapter (vLLM) is validated by `python -m router_client.validate`, wi
 files: a train/serve mismatch shows up as two different numbers for the same adapter and data. This module
 holds what both share: the eval set and its labels (eval_set), the report maths and the files (write_report).
 
-Writes to --out: metrics.json (accuracy, per-class precision/recall/f1/support, confusion matrix), confusion.png,
-predictions.jsonl; prints a table. Labels come from the adapter's manifest (else the data's router prompt);
-an answer that is no label counts as a miss, in the matrix's "(other)" column.
+Writes to --out: metrics.json (accuracy, per-class precision/recall/f1/support, confusion matrix, calibration),
+confusion.png, reliability.png, predictions.jsonl; prints a table. Labels come from the adapter's manifest (else the
+data's router prompt); an answer that is no label counts as a miss, in the matrix's "(other)" column.
+
+Calibration: every line's label scores (the log-probability of each label's first token at the first answer step:
+in-process from the model's logits, served from vLLM's logprobs as the client's one-token mode reads them) give
+the expected calibration error, a reliability diagram, a temperature fitted on this set and the confidence
+threshold that keeps accuracy on the routed screenshots at --target_accuracy, with the coverage that leaves.
+--write_calibration stores temperature and threshold in the adapter's manifest, where the client, the batch CLI
+and the gateway take them from; a manifest that already has them is also scored as it stands ("with_manifest").
 """
 
 from __future__ import annotations
@@ -21,12 +28,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from training import calibration as cal
 from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.jsonl import write_jsonl
 from training.llava_data import Conversation, DataError, describe, read_conversations
 from training.progress import progress
 
 OTHER = "(other)"
+# Accuracy the chosen threshold keeps on the routed screenshots, unless --target_accuracy says otherwise.
+DEFAULT_TARGET_ACCURACY = 0.99
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -76,6 +88,47 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def calibration_section(scores: Sequence[Sequence[float]], gold: Sequence[str], answers: Sequence[str],
+                        labels: Sequence[str], target_accuracy: float, data: str,
+                        manifest: dict | None = None) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The report's calibration part: the fitted Calibration, and the manifest's (if any) scored on this set; with
+    the (confidence, correct) curves the reliability diagram draws."""
+    labels = list(labels)
+    matrix = np.asarray(scores, dtype=np.float64).reshape(len(gold), len(labels))
+    gold_index = np.array([labels.index(g) for g in gold])
+    valid = np.array([a in labels for a in answers])
+    fitted = cal.calibrate(matrix, gold_index, valid, target_accuracy, data=data)
+    curves = {"raw": cal.routed_confidence(matrix, gold_index, valid, 1.0),
+              f"temperature {fitted.temperature:g}": cal.routed_confidence(matrix, gold_index, valid,
+                                                                           fitted.temperature)}
+    section: dict = {"scores": "log-probability of each label's first token at the first answer step",
+                     "fitted": fitted.to_dict(), "with_manifest": None}
+    if manifest:
+        confidence, correct = cal.routed_confidence(matrix, gold_index, valid, float(manifest["temperature"]))
+        routed = cal.routed_at(confidence, correct, manifest.get("threshold"), manifest["target_accuracy"])
+        section["with_manifest"] = {"temperature": manifest["temperature"], "threshold": manifest.get("threshold"),
+                                    "fitted_on": manifest.get("data", ""), "routed_accuracy": round(routed.accuracy, 4),
+                                    "coverage": round(routed.coverage, 4), "routed": routed.routed,
+                                    "ece": round(cal.expected_calibration_error(confidence, correct), 4)}
+        curves["manifest"] = (confidence, correct)
+    return section, curves
+
+
+def format_calibration(section: dict) -> str:
+    """The calibration part of the printed report."""
+    fitted = section["fitted"]
+    threshold = "none reaches it" if fitted["threshold"] is None else f"{fitted['threshold']:.4f}"
+    lines = [f"calibration: ECE {fitted['ece_raw']:.4f} raw, {fitted['ece']:.4f} at fitted temperature "
+             f"{fitted['temperature']:g}; threshold for routed accuracy >= {fitted['target_accuracy']}: {threshold}, "
+             f"coverage {fitted['coverage']:.3f}, routed accuracy {fitted['routed_accuracy']:.4f}"]
+    manifest = section["with_manifest"]
+    if manifest:
+        lines.append(f"with the manifest's calibration (temperature {manifest['temperature']:g}, threshold "
+                     f"{manifest['threshold']}): routed accuracy {manifest['routed_accuracy']:.4f}, coverage "
+                     f"{manifest['coverage']:.3f} ({manifest['routed']} routed), ECE {manifest['ece']:.4f}")
+    return "\n".join(lines)
+
+
 def plot_confusion(report: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -102,11 +155,13 @@ def plot_confusion(report: dict, path: Path, title: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- predictions
 
-def in_process_answers(conversations: Sequence[Conversation], adapter: Path, base: str | None = None,
-                       batch_size: int = 8, max_new_tokens: int = 16, min_pixels: int | None = None,
-                       max_pixels: int | None = None, quiet: bool = False) -> list[str]:
-    """Greedy answers of base + adapter with transformers/PEFT, rendered and sized as in training."""
-    from training.inference import greedy_generate, load_model, load_processor
+def in_process_answers(conversations: Sequence[Conversation], adapter: Path, labels: Sequence[str],
+                       base: str | None = None, batch_size: int = 8, max_new_tokens: int = 16,
+                       min_pixels: int | None = None, max_pixels: int | None = None,
+                       quiet: bool = False) -> tuple[list[str], list[list[float]] | None]:
+    """Greedy answers of base + adapter with transformers/PEFT, rendered and sized as in training, and each line's
+    label scores (None when two labels share a first token: one-token scores cannot tell them apart)."""
+    from training.inference import greedy_generate_scored, load_model, load_processor
     from training.manifest import AdapterManifest, model_fingerprint
 
     manifest = AdapterManifest.read(adapter)
@@ -115,11 +170,14 @@ def in_process_answers(conversations: Sequence[Conversation], adapter: Path, bas
         raise ValueError(f"{base_path} is not the base model {adapter} was trained on "
                          f"(fingerprint {model_fingerprint(base_path)} != {manifest.base_model_fingerprint})")
     processor = load_processor(base_path)
+    first = {label: processor.tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels}
+    scored = len(set(first.values())) == len(first)
     model = load_model(base_path, adapter)
     with progress(total=len(conversations), desc="in-process", unit="img", disable=quiet) as bar:
-        return greedy_generate(model, processor, conversations, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels,
-                               progress=bar.update)
+        answers, scores = greedy_generate_scored(
+            model, processor, conversations, list(first.values()) if scored else (), max_new_tokens=max_new_tokens,
+            batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels, progress=bar.update)
+    return answers, scores if scored else None
 
 
 def trained_pixels(adapter: Path) -> tuple[int | None, int | None]:
@@ -151,40 +209,70 @@ def eval_set(data: Path, adapter: Path | None = None, limit: int | None = None) 
 
 
 def write_report(out: Path, conversations: Sequence[Conversation], answers: Sequence[str], labels: Sequence[str], *,
-                 mode: str, data: Path, adapter: Path | None, seconds: float) -> dict:
-    """Score `answers` against the lines' gold answers and write metrics.json, confusion.png and
-    predictions.jsonl to `out`; returns the metrics."""
+                 mode: str, data: Path, adapter: Path | None, seconds: float,
+                 scores: Sequence[Sequence[float]] | None = None,
+                 target_accuracy: float = DEFAULT_TARGET_ACCURACY, extra: dict | None = None) -> dict:
+    """Score `answers` (and, given, the label `scores`) against the lines' gold answers and write metrics.json,
+    confusion.png, reliability.png (with scores) and predictions.jsonl to `out`; returns the metrics."""
+    from training.manifest import AdapterManifest
+
     gold = [c.answer for c in conversations]
     report = classification_report(gold, answers, labels)
     report.update({"mode": mode, "data": str(data), "adapter": str(adapter) if adapter else None,
-                   "seconds": round(seconds, 2)})
+                   "seconds": round(seconds, 2), **(extra or {})})
     out.mkdir(parents=True, exist_ok=True)
+    curves = None
+    if scores is not None:
+        manifest = AdapterManifest.read(adapter).calibration if adapter else None
+        report["calibration"], curves = calibration_section(scores, gold, answers, labels, target_accuracy,
+                                                            str(data), manifest)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     write_jsonl(out / "predictions.jsonl", (
-        {"id": c.id, "image": str(c.images[0]) if c.images else None, "gold": g, "predicted": a, "correct": a == g}
-        for c, g, a in zip(conversations, gold, answers)))
+        {"id": c.id, "image": str(c.images[0]) if c.images else None, "gold": g, "predicted": a, "correct": a == g,
+         **({"scores": dict(zip(labels, scores[i]))} if scores is not None else {})}
+        for i, (c, g, a) in enumerate(zip(conversations, gold, answers))))
     plot_confusion(report, out / "confusion.png", mode)
+    if curves:
+        cal.plot_reliability(curves, out / "reliability.png", f"{mode}\n{len(gold)} screenshots")
     return report
 
 
 def report_text(report: dict, out: Path) -> str:
-    """What a validator prints: the mode, the table, and the files written."""
-    return (f"{report['mode']}\n{format_report(report)}\n"
-            f"wrote {out / 'metrics.json'}, {out / 'confusion.png'}, {out / 'predictions.jsonl'}")
+    """What a validator prints: the mode, the table, calibration, and the files written."""
+    files = ["metrics.json", "confusion.png"] + (["reliability.png"] if "calibration" in report else []) + \
+        ["predictions.jsonl"]
+    calibration = f"\n{format_calibration(report['calibration'])}" if "calibration" in report else ""
+    return (f"{report['mode']}\n{format_report(report)}{calibration}\n"
+            f"wrote {', '.join(str(out / f) for f in files)}")
+
+
+def store_calibration(report: dict, adapter: Path | None) -> str:
+    """Write the report's fitted calibration into the adapter's manifest; what to print."""
+    from training.manifest import AdapterManifest
+
+    if adapter is None:
+        raise ConfigError("--write_calibration needs --adapter (the manifest it writes to)")
+    if "calibration" not in report:
+        raise ConfigError("--write_calibration: no label scores (two labels share a first token), nothing to fit")
+    manifest = AdapterManifest.read(adapter)
+    manifest.calibration = report["calibration"]["fitted"]
+    return f"wrote calibration (temperature, threshold) to {manifest.write(adapter)}"
 
 
 def validate(data: Path, out: Path, adapter: Path, base: str | None = None, batch_size: int = 8,
              limit: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
-             quiet: bool = False) -> dict:
-    """Run the adapter in-process on the eval set and write metrics.json, confusion.png and predictions.jsonl to
-    `out`; returns the metrics."""
+             quiet: bool = False, target_accuracy: float = DEFAULT_TARGET_ACCURACY) -> dict:
+    """Run the adapter in-process on the eval set and write metrics.json, confusion.png, reliability.png and
+    predictions.jsonl to `out`; returns the metrics."""
     conversations, labels = eval_set(data, adapter, limit)
     trained_min, trained_max = trained_pixels(adapter)
     start = time.perf_counter()
-    answers = in_process_answers(conversations, adapter, base, batch_size, min_pixels=min_pixels or trained_min,
-                                 max_pixels=max_pixels or trained_max, quiet=quiet)
+    answers, scores = in_process_answers(conversations, adapter, labels, base, batch_size,
+                                         min_pixels=min_pixels or trained_min, max_pixels=max_pixels or trained_max,
+                                         quiet=quiet)
     return write_report(out, conversations, answers, labels, mode=f"in-process {adapter}", data=data,
-                        adapter=adapter, seconds=time.perf_counter() - start)
+                        adapter=adapter, seconds=time.perf_counter() - start, scores=scores,
+                        target_accuracy=target_accuracy)
 
 
 @dataclass
@@ -196,11 +284,22 @@ class EvalSetArguments:
     adapter: Path | None = field(default=None, metadata={
         "help": "Router adapter folder: labels and prompts from its manifest (served: default the data's)."})
     limit: int | None = field(default=None, metadata={"help": "Only the first N lines."})
+    target_accuracy: float = field(default=DEFAULT_TARGET_ACCURACY, metadata={
+        "help": "Accuracy on the routed screenshots the confidence threshold must keep."})
+    write_calibration: bool = field(default=False, metadata={
+        "help": "Store the fitted temperature and threshold in --adapter's manifest (serving then uses them)."})
 
     def __post_init__(self) -> None:
         check_types(self)
+        problems = []
         if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit must be >= 1, got {self.limit}")
+            problems.append(f"limit must be >= 1, got {self.limit}")
+        if not 0.0 < self.target_accuracy <= 1.0:
+            problems.append(f"target_accuracy must be within (0, 1], got {self.target_accuracy}")
+        if self.write_calibration and self.adapter is None:
+            problems.append("write_calibration needs --adapter (the manifest it writes to)")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass
@@ -228,8 +327,10 @@ def run(eval_args: EvalSetArguments, args: InProcessArguments) -> int:
     set_threads()
     report = validate(eval_args.data, eval_args.out, adapter=eval_args.adapter, base=args.base,
                       batch_size=args.batch_size, limit=eval_args.limit, min_pixels=args.min_pixels,
-                      max_pixels=args.max_pixels)
+                      max_pixels=args.max_pixels, target_accuracy=eval_args.target_accuracy)
     print(report_text(report, eval_args.out))
+    if eval_args.write_calibration:
+        print(store_calibration(report, eval_args.adapter))
     return 0
 
 
