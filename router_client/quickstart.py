@@ -39,6 +39,7 @@ from training.generate_dataset import RoutingDatasetConfig, generate_routing_dat
 from training.jsonl import read_jsonl
 from training.manifest import AdapterManifest, model_fingerprint
 from training.tiny_model import resolve_base_model
+from training.validate_router import format_calibration, store_calibration, validate
 from training.train_qwen import main as train_cli
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "training"
@@ -52,6 +53,9 @@ class QuickstartArguments(DeploymentArguments):
     work: Path = field(default=Path("runs/quickstart"), metadata={"help": "Folder for data, logs and results."})
     train_per_class: int = field(default=300, metadata={"help": "Routing training screenshots per class."})
     eval_per_class: int = field(default=10, metadata={"help": "Held-out routing screenshots per class."})
+    calibration_per_class: int = field(default=40, metadata={
+        "help": "Held-out routing screenshots per class the router's confidence threshold and temperature are "
+                "fitted on (another seed than the router's data)."})
     expert_train: int = field(default=120, metadata={"help": "Training examples per expert."})
     expert_eval: int = field(default=16, metadata={"help": "Held-out examples per expert (its task score)."})
     router_recipe: Path = field(default=RECIPES / "router-tiny.yaml", metadata={
@@ -63,7 +67,7 @@ class QuickstartArguments(DeploymentArguments):
 
     def __post_init__(self) -> None:
         check_types(self)
-        for name in ("train_per_class", "eval_per_class", "expert_train", "expert_eval"):
+        for name in ("train_per_class", "eval_per_class", "calibration_per_class", "expert_train", "expert_eval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -72,15 +76,31 @@ def step(title: str) -> None:
     log.info("== %s", title)
 
 
-def make_dataset(config: DeploymentConfig, work: Path, train_per_class: int, eval_per_class: int) -> Path:
+def make_dataset(config: DeploymentConfig, work: Path, train_per_class: int, eval_per_class: int,
+                 name: str = "routing", seed: int = 0) -> Path:
     """A routing dataset over the configured experts, converted for the router; returns its folder."""
-    folder = work / "routing"
+    folder = work / name
     shutil.rmtree(folder, ignore_errors=True)
     generate_routing_dataset(RoutingDatasetConfig(
         classes=tuple(config.labels), train_images={c: train_per_class for c in config.labels},
-        eval_images=eval_per_class, train_val_split=1.0, output=folder))
+        eval_images=eval_per_class, train_val_split=1.0, output=folder, seed=seed))
     convert_dataset(folder)
     return folder
+
+
+def calibrate_router(config: DeploymentConfig, work: Path, per_class: int) -> None:
+    """Fit the router's temperature and confidence threshold on held-out screenshots of another seed and store
+    them in its manifest, where the client, the batch CLI and the gateway take them from."""
+    router_path = config.adapter_path(config.router)
+    manifest = AdapterManifest.read(router_path)
+    if manifest.calibration and manifest.calibration.get("count") == per_class * len(config.labels):
+        log.info("router: already calibrated (threshold %s)", manifest.calibration["threshold"])
+        return
+    data = make_dataset(config, work, 0, per_class, name="routing-calibration", seed=1)
+    report = validate(data / "eval-classification.jsonl", work / "validate-router", adapter=router_path, quiet=True)
+    log.info("router on %d held-out screenshots: accuracy %.3f\n%s", report["count"], report["accuracy"],
+             format_calibration(report["calibration"]))
+    log.info("%s", store_calibration(report, router_path))
 
 
 def trained_for(path: Path, base_fingerprint: str, labels: list[str] | None) -> AdapterManifest | None:
@@ -210,6 +230,7 @@ def quickstart(args: QuickstartArguments) -> int:
     dataset = make_dataset(config, args.work, args.train_per_class, args.eval_per_class)
     step("3. train the router and the experts (one trainer)")
     train_adapters(config, base, dataset, args.work, args)
+    calibrate_router(config, args.work, args.calibration_per_class)
     results = asyncio.run(serve_and_route(config, dataset, args.work))
     print("\n\n".join(results))
     log.info("done in %.0f s; outputs in %s", time.monotonic() - start, args.work)
