@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import pytest
 
-from training.screens import KINDS, generate
+from training.configuration import ConfigError
+from training.screens import FAMILIES, HELD_OUT, IN_DISTRIBUTION, KINDS, generate
+from training.screens.sheet import contact_sheet
+from training.screens.styles import StyleFamily
 
 # sha256(image.tobytes() + json.dumps(truth, sort_keys=True)) of generate(kind, seed), computed with the code
 # at main 952d29e, before style families existed. The pre-trained base and every test depend on these images:
@@ -49,3 +53,89 @@ def test_no_family_draws_todays_bytes(kind: str, seed: int, size: tuple[int, int
     screen = generate(kind, seed)
     assert screen.image.size == size
     assert _digest(screen) == digest
+
+
+# ----------------------------------------------------------------------------------------------- families
+
+FAMILY_SEEDS = range(3)
+
+
+@pytest.fixture(scope="module")
+def family_screens() -> dict[str, dict[str, list]]:
+    return {family: {kind: [generate(kind, seed, family) for seed in FAMILY_SEEDS] for kind in KINDS}
+            for family in FAMILIES}
+
+
+def _gray(screen) -> np.ndarray:
+    return np.asarray(screen.image, dtype=np.float32).mean(axis=-1)
+
+
+def test_families_split_into_in_distribution_and_held_out() -> None:
+    assert IN_DISTRIBUTION and HELD_OUT
+    assert set(IN_DISTRIBUTION) | set(HELD_OUT) == set(FAMILIES)
+    assert not set(IN_DISTRIBUTION) & set(HELD_OUT)
+    assert all(FAMILIES[name].held_out for name in HELD_OUT)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_draws_every_kind(family: str, family_screens: dict) -> None:
+    for kind, screens in family_screens[family].items():
+        for screen in screens:
+            assert screen.kind == kind and screen.image.mode == "RGB"
+            assert screen.truth["family"] == family
+            width, height = screen.image.size
+            assert all(0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+                       for x0, y0, x1, y1 in screen.truth["overlays"])
+        assert len({screen.image.tobytes() for screen in screens}) == len(screens)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_family_is_deterministic_and_not_todays_screen(kind: str) -> None:
+    first, again = generate(kind, 4, "dense"), generate(kind, 4, "dense")
+    assert first.image.tobytes() == again.image.tobytes() and first.truth == again.truth
+    assert first.image.tobytes() != generate(kind, 4).image.tobytes()
+    assert "family" not in generate(kind, 4).truth
+
+
+def test_dark_family_is_dark_and_light_family_light(family_screens: dict) -> None:
+    for kind in KINDS:
+        assert all(_gray(screen).mean() < 100 for screen in family_screens["web-dark"][kind])
+        assert all(_gray(screen).mean() > 180 for screen in family_screens["web-light"][kind])
+
+
+def test_high_contrast_is_mostly_pure_black_and_white(family_screens: dict) -> None:
+    for screens in family_screens["high-contrast"].values():
+        for screen in screens:
+            gray = _gray(screen)
+            assert ((gray < 30) | (gray > 225)).mean() > 0.7
+
+
+def test_mobile_is_portrait_and_taller_than_anything_today(family_screens: dict) -> None:
+    for screens in family_screens["mobile"].values():
+        assert all(screen.image.height >= 1.6 * screen.image.width for screen in screens)
+    today = [generate(kind, seed).image for kind in KINDS for seed in range(20)]
+    assert max(image.height / image.width for image in today) < 1.6
+
+
+def test_classic_records_the_windows_drawn_over_it(family_screens: dict) -> None:
+    for screens in family_screens["classic"].values():
+        assert all(len(screen.truth["overlays"]) == 2 for screen in screens)
+
+
+def test_unknown_family_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown style family 'retro'.*in-distribution: web-light.*held out: "):
+        generate("calendar", 0, "retro")
+
+
+def test_a_bad_family_lists_every_problem_at_once() -> None:
+    with pytest.raises(ConfigError) as error:
+        StyleFamily("odd", True, "", ("sunset",), "tv", ("comic",), font_scale=5, width=(900, 400),
+                    clutter=("ads",), overlays=("modal",))
+    message = str(error.value)
+    for problem in ("theme 'sunset'", "idiom 'tv'", "font family 'comic'", "clutter 'ads'", "overlay 'modal'",
+                    "font_scale", "width range"):
+        assert problem in message
+
+
+def test_contact_sheet_of_a_family() -> None:
+    assert contact_sheet(["calendar"], per_kind=1, seed=0, family="mobile").mode == "RGB"
