@@ -8,7 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from training.configuration import ConfigError
+from training.configuration import CommandError, ConfigError
+from training.family_accuracy import accuracy_by_family
+from training.family_accuracy import main as family_main
+from training.jsonl import write_jsonl
 from training.screens import FAMILIES, HELD_OUT, IN_DISTRIBUTION, KINDS, generate
 from training.screens.sheet import contact_sheet
 from training.screens.styles import StyleFamily
@@ -139,3 +142,28 @@ def test_a_bad_family_lists_every_problem_at_once() -> None:
 
 def test_contact_sheet_of_a_family() -> None:
     assert contact_sheet(["calendar"], per_kind=1, seed=0, family="mobile").mode == "RGB"
+
+
+# ----------------------------------------------------------------------------------------------- per-family accuracy
+
+def test_accuracy_by_family_joins_predictions_with_eval_lines(tmp_path, capsys) -> None:
+    eval_lines = [{"id": "a", "metadata": {"family": "mobile"}}, {"id": "b", "metadata": {"family": "mobile"}},
+                  {"id": "c", "metadata": {"family": "dense"}}, {"id": "d", "metadata": {"task_type": "calendar"}}]
+    predictions = [{"id": "a", "gold": "calendar", "predicted": "calendar", "correct": True},
+                   {"id": "b", "gold": "claim-window", "predicted": "calendar", "correct": False},
+                   {"id": "c", "gold": "calendar", "predicted": "calendar", "correct": True},
+                   {"id": "d", "gold": "calendar", "predicted": "(other)", "correct": False}]
+    report = accuracy_by_family(predictions, eval_lines)
+    assert list(report) == ["mobile", "dense", "(mix)", "all"]
+    assert (report["mobile"]["correct"], report["mobile"]["count"], report["mobile"]["accuracy"]) == (1, 2, 0.5)
+    assert report["mobile"]["per_class"]["claim-window"] == {"correct": 0, "count": 1}
+    assert (report["all"]["correct"], report["all"]["count"]) == (2, 4)
+    with pytest.raises(CommandError, match="1 prediction id"):
+        accuracy_by_family([*predictions, {"id": "z", "gold": "calendar", "correct": True}], eval_lines)
+    write_jsonl(tmp_path / "predictions.jsonl", predictions)
+    write_jsonl(tmp_path / "eval.jsonl", eval_lines)
+    assert family_main(["--predictions", str(tmp_path / "predictions.jsonl"), "--dataset", str(tmp_path),
+                        "--out", str(tmp_path / "families.json")]) == 0
+    table = capsys.readouterr().out
+    assert "mobile (held out)" in table and "0.500" in table
+    assert json.loads((tmp_path / "families.json").read_text())["dense"]["accuracy"] == 1.0
