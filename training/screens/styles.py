@@ -9,10 +9,10 @@ status bar, a table panel) and overlays drawn over it at the end (a toast, anoth
 the frame (layouts, fields, providers, days) is the generator's own, drawn from the same rng. A family's screen
 records "family" and "overlays" (the boxes drawn over the content, which may hide part of the truth) in its truth.
 
-Families are in-distribution (IN_DISTRIBUTION: looks that today's random mix draws too; they may be used for
-training) or held out (HELD_OUT: looks no training data shows). Held-out families exist to measure how a model
-copes with styles it never saw: they must never be used in pre-training or router training, and
-training.generate_dataset refuses them for training samples.
+Families are in-distribution (IN_DISTRIBUTION: looks that today's random mix draws too, except that the mix's
+document pages are always paper-coloured; they may be used for training) or held out (HELD_OUT: looks no
+training data shows). Held-out families exist to measure how a model copes with styles it never saw: they must
+never be used in pre-training or router training, and training.generate_dataset refuses them for training.
 
 Without a family, generators use MIXED: today's random mix of looks with exactly the old draws in the old order,
 so every existing seed keeps its bytes (tests/test_styles.py pins them).
