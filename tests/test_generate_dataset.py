@@ -94,6 +94,12 @@ BAD_ARGV = [
     ("dataset of no class", ["--classes", "calendar", "--claim-window-dataset", "."],
      "--claim-window-dataset is given but 'claim-window' is not a class"),
     ("missing dataset folder", ["--calendar-dataset", "/nonexistent/x"], "dataset folder of 'calendar' not found"),
+    ("held-out family in training", ["--train-families", "desktop,mobile"],
+     "held-out style family 'mobile' must never be used to train"),
+    ("unknown families, all named", ["--train-families", "retro", "--eval-families", "web-dark", "neon"],
+     "unknown style family 'retro' in train_families; unknown style family 'neon' in eval_families"),
+    ("family with a user dataset", ["--classes", "calendar", "--calendar-dataset", ".", "--eval-families", "dense"],
+     "style families apply to synthetic screens only, but calendar"),
 ]
 
 
@@ -149,3 +155,25 @@ def test_user_dataset_too_small_is_an_error_and_leaves_nothing(tmp_path, capsys)
                  "--calendar-dataset", str(user), "--output", str(out)]) == 1
     assert "has 2 samples, 3 needed" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["user"]
+
+
+def test_families_are_drawn_in_turn_and_recorded(tmp_path):
+    out = tmp_path / "families"
+    assert main(["--classes", "calendar,claim-window", "--train-images-calendar", "2", "--train-images-claim-window",
+                 "2", "--eval-images", "3", "--train-val-split", "1", "--train-families", "web-dark",
+                 "--eval-families", "mobile", "dense", "--output", str(out)]) == 0
+    train, evaluation = read_jsonl(out / "train.jsonl"), read_jsonl(out / "eval.jsonl")
+    assert {line["metadata"]["family"] for line in train} == {"web-dark"}
+    for name in ("calendar", "claim-window"):
+        families = [line["metadata"]["family"] for line in evaluation if line["adapter"] == name]
+        assert families == ["mobile", "dense", "mobile"]
+    mobile = next(line for line in evaluation if line["metadata"]["family"] == "mobile")
+    width, height = Image.open(out / mobile["image"]).size
+    assert height > 1.5 * width
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["arguments"]["eval_families"] == ["mobile", "dense"]
+
+
+def test_without_families_lines_name_none(small):
+    lines = read_jsonl(small / "train.jsonl") + read_jsonl(small / "eval.jsonl")
+    assert not any("family" in line["metadata"] for line in lines)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,20 +50,24 @@ def write_example(example: Example, example_id: str, out_dir: Path, seed: int) -
             {"from": "gpt", "value": example.answer},
         ],
         "adapter": example.kind,
-        "metadata": {"task_type": example.kind, "target": example.target, "seed": seed},
+        # Only a family's screens name one, so lines of today's mix keep their bytes.
+        "metadata": {"task_type": example.kind, "target": example.target, "seed": seed,
+                     **({"family": example.family} if example.family else {})},
     }
 
 
 def write_examples(kind: str, split: str, count: int, seed: int, out_dir: Path, start: int = 0,
-                   progress: bool = True) -> list[dict]:
+                   progress: bool = True, families: Sequence[str] = ()) -> list[dict]:
     """Generates count examples of kind for split, saves their images and returns their records.
 
-    Ids are <kind>_<start+i:05d>; pass a different start per split that shares out_dir.
+    Ids are <kind>_<start+i:05d>; pass a different start per split that shares out_dir. With families, the
+    i-th example is drawn in style family families[i % len(families)] (metadata.family names it); without,
+    in today's mix of looks.
     """
     records = []
     for index in progress_bar(range(count), desc=f"{kind} {split}", unit="img", disable=not progress):
         example_seed = sample_seed(seed, split, index)
-        example = build_example(kind, example_seed)
+        example = build_example(kind, example_seed, families[index % len(families)] if families else None)
         records.append(write_example(example, f"{kind}_{start + index:05d}", out_dir, example_seed))
     return records
 

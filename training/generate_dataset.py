@@ -17,6 +17,12 @@ replacement, deterministically by seed, with the images copied (metadata.source 
 Otherwise the class's synthetic screen generator makes them, with per-sample seeds from the splits
 "routing-train" and "routing-eval" (training.expert_datasets.sample_seed). A class with neither is an error.
 
+Style families (training.screens.styles): `--eval-families mobile,dense` draws the synthetic eval-only samples
+in those families, in turn (sample i of a class in family i mod count), e.g. to measure a router on looks it
+never saw; `--train-families` does the same for the training samples (and so for the N - floor(N*F) of them
+that go to eval.jsonl), and refuses held-out families, which must never be used to train. Without them,
+screens are drawn in today's mix of looks. A line drawn in a family names it in metadata.family.
+
 Counts, per class, with N = --train-images-<class> (default 100), E = --eval-images,
 F = --train-val-split (0 < F <= 1):
   * N + E samples are made, with ids <class>_00000 .. <class>_<N+E-1>; the E eval-only samples come from
@@ -42,6 +48,7 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -51,7 +58,7 @@ from training.convert_routing_to_classification import format_count_table
 from training.expert_datasets import write_examples
 from training.jsonl import iter_jsonl, write_jsonl
 from training.progress import progress
-from training.screens import KINDS
+from training.screens import FAMILIES, HELD_OUT, IN_DISTRIBUTION, KINDS
 
 DEFAULT_CLASSES = ("calendar", "claim-window", "provider-select")
 DEFAULT_TRAIN_IMAGES = 100
@@ -83,6 +90,14 @@ class RoutingDatasetConfig:
     train_val_split: float = field(default=0.98, metadata={
         "help": "Fraction F in (0, 1] of each class's N training samples kept in train.jsonl (floor(N*F)); "
                 "the rest go to eval.jsonl."})
+    train_families: tuple[str, ...] = field(default=(), metadata={
+        "help": f"In-distribution style families ({', '.join(IN_DISTRIBUTION)}) to draw synthetic training "
+                f"samples in, in turn, comma- or space-separated; empty: today's mix. Held-out families are "
+                f"refused: they must never be used to train."})
+    eval_families: tuple[str, ...] = field(default=(), metadata={
+        "help": f"Style families to draw synthetic eval-only samples in, in turn, comma- or space-separated: "
+                f"in-distribution {', '.join(IN_DISTRIBUTION)} or held out {', '.join(HELD_OUT)}; empty: "
+                f"today's mix."})
     seed: int = field(default=0, metadata={"help": "Seed of every random choice; same seed, same lines."})
     output_root: Path = field(default=Path("datasets"), metadata={
         "help": "Parent of the default output folder routing_<YYYYMMDD_HHMMSS>."})
@@ -118,6 +133,24 @@ class RoutingDatasetConfig:
             if name not in KINDS and name not in self.datasets:
                 raise ConfigError(f"class {name!r} has no synthetic generator (generators: {', '.join(KINDS)}) "
                                   f"and no dataset folder (--{name}{DATASET_FLAG_SUFFIX} DIR)")
+        self._check_families()
+
+    def _check_families(self) -> None:
+        """Split the family lists on commas; raise one ConfigError naming every family at fault."""
+        self.train_families, self.eval_families = (
+            tuple(name.strip() for entry in families for name in entry.split(",") if name.strip())
+            for families in (self.train_families, self.eval_families))
+        problems = [f"unknown style family {name!r} in {what}" for what in ("train_families", "eval_families")
+                    for name in getattr(self, what) if name not in FAMILIES]
+        problems += [f"held-out style family {name!r} must never be used to train; give it in eval_families"
+                     for name in self.train_families if name in HELD_OUT]
+        # A family dresses the generator's screens only; a user's screenshots would be counted under it unchanged.
+        if (self.train_families or self.eval_families) and self.datasets:
+            problems.append(f"style families apply to synthetic screens only, but {', '.join(self.datasets)} "
+                            f"sample(s) from a dataset folder")
+        if problems:
+            raise ConfigError(f"{'; '.join(problems)} (families: in-distribution {', '.join(IN_DISTRIBUTION)}; "
+                              f"held out {', '.join(HELD_OUT)})")
 
     def kept_in_train(self, name: str) -> int:
         """floor(N * F): how many of the class's N training samples stay in train.jsonl."""
@@ -130,13 +163,16 @@ def sample_id(name: str, number: int) -> str:
     return f"{name}_{number:05d}"
 
 
-def synthetic_samples(name: str, train_count: int, eval_count: int, seed: int, out_dir: Path) -> list[dict]:
-    """The class's training samples, then its eval-only ones, from its screen generator.
+def synthetic_samples(name: str, train_count: int, eval_count: int, seed: int, out_dir: Path,
+                      train_families: Sequence[str] = (), eval_families: Sequence[str] = ()) -> list[dict]:
+    """The class's training samples, then its eval-only ones, from its screen generator, each set drawn in its
+    style families in turn (none: today's mix).
 
     Their own split names give both seed sets apart from each other and from expert datasets of the same seed.
     """
-    return (write_examples(name, "routing-train", train_count, seed, out_dir)
-            + write_examples(name, "routing-eval", eval_count, seed, out_dir, start=train_count))
+    return (write_examples(name, "routing-train", train_count, seed, out_dir, families=train_families)
+            + write_examples(name, "routing-eval", eval_count, seed, out_dir, start=train_count,
+                             families=eval_families))
 
 
 def read_user_dataset(folder: Path) -> list[dict]:
@@ -197,7 +233,8 @@ def generate_routing_dataset(cfg: RoutingDatasetConfig) -> Path:
             if name in cfg.datasets:
                 samples = user_samples(name, cfg.datasets[name], count, cfg.seed, work)
             else:
-                samples = synthetic_samples(name, cfg.train_images[name], cfg.eval_images, cfg.seed, work)
+                samples = synthetic_samples(name, cfg.train_images[name], cfg.eval_images, cfg.seed, work,
+                                            cfg.train_families, cfg.eval_families)
             kept = cfg.kept_in_train(name)
             lines = [routing_line(sample, name, label) for sample in samples]
             train += lines[:kept]

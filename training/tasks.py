@@ -37,6 +37,7 @@ class Example:
     prompt: str
     answer: str
     target: dict
+    family: str | None = None  # the screen's style family; None: today's mix of looks
 
 
 def compact_json(value: Any) -> str:
@@ -49,9 +50,9 @@ def click_call(x: int, y: int) -> str:
     return compact_json({"name": "click", "arguments": {"x": x, "y": y}})
 
 
-def build_example(kind: str, seed: int) -> Example:
-    """generate(kind, seed) and a task on it drawn deterministically from the same seed."""
-    screen = generate(kind, seed)
+def build_example(kind: str, seed: int, family: str | None = None) -> Example:
+    """generate(kind, seed, family) and a task on it drawn deterministically from the same seed."""
+    screen = generate(kind, seed, family)
     rng = random.Random(f"task:{kind}:{seed}")
     truth = screen.truth
     if kind == "calendar":
@@ -63,16 +64,18 @@ def build_example(kind: str, seed: int) -> Example:
             day = rng.choice(truth["days"])
             prompt = rng.choice(DATE_PROMPTS).format(date=f"{truth['month_name']} {day['day']}, {truth['year']}")
             box = day["box"]
-        return Example(kind, screen.image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box})
+        return Example(kind, screen.image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box},
+                       family)
     if kind == "provider-select":
         provider = rng.choice(truth["providers"])
         prompt = rng.choice(PROVIDER_PROMPTS).format(name=provider["name"])
         box = provider["box"]
-        return Example(kind, screen.image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box})
+        return Example(kind, screen.image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box},
+                       family)
     if kind == "claim-window":
         fields = {field["name"]: field["value"] for field in truth["fields"]}
-        return Example(kind, screen.image, CLAIM_PROMPT, compact_json(fields), {"fields": fields})
-    return Example(kind, screen.image, OCR_PROMPT, truth["markdown"], {"markdown": truth["markdown"]})
+        return Example(kind, screen.image, CLAIM_PROMPT, compact_json(fields), {"fields": fields}, family)
+    return Example(kind, screen.image, OCR_PROMPT, truth["markdown"], {"markdown": truth["markdown"]}, family)
 
 
 def _first_json_object(text: str) -> dict | None:

@@ -14,9 +14,9 @@ from datetime import date, timedelta
 from PIL import Image, ImageDraw
 
 from training.screens import words
-from training.screens.common import (Box, Fonts, Palette, Screen, apply_noise, blend, draw_button, draw_chrome,
-                                     draw_input, draw_shadowed_panel, draw_text, random_fonts, random_palette,
-                                     random_size, text_size, wrap)
+from training.screens.common import (Box, Fonts, Palette, Screen, blend, draw_button, draw_input, draw_shadowed_panel,
+                                     draw_text, text_size, wrap)
+from training.screens.styles import MIXED, Look
 
 MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
                "November", "December")
@@ -402,18 +402,18 @@ def _booking(draw: ImageDraw.ImageDraw, rng: random.Random, content: Box, month:
     return days, _draw_slots(draw, rng, slot_area, heading, palette, fonts)
 
 
-def generate(rng: random.Random) -> Screen:
-    """A calendar screen drawn from rng."""
-    size = random_size(rng, portrait_share=0.1)
-    palette = random_palette(rng)
-    fonts = random_fonts(rng, 11, 14)
+def generate(rng: random.Random, look: Look = MIXED) -> Screen:
+    """A calendar screen drawn from rng, framed by look (a style family, or today's mix)."""
+    size = look.size(rng, portrait_share=0.1)
+    palette = look.palette(rng)
+    fonts = look.fonts(rng, 11, 14)
     year, month_number = rng.randint(2023, 2030), rng.randint(1, 12)
     month = _Month(year, month_number, rng.randint(1, days_in_month(year, month_number)), rng.choice((6, 0)),
                    rng.choice(("two", "three", "upper", "letter")), rng.random() < 0.6)
     image = Image.new("RGB", size, palette.bg)
     draw = ImageDraw.Draw(image)
     title = rng.choice(("Calendar", "Appointments", "Book a visit", "Schedule", "Scheduling — CareLink"))
-    content = draw_chrome(draw, rng, size, palette, fonts, title)
+    content = look.frame(draw, rng, size, palette, fonts, title)
     layout = rng.choice(("month", "picker", "booking"))
     draw_layout = {"month": _month_view, "picker": _picker, "booking": _booking}[layout]
     days, slots = draw_layout(draw, rng, content, month, palette, fonts)
@@ -427,4 +427,5 @@ def generate(rng: random.Random) -> Screen:
         "days": [{"day": day, "box": box.as_list()} for day, box in days],
         "time_slots": [{"label": label, "box": box.as_list()} for label, box in slots],
     }
-    return Screen("calendar", apply_noise(image, rng), truth)
+    image, style_truth = look.finish(image, rng, palette, fonts)
+    return Screen("calendar", image, {**truth, **style_truth})

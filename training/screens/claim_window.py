@@ -13,8 +13,8 @@ from datetime import date, timedelta
 from PIL import Image, ImageDraw
 
 from training.screens import words
-from training.screens.common import (Box, Fonts, Palette, Screen, apply_noise, blend, draw_button, draw_chrome,
-                                     draw_text, random_fonts, random_palette, random_size, text_size)
+from training.screens.common import Box, Fonts, Palette, Screen, blend, draw_button, draw_text, text_size
+from training.screens.styles import MIXED, Look
 
 REQUIRED = ("Claim #", "Date of service", "Amount", "Member ID", "Provider")
 OPTIONAL = ("Status", "Diagnosis code", "Patient name", "Policy #", "Procedure code", "Payer")
@@ -117,11 +117,11 @@ def _draw_value_input(draw: ImageDraw.ImageDraw, box: Box, value: str, metrics: 
     draw.text((box.x0 + 9, (box.y0 + box.y1) / 2), value, font=metrics.value, fill=palette.text, anchor="lm")
 
 
-def generate(rng: random.Random) -> Screen:
-    """A claim-form screen drawn from rng."""
-    size = random_size(rng, portrait_share=0.2)
-    palette = random_palette(rng)
-    fonts = random_fonts(rng, 11, 14, mono_weight=2)
+def generate(rng: random.Random, look: Look = MIXED) -> Screen:
+    """A claim-form screen drawn from rng, framed by look (a style family, or today's mix)."""
+    size = look.size(rng, portrait_share=0.2)
+    palette = look.palette(rng)
+    fonts = look.fonts(rng, 11, 14, mono_weight=2)
     names = list(REQUIRED) + rng.sample(OPTIONAL, k=rng.randint(0, 3))
     if rng.random() < 0.6:
         rng.shuffle(names)
@@ -130,7 +130,7 @@ def generate(rng: random.Random) -> Screen:
     draw = ImageDraw.Draw(image)
     title = rng.choice(("Claims Manager", "ClaimDesk — Edit claim", "Member Portal", "Claim review",
                         "Benefits Administration"))
-    content = draw_chrome(draw, rng, size, palette, fonts, title)
+    content = look.frame(draw, rng, size, palette, fonts, title)
     if content.width >= 620 and rng.random() < 0.4:
         content = _draw_sidebar(draw, rng, content, palette, fonts)
     area = content.inset(rng.randint(14, 28), rng.randint(10, 18))
@@ -159,7 +159,8 @@ def generate(rng: random.Random) -> Screen:
         "fields": [{"name": name, "value": value, "box": box.as_list()} for name, value, box in fields],
         "buttons": [{"label": label, "box": box.as_list()} for label, box in buttons],
     }
-    return Screen("claim-window", apply_noise(image, rng), truth)
+    image, style_truth = look.finish(image, rng, palette, fonts)
+    return Screen("claim-window", image, {**truth, **style_truth})
 
 
 def _draw_fields(draw: ImageDraw.ImageDraw, rng: random.Random, area: Box, layout: str, values: dict[str, str],

@@ -26,6 +26,9 @@ FONT_FILES = {
     ("serif", True): "DejaVuSerif-Bold.ttf",
     ("mono", False): "DejaVuSansMono.ttf",
     ("mono", True): "DejaVuSansMono-Bold.ttf",
+    # A Times-like serif no random draw picks: only style families ask for it.
+    ("stix", False): "STIXGeneral.ttf",
+    ("stix", True): "STIXGeneralBol.ttf",
 }
 
 
@@ -114,18 +117,26 @@ def blend(a: RGB, b: RGB, t: float) -> RGB:
     return (round(a[0] + (b[0] - a[0]) * t), round(a[1] + (b[1] - a[1]) * t), round(a[2] + (b[2] - a[2]) * t))
 
 
+THEMES = ("light", "dark", "coloured")
+
+
 def random_palette(rng: random.Random) -> Palette:
     """A light, dark or coloured theme with one accent colour."""
     accent = rng.choice(ACCENTS)
+    style = rng.choices(THEMES, weights=(5, 3, 2))[0]
+    return theme_palette(rng, style, accent)
+
+
+def theme_palette(rng: random.Random, theme: str, accent: RGB) -> Palette:
+    """The palette of one of THEMES around accent; rng draws the background (and chrome) shade."""
     white: RGB = (255, 255, 255)
-    style = rng.choices(("light", "dark", "coloured"), weights=(5, 3, 2))[0]
-    if style == "light":
+    if theme == "light":
         bg = rng.choice(((255, 255, 255), (248, 249, 251), (243, 244, 246)))
         chrome = rng.choice(((232, 234, 237), (222, 225, 230), blend(accent, (20, 20, 30), 0.35)))
         chrome_text = (255, 255, 255) if sum(chrome) < 400 else (40, 42, 48)
         return Palette("light", bg, white, (30, 32, 38), (105, 112, 124), (206, 211, 218), accent, white,
                        blend(accent, white, 0.85), accent, chrome, chrome_text)
-    if style == "dark":
+    if theme == "dark":
         bg = rng.choice(((30, 31, 34), (24, 26, 31), (37, 37, 42)))
         surface = blend(bg, white, 0.07)
         accent = blend(accent, white, 0.12)
@@ -244,6 +255,9 @@ def draw_search_icon(draw: ImageDraw.ImageDraw, cx: int, cy: int, r: int, color:
     draw.line((cx + r * 0.4, cy + r * 0.4, cx + r, cy + r), fill=color, width=2)
 
 
+CHROME_STYLES = ("mac", "windows", "plain", "browser", "tabs", "none")
+
+
 def draw_chrome(draw: ImageDraw.ImageDraw, rng: random.Random, size: tuple[int, int], palette: Palette,
                 fonts: Fonts, title: str) -> Box:
     """Window chrome around the screen and the box left for content.
@@ -251,8 +265,14 @@ def draw_chrome(draw: ImageDraw.ImageDraw, rng: random.Random, size: tuple[int, 
     Styles: a macOS-like title bar, a Windows-like title bar with min/max/close, a bare title bar, a browser
     (tab strip and address bar), an app title bar with a tab row, or no chrome at all.
     """
+    style = rng.choices(CHROME_STYLES, weights=(3, 3, 1, 4, 2, 2))[0]
+    return draw_chrome_style(draw, rng, style, size, palette, fonts, title)
+
+
+def draw_chrome_style(draw: ImageDraw.ImageDraw, rng: random.Random, style: str, size: tuple[int, int],
+                      palette: Palette, fonts: Fonts, title: str) -> Box:
+    """Window chrome of one of CHROME_STYLES around the screen and the box left for content."""
     width, height = size
-    style = rng.choices(("mac", "windows", "plain", "browser", "tabs", "none"), weights=(3, 3, 1, 4, 2, 2))[0]
     if style == "none":
         return Box(0, 0, width, height)
     small = fonts.regular(0.9)

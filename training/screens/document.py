@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from training.screens import words
-from training.screens.common import RGB, Box, Fonts, Screen, apply_noise, random_size, text_size, wrap
+from training.screens.common import (RGB, Box, Fonts, Palette, Screen, apply_noise, random_size, text_size,
+                                     wrap)
+from training.screens.styles import MIXED, Look
 
 TABLE_HEADERS = (("Item", "Qty", "Price"), ("Name", "Role", "Phone"), ("Date", "Event", "Location"),
                  ("Code", "Description", "Amount"))
@@ -184,8 +186,8 @@ def _draw_viewer(draw: ImageDraw.ImageDraw, rng: random.Random, size: tuple[int,
     return Box(margin, 36 + rng.randint(10, 20), width - margin, height + 40)
 
 
-def generate(rng: random.Random) -> Screen:
-    """A document page drawn from rng."""
+def _todays_page(rng: random.Random) -> tuple[Image.Image, Box, _Style]:
+    """Today's page: paper and ink of its own, the whole screenshot or a page in a viewer."""
     size = random_size(rng, portrait_share=0.5)
     paper = rng.choice(((255, 255, 255), (252, 251, 247), (248, 246, 240)))
     image = Image.new("RGB", size, paper)
@@ -199,14 +201,32 @@ def generate(rng: random.Random) -> Screen:
     text = Box(page.x0 + margin_x, page.y0 + margin_y, page.x1 - margin_x, min(page.y1, size[1]) - margin_y)
     ink = rng.choice(((20, 20, 24), (35, 38, 45), (10, 25, 60)))
     fonts = Fonts(rng.choices(("serif", "sans", "mono"), weights=(5, 4, 1))[0], rng.randint(12, 15))
-    style = _Style(fonts, ink, (110, 112, 118), (150, 152, 158), text.width)
+    return image, text, _Style(fonts, ink, (110, 112, 118), (150, 152, 158), text.width)
+
+
+def _family_page(rng: random.Random, look: Look) -> tuple[Image.Image, Box, _Style, Palette]:
+    """A page in a style family's frame, on its palette's surface in its text colour."""
+    size = look.size(rng, portrait_share=0.5)
+    palette = look.palette(rng)
+    fonts = look.fonts(rng, 12, 15)
+    image = Image.new("RGB", size, palette.bg)
+    draw = ImageDraw.Draw(image)
+    title = rng.choice(("Document viewer", "Shared document", "Preview", "Reader"))
+    page = look.frame(draw, rng, size, palette, fonts, title)
+    draw.rectangle(page.rect(), fill=palette.surface)
+    text = page.inset(rng.randint(20, 44), rng.randint(18, 36))
+    return image, text, _Style(fonts, palette.text, palette.muted, palette.border, text.width), palette
+
+
+def _write_page(rng: random.Random, draw: ImageDraw.ImageDraw, text: Box, style: _Style) -> str:
+    """Blocks in text while they fit, and sometimes a page footer; returns the page's markdown."""
     gap = style.line_h // 2 + rng.randint(2, 6)
     footer = f"Page {rng.randint(1, 3)} of {rng.randint(3, 9)}" if rng.random() < 0.3 else ""
     bottom = text.y1 - (style.line_h + gap if footer else 0)
     blocks = [_heading(rng.choice(words.TITLE_WORDS), 1, style, rule=rng.random() < 0.4)]
     if rng.random() < 0.4:
         byline = f"Prepared by {words.person_name(rng)}"
-        blocks.append(_lines_block([byline], fonts.regular(0.9), style.muted, style.line_h, byline))
+        blocks.append(_lines_block([byline], style.fonts.regular(0.9), style.muted, style.line_h, byline))
     y = text.y0
     markdown: list[str] = []
     misses = 0
@@ -223,7 +243,20 @@ def generate(rng: random.Random) -> Screen:
             markdown.append(block.markdown)
             y += block.height + gap
     if footer:
-        draw.text(((text.x0 + text.x1) / 2, text.y1 - style.line_h / 2), footer, font=fonts.regular(0.85),
+        draw.text(((text.x0 + text.x1) / 2, text.y1 - style.line_h / 2), footer, font=style.fonts.regular(0.85),
                   fill=style.muted, anchor="mm")
         markdown.append(footer)
-    return Screen("chandra-ocr", apply_noise(image, rng), {"markdown": "\n\n".join(markdown)})
+    return "\n\n".join(markdown)
+
+
+def generate(rng: random.Random, look: Look = MIXED) -> Screen:
+    """A document page drawn from rng, in today's look or framed by a style family."""
+    # Today's pages keep their own paper, ink, viewer and draws; only a family dresses the page in a palette.
+    if look is MIXED:
+        image, text, style = _todays_page(rng)
+        markdown = _write_page(rng, ImageDraw.Draw(image), text, style)
+        return Screen("chandra-ocr", apply_noise(image, rng), {"markdown": markdown})
+    image, text, style, palette = _family_page(rng, look)
+    markdown = _write_page(rng, ImageDraw.Draw(image), text, style)
+    image, style_truth = look.finish(image, rng, palette, style.fonts)
+    return Screen("chandra-ocr", image, {"markdown": markdown, **style_truth})

@@ -10,9 +10,9 @@ import random
 from PIL import Image, ImageDraw
 
 from training.screens import words
-from training.screens.common import (Box, Fonts, Palette, Screen, apply_noise, blend, draw_chrome,
-                                     draw_search_icon, draw_shadowed_panel, draw_text, random_fonts, random_palette,
-                                     random_size, text_size, truncate)
+from training.screens.common import (Box, Fonts, Palette, Screen, blend, draw_search_icon, draw_shadowed_panel,
+                                     draw_text, text_size, truncate)
+from training.screens.styles import MIXED, Look
 
 AVATAR_COLORS = ((96, 125, 139), (121, 85, 72), (0, 137, 123), (92, 107, 192), (171, 71, 188), (239, 108, 0),
                  (67, 160, 71), (30, 136, 229))
@@ -164,16 +164,16 @@ def _dropdown(draw: ImageDraw.ImageDraw, rng: random.Random, area: Box, search: 
     return boxes
 
 
-def generate(rng: random.Random) -> Screen:
-    """A provider-selection screen drawn from rng."""
-    size = random_size(rng, portrait_share=0.2)
-    palette = random_palette(rng)
-    fonts = random_fonts(rng, 11, 14)
+def generate(rng: random.Random, look: Look = MIXED) -> Screen:
+    """A provider-selection screen drawn from rng, framed by look (a style family, or today's mix)."""
+    size = look.size(rng, portrait_share=0.2)
+    palette = look.palette(rng)
+    fonts = look.fonts(rng, 11, 14)
     image = Image.new("RGB", size, palette.bg)
     draw = ImageDraw.Draw(image)
     title = rng.choice(("Find a provider", "Provider directory", "Member Portal", "Choose provider",
                         "Referral — select provider"))
-    content = draw_chrome(draw, rng, size, palette, fonts, title)
+    content = look.frame(draw, rng, size, palette, fonts, title)
     area = content.inset(rng.randint(14, 30), rng.randint(10, 18))
     layout = rng.choice(("list", "table", "dropdown"))
     heading = rng.choice(("Select a provider", "Find a doctor", "Choose your provider", "Provider directory",
@@ -208,7 +208,8 @@ def generate(rng: random.Random) -> Screen:
         "search_box": search.as_list(),
         "providers": [dict(provider, box=box.as_list()) for provider, box in zip(providers, boxes)],
     }
-    return Screen("provider-select", apply_noise(image, rng), truth)
+    image, style_truth = look.finish(image, rng, palette, fonts)
+    return Screen("provider-select", image, {**truth, **style_truth})
 
 
 def _draw_filters(draw: ImageDraw.ImageDraw, rng: random.Random, area: Box, palette: Palette, fonts: Fonts) -> int:

@@ -1,6 +1,7 @@
 """Contact sheet of generated screens, one labelled row per kind, for a person to look at.
 
     python -m training.screens --out contact_sheet.png --per-kind 4 --seed 0
+    python -m training.screens --out mobile.png --family mobile      # one style family's look
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from training.configuration import ConfigError, check_types, parse_command, run_command
-from training.screens import KINDS, generate
+from training.screens import FAMILIES, KINDS, generate
 from training.screens.common import font
 
 THUMB_W, THUMB_H = 400, 300
@@ -20,8 +21,9 @@ LABEL_W = 150
 PAD = 10
 
 
-def contact_sheet(kinds: Sequence[str], per_kind: int, seed: int) -> Image.Image:
-    """A grid with one row per kind (labelled on the left) of per_kind screens, seeds seed .. seed+per_kind-1."""
+def contact_sheet(kinds: Sequence[str], per_kind: int, seed: int, family: str | None = None) -> Image.Image:
+    """A grid with one row per kind (labelled on the left) of per_kind screens, seeds seed .. seed+per_kind-1,
+    in the style family (None: today's mix)."""
     width = LABEL_W + per_kind * (THUMB_W + PAD) + PAD
     height = len(kinds) * (THUMB_H + PAD) + PAD
     sheet = Image.new("RGB", (width, height), (60, 63, 68))
@@ -31,7 +33,7 @@ def contact_sheet(kinds: Sequence[str], per_kind: int, seed: int) -> Image.Image
         draw.text((PAD, top + THUMB_H / 2), kind, font=font("sans", 16, bold=True), fill=(240, 240, 240),
                   anchor="lm")
         for column in range(per_kind):
-            thumb = generate(kind, seed + column).image
+            thumb = generate(kind, seed + column, family).image
             thumb.thumbnail((THUMB_W, THUMB_H), Image.Resampling.LANCZOS)
             left = LABEL_W + PAD + column * (THUMB_W + PAD)
             sheet.paste(thumb, (left + (THUMB_W - thumb.width) // 2, top + (THUMB_H - thumb.height) // 2))
@@ -47,6 +49,8 @@ class SheetArguments:
     seed: int = field(default=0, metadata={"help": "First seed of every row."})
     kinds: list[str] = field(default_factory=lambda: list(KINDS), metadata={
         "help": "Kinds to show, one row each.", "choices": KINDS})
+    family: str | None = field(default=None, metadata={
+        "help": "Style family to draw every screen in (default: today's mix).", "choices": tuple(FAMILIES)})
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -55,11 +59,13 @@ class SheetArguments:
             raise ConfigError(f"unknown kind(s) {', '.join(unknown)} (kinds: {', '.join(KINDS)})")
         if self.per_kind < 1:
             raise ConfigError(f"per_kind must be >= 1, got {self.per_kind}")
+        if self.family is not None and self.family not in FAMILIES:
+            raise ConfigError(f"unknown family {self.family!r} (families: {', '.join(FAMILIES)})")
 
 
 def write(args: SheetArguments) -> int:
     """Draw the sheet; print the file written."""
-    contact_sheet(args.kinds, args.per_kind, args.seed).save(args.out)
+    contact_sheet(args.kinds, args.per_kind, args.seed, args.family).save(args.out)
     print(args.out)
     return 0
 
