@@ -25,6 +25,13 @@ keyed by the pre-training spec and the random base's fingerprint, written atomic
 processor so vLLM serves it. `training.tiny_model.resolve_base_model("tiny")` returns it (building it on first
 use); "tiny-random" is the random model. `pretrain_log.json` in the folder holds the wall time, the loss curve
 and the held-out caption scores.
+
+The repository ships the current base (training/bases/<that name>/, about 2.3 MB, with `pretrain_spec.json`, the
+recipe and seed, and `shipped.json`, its weights' fingerprint): on first use it is checked against that
+fingerprint and copied into the cache, so a fresh machine pre-trains nothing. Changing the recipe changes the
+name; `python -m training.pretrain --ship true` then builds the new base and replaces the shipped one, and
+`--rebuild true` pre-trains from the recipe even when a shipped copy exists (tests/test_shipped_base.py checks,
+marked slow, that it reproduces the shipped weights bit for bit).
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ from training.tiny_random import CacheArguments, TinyModelSpec, build_tiny_model
 # Bump when captions, data or the loop change in a way PretrainSpec does not capture.
 PRETRAIN_VERSION = 3
 DONE_MARKER = "pretrain_log.json"
+# The repository ships the current version of the base here, so a fresh machine pre-trains nothing.
+SHIPPED_ROOT = Path(__file__).resolve().parent / "bases"
+SHIPPED_RECORD = "shipped.json"
 log = logging.getLogger(__name__)
 PROMPTS = ("Describe this screen.", "What is on this screen?", "Describe the screenshot.",
            "Caption this screenshot.", "What does this screenshot show?")
@@ -468,8 +478,30 @@ def pretrained_dir(spec: PretrainSpec, cache_dir: Path | None = None) -> Path:
     return (cache_dir or default_cache_dir()) / f"tiny-qwen3-vl-pretrained-{spec.fingerprint}"
 
 
-def build_pretrained_model(spec: PretrainSpec | None = None, cache_dir: Path | None = None) -> Path:
-    """Return the folder of the pre-trained tiny base for `spec`, pre-training it first if the cache lacks it.
+def shipped_dir(spec: PretrainSpec) -> Path:
+    """Where the repository ships the pre-trained base for `spec` (whether or not it does)."""
+    return SHIPPED_ROOT / f"tiny-qwen3-vl-pretrained-{spec.fingerprint}"
+
+
+def check_shipped(folder: Path) -> dict:
+    """The shipped base's record, after checking its weights against the fingerprint recorded beside them;
+    ValueError naming the folder when they differ (a damaged or hand-edited copy)."""
+    from training.manifest import model_fingerprint
+
+    record = json.loads((folder / SHIPPED_RECORD).read_text())
+    actual = model_fingerprint(folder)
+    if actual != record["weights_fingerprint"]:
+        raise ValueError(f"{folder}: its weights have fingerprint {actual}, but {SHIPPED_RECORD} records "
+                         f"{record['weights_fingerprint']}: the shipped base is damaged (restore it with git, or "
+                         "rebuild it: python -m training.pretrain --rebuild true --ship true)")
+    return record
+
+
+def build_pretrained_model(spec: PretrainSpec | None = None, cache_dir: Path | None = None,
+                           use_shipped: bool = True) -> Path:
+    """Return the folder of the pre-trained tiny base for `spec`: the cache's; else the repository's shipped copy,
+    checked and copied into the cache; else pre-trained now (`use_shipped` False: always pre-trained, unless
+    cached).
 
     Written under a temporary name and renamed when complete (pretrain_log.json last), like the random model.
     """
@@ -480,16 +512,23 @@ def build_pretrained_model(spec: PretrainSpec | None = None, cache_dir: Path | N
     out = pretrained_dir(spec, root)
     if (out / DONE_MARKER).exists():
         return out
-    random_dir = build_tiny_model(spec.base, root)
-    set_threads()
+    shipped = shipped_dir(spec)
+    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=root))
     tmp.chmod(0o755)
     try:
-        result = pretrain(spec, random_dir, tmp)
-        (tmp / "pretrain_spec.json").write_text(json.dumps(
-            {"spec": asdict(spec), "random_base": str(random_dir), "random_base_fingerprint": spec.base.fingerprint,
-             "version": PRETRAIN_VERSION}, indent=2, default=str))
-        (tmp / DONE_MARKER).write_text(json.dumps(result, indent=2))
+        if use_shipped and shipped.is_dir():
+            check_shipped(shipped)
+            log.info("pre-trained base: the shipped copy %s (no pre-training)", shipped)
+            shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+        else:
+            random_dir = build_tiny_model(spec.base, root)
+            set_threads()
+            result = pretrain(spec, random_dir, tmp)
+            (tmp / "pretrain_spec.json").write_text(json.dumps(
+                {"spec": asdict(spec), "random_base_fingerprint": spec.base.fingerprint,
+                 "version": PRETRAIN_VERSION, "threads": _threads()}, indent=2, default=str))
+            (tmp / DONE_MARKER).write_text(json.dumps(result, indent=2))
         try:
             tmp.rename(out)
         except OSError:  # another process finished the same build first
@@ -500,19 +539,54 @@ def build_pretrained_model(spec: PretrainSpec | None = None, cache_dir: Path | N
     return out
 
 
-def build(spec: PretrainSpec, cache: CacheArguments) -> int:
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def ship(built: Path, spec: PretrainSpec) -> Path:
+    """Copy a built base into the repository as the one shipped version (older versions removed), with a record of
+    its weights' fingerprint and size."""
+    from training.manifest import model_fingerprint
+
+    dest = shipped_dir(spec)
+    for old in SHIPPED_ROOT.glob("tiny-qwen3-vl-pretrained-*"):
+        shutil.rmtree(old)
+    shutil.copytree(built, dest)
+    size = sum(f.stat().st_size for f in dest.iterdir())
+    (dest / SHIPPED_RECORD).write_text(json.dumps(
+        {"spec_fingerprint": spec.fingerprint, "weights_fingerprint": model_fingerprint(dest), "bytes": size,
+         "recipe": "python -m training.pretrain with PretrainSpec's defaults (pretrain_spec.json)",
+         "rebuild": "python -m training.pretrain --rebuild true"}, indent=2) + "\n")
+    return dest
+
+
+@dataclass
+class ShipArguments:
+    """Whether `python -m training.pretrain` uses, rebuilds or replaces the repository's shipped base."""
+
+    rebuild: bool = field(default=False, metadata={
+        "help": "Pre-train from the recipe even when the repository ships this base (into the cache, or --cache-dir)."})
+    ship: bool = field(default=False, metadata={
+        "help": "Copy the result into training/bases/ as the one shipped version, replacing the old one."})
+
+
+def build(spec: PretrainSpec, cache: CacheArguments, shipping: ShipArguments) -> int:
     """Build (or find) the pre-trained base; print its log (loss curves left out) and its folder."""
-    out = build_pretrained_model(spec, cache.cache_dir)
+    out = build_pretrained_model(spec, cache.cache_dir, use_shipped=not shipping.rebuild)
     result = json.loads((out / DONE_MARKER).read_text())
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("loss_curve")}, indent=2))
     print(out)
+    if shipping.ship:
+        print(f"shipped: {ship(out, spec)}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    spec, cache = parse_command([PretrainSpec, CacheArguments], argv, prog="python -m training.pretrain",
-                                description=__doc__)
-    return run_command(lambda: build(spec, cache))
+    spec, cache, shipping = parse_command([PretrainSpec, CacheArguments, ShipArguments], argv,
+                                          prog="python -m training.pretrain", description=__doc__)
+    return run_command(lambda: build(spec, cache, shipping))
 
 
 if __name__ == "__main__":
