@@ -31,7 +31,7 @@ recipe and seed, and `shipped.json`, its weights' fingerprint): on first use it 
 fingerprint and copied into the cache, so a fresh machine pre-trains nothing. Changing the recipe changes the
 name; `python -m training.pretrain --ship true` then builds the new base and replaces the shipped one, and
 `--rebuild true` pre-trains from the recipe even when a shipped copy exists (tests/test_shipped_base.py checks,
-marked slow, that it reproduces the shipped weights bit for bit).
+marked slow, that it reproduces the shipped base: its weights, or on another CPU its held-out scores).
 """
 
 from __future__ import annotations
