@@ -117,6 +117,17 @@ def test_bad_model_settings_are_refused(case, kwargs, message):
         ModelArguments(**kwargs)
 
 
+def test_a_vision_tower_adapter_warns_when_the_serving_config_would_refuse_it(tmp_path, caplog):
+    deployment = tmp_path / "deploy.yaml"
+    deployment.write_text("engine:\n  tower_lora: true\n")
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        ModelArguments(lora_target_modules=["all-linear"], lora_vision_tower=True, serving_config=str(deployment))
+        assert not caplog.records
+        ModelArguments(lora_target_modules=["all-linear"], lora_vision_tower=True)
+    (record,) = caplog.records
+    assert "tiny-cpu.yaml does not set engine.tower_lora" in record.getMessage()
+
+
 def test_every_bad_model_setting_is_listed_at_once():
     with pytest.raises(ConfigError) as info:
         ModelArguments(lora_r=64, lora_target_modules=["all-linear", "linear_fc1"])

@@ -14,6 +14,7 @@ nothing from serving), else vLLM's largest rank and the model processor's own pi
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +31,17 @@ DEFAULT_SERVING_CONFIG = PROJECT_ROOT / "configs" / "tiny-cpu.yaml"
 # Names that only the vision tower has: as targets they need lora_vision_tower.
 VISION_MODULES = (*VISION_TOWER_TARGETS, "merger", "deepstack_merger_list", "visual")
 PROG = "python -m training.train_qwen"
+log = logging.getLogger("training.trainer")
 
 
 def serving_limits(path: str | Path | None) -> dict:
-    """max_lora_rank, min_pixels and max_pixels of a deployment YAML's `engine:` section (those it sets)."""
+    """max_lora_rank, min_pixels, max_pixels and tower_lora of a deployment YAML's `engine:` section (those it
+    sets)."""
     if path is None or (Path(path) == DEFAULT_SERVING_CONFIG and not DEFAULT_SERVING_CONFIG.is_file()):
         return {}
     engine = load_yaml(path).get("engine") or {}
-    return {key: engine[key] for key in ("max_lora_rank", "min_pixels", "max_pixels") if engine.get(key) is not None}
+    return {key: engine[key] for key in ("max_lora_rank", "min_pixels", "max_pixels", "tower_lora")
+            if engine.get(key) is not None}
 
 
 @dataclass
@@ -115,6 +119,10 @@ class ModelArguments:
             problems.append(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
         if problems:
             raise ConfigError("; ".join(problems))
+        if self.lora_vision_tower and self.serving_config and not limits.get("tower_lora"):
+            # Not an error: the adapter may be meant for another deployment, but this one would refuse it.
+            log.warning("lora_vision_tower: %s does not set engine.tower_lora, so serving it refuses this adapter "
+                        "until it does (--set engine.tower_lora=true)", self.serving_config)
 
 
 @dataclass
