@@ -23,7 +23,7 @@ VISION_TOWER_TARGETS = ("qkv", "proj", "linear_fc1", "linear_fc2")
 # PEFT's own shorthand for every linear layer but the output head (lm_head), the vision tower's included.
 ALL_LINEAR = "all-linear"
 # PEFT exclude_modules regexes over module names like model.visual.blocks.0.attn.qkv: the whole vision tower with
-# its mergers, or only its patch embedding (a Conv3d in vLLM, which no LoRA can land on there).
+# its mergers, or only its patch embedding (a Conv3d that vLLM cannot put LoRA on).
 _VISION_TOWER_RE = r"(.*\.)?visual(\..*)?"
 _PATCH_EMBED_RE = r"(.*\.)?visual\.patch_embed(\..*)?"
 # Files up to this size are hashed whole; larger weight shards by their ends and middle (an 8B model is 16 GB).
