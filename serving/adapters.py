@@ -1,7 +1,8 @@
 """Checks every adapter of a deployment before vLLM starts, so a bad adapter fails fast with its name.
 
 vLLM itself either refuses such adapters late (after a minute of start-up) or, worse, serves them silently
-doing nothing (vision-tower LoRA, keys it cannot map). Each problem here names the adapter and what is wrong.
+doing nothing (vision-tower LoRA without engine.tower_lora, keys it cannot map). Each problem here names the adapter
+and what is wrong.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.config import VLLM_LORA_RANKS, AdapterConfig, ConfigError, DeploymentConfig
-from training.manifest import MANIFEST_NAME, AdapterManifest, file_sha256, model_fingerprint
+from serving.config import VLLM_LORA_RANKS, AdapterConfig, ConfigError, DeploymentConfig, EngineConfig
+from training.manifest import MANIFEST_NAME, AdapterManifest, file_sha256, model_fingerprint, touches_vision_tower
 
 # The files that make one version of an adapter: its LoRA config, its weights and (labels, prompts) its manifest.
 _VERSION_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME)
@@ -71,7 +72,32 @@ def _weight_keys(folder: Path) -> list[str]:
         return list(f.keys())
 
 
-def _check_one(adapter: AdapterConfig, folder: Path, base_fingerprint: str | None) -> tuple[list[str], int]:
+def _read_manifest(name: str, folder: Path) -> tuple[AdapterManifest | None, str | None]:
+    """An adapter's manifest, or None and what is wrong with it."""
+    try:
+        return AdapterManifest.read(folder), None
+    except FileNotFoundError:
+        return None, f"{name}: no manifest (lora_router_manifest.json) to tell which base model it was trained on"
+    except ValueError as exc:
+        return None, f"{name}: {exc}"
+
+
+def _vision_tower_evidence(cfg: dict, lora_keys: list[str], manifest: AdapterManifest | None) -> str | None:
+    """What shows that an adapter has LoRA on the vision tower or its mergers; None if nothing does."""
+    if manifest is not None and manifest.vision_tower:
+        return "its manifest says vision_tower: true"
+    targets = cfg.get("target_modules") or []
+    named = [t for t in ([targets] if isinstance(targets, str) else targets) if "visual" in t]
+    if named:
+        return f"adapter_config.json targets {named[0]}"
+    visual = [k for k in lora_keys if touches_vision_tower(k)]
+    if visual:
+        return f"{len(visual)} LoRA weights such as {visual[0]}"
+    return None
+
+
+def _check_one(adapter: AdapterConfig, folder: Path, base_fingerprint: str | None, tower_lora: bool
+               ) -> tuple[list[str], int]:
     """Problems with one adapter (empty if none) and its rank."""
     name = adapter.name
     if not folder.is_dir():
@@ -84,6 +110,7 @@ def _check_one(adapter: AdapterConfig, folder: Path, base_fingerprint: str | Non
     except json.JSONDecodeError as exc:
         return [f"{name}: adapter_config.json does not parse: {exc}"], 0
     problems = []
+    manifest, manifest_problem = _read_manifest(name, folder)
     if cfg.get("peft_type") != "LORA":
         problems.append(f"{name}: peft_type is {cfg.get('peft_type')!r}, only LORA can be served")
     rank = int(cfg.get("r") or 0)
@@ -95,31 +122,28 @@ def _check_one(adapter: AdapterConfig, folder: Path, base_fingerprint: str | Non
         problems.append(f"{name}: modules_to_save={cfg['modules_to_save']} is not supported by vLLM LoRA")
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
         problems.append(f"{name}: trained biases (bias={cfg.get('bias')!r}) are not supported by vLLM LoRA")
+    lora: list[str] = []
     if not (folder / "adapter_model.safetensors").exists():
         problems.append(f"{name}: no adapter_model.safetensors in {folder}")
     else:
-        keys = _weight_keys(folder)
-        lora = [k for k in keys if ".lora_A." in k or ".lora_B." in k]
+        lora = [k for k in _weight_keys(folder) if ".lora_A." in k or ".lora_B." in k]
         if not lora:
             problems.append(f"{name}: adapter_model.safetensors holds no LoRA A/B weights")
-        visual = [k for k in lora if ".visual." in k]
-        if visual:
-            problems.append(f"{name}: {len(visual)} LoRA weights are on the vision tower (e.g. {visual[0]}); "
-                            "vLLM ignores them, so train LoRA on the language model only")
         if lora and not any(".language_model." in k for k in lora):
             problems.append(f"{name}: no LoRA weight is on the language model (keys like {lora[0]}); "
                             "vLLM would load it and change nothing")
+    evidence = _vision_tower_evidence(cfg, lora, manifest)
+    if evidence and not tower_lora:
+        problems.append(f"{name}: LoRA on the vision tower ({evidence}), which vLLM ignores unless engine.tower_lora "
+                        "is on: set `engine.tower_lora: true` (or --set engine.tower_lora=true). It costs encoder "
+                        "sharing: vLLM then keys the vision-encoder cache by adapter, so router and expert no longer "
+                        "share a screenshot's encoding")
     if base_fingerprint is not None:
-        try:
-            manifest = AdapterManifest.read(folder)
-        except FileNotFoundError:
-            problems.append(f"{name}: no manifest (lora_router_manifest.json) to tell which base model it was trained on")
-        except ValueError as exc:
-            problems.append(f"{name}: {exc}")
-        else:
-            if manifest.base_model_fingerprint != base_fingerprint:
-                problems.append(f"{name}: trained on another base model ({manifest.base_model}, fingerprint "
-                                f"{manifest.base_model_fingerprint}); this deployment serves fingerprint {base_fingerprint}")
+        if manifest is None:
+            problems.append(manifest_problem)
+        elif manifest.base_model_fingerprint != base_fingerprint:
+            problems.append(f"{name}: trained on another base model ({manifest.base_model}, fingerprint "
+                            f"{manifest.base_model_fingerprint}); this deployment serves fingerprint {base_fingerprint}")
     return problems, rank
 
 
@@ -168,12 +192,13 @@ def base_fingerprint(base_model_dir: str | None) -> str | None:
     return model_fingerprint(base_model_dir) if base_model_dir and Path(base_model_dir).is_dir() else None
 
 
-def check_adapter(adapter: AdapterConfig, folder: Path, base: str | None, max_rank: int | None) -> tuple[list[str], AdapterInfo]:
-    """The problems with one adapter (empty if none) and its info; `base` is base_fingerprint(), `max_rank` the
-    served engine.max_lora_rank (None: no limit yet)."""
-    problems, rank = _check_one(adapter, folder, base)
-    if max_rank is not None and rank > max_rank:
-        problems.append(f"{adapter.name}: rank {rank} is above engine.max_lora_rank={max_rank}")
+def check_adapter(adapter: AdapterConfig, folder: Path, base: str | None, engine: EngineConfig
+                  ) -> tuple[list[str], AdapterInfo]:
+    """The problems with one adapter (empty if none) and its info; `base` is base_fingerprint(), `engine` the
+    served engine settings (its max_lora_rank, None: no limit yet, and tower_lora)."""
+    problems, rank = _check_one(adapter, folder, base, engine.tower_lora)
+    if engine.max_lora_rank is not None and rank > engine.max_lora_rank:
+        problems.append(f"{adapter.name}: rank {rank} is above engine.max_lora_rank={engine.max_lora_rank}")
     fingerprint = adapter_fingerprint(folder) if folder.is_dir() else ""
     labels, calibration = _manifest_routing(folder)
     return problems, AdapterInfo(adapter.name, folder, rank, fingerprint, labels, adapter.prompt, calibration)
@@ -193,7 +218,7 @@ def check_adapters(config: DeploymentConfig, base_model_dir: str | None = None, 
     infos = []
     for adapter in config.adapters:
         folder = config.adapter_path(adapter)
-        found, info = check_adapter(adapter, folder, base, config.engine.max_lora_rank)
+        found, info = check_adapter(adapter, folder, base, config.engine)
         if config.router is adapter and not found:
             found += router_label_problems(adapter.name, folder, config.labels, exact_labels)
         problems += found

@@ -65,6 +65,8 @@ def build_command(config: DeploymentConfig, model_path: str, adapters: list[Adap
     if adapters or admin:
         max_loras, max_rank = lora_limits(config, adapters)
         argv += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_rank)]
+        if engine.tower_lora:
+            argv += ["--enable-tower-connector-lora"]
     if adapters:
         argv += ["--lora-modules", *(f"{a.served_as}={a.path}" for a in adapters)]
     env: dict[str, str] = {}

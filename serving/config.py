@@ -93,6 +93,11 @@ class EngineConfig:
     max_lora_rank: int | None = field(default=None, metadata={
         "help": "Largest adapter rank; None derives it from the adapters (rounded up to a vLLM rank). Adapters "
                 "added later through the admin API must fit it."})
+    tower_lora: bool = field(default=False, metadata={
+        "help": "Serve LoRA on the vision tower and its mergers too (vLLM --enable-tower-connector-lora, "
+                "experimental); adapters trained with --lora_vision_tower are refused without it. Costs: vLLM then "
+                "keys the vision-encoder cache by adapter, so router and expert no longer share a screenshot's "
+                "encoding."})
     lora_headroom: int = field(default=2, metadata={
         "help": "With the admin API on and max_loras derived: adapter slots kept free beyond the served ones, for "
                 "experts and router candidates added at runtime."})

@@ -179,7 +179,7 @@ def load_adapters(config: DeploymentConfig, base_model_dir: str | None) -> tuple
     if previous is not None:
         # Its labels may name an expert removed since: rollback refuses then, the restart need not.
         problems, previous_info = check_adapter(previous.config(), Path(previous.path),
-                                                base_fingerprint(base_model_dir), config.engine.max_lora_rank)
+                                                base_fingerprint(base_model_dir), config.engine)
     records = ([state.router] if state.router else []) + state.experts
     for record, info in [*zip(records, infos), *([(previous, previous_info)] if previous else [])]:
         if info.fingerprint != record.fingerprint:

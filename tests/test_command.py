@@ -40,6 +40,15 @@ def test_production_8b_config_builds_a_gpu_command():
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in cmd.env  # the admin API is off
 
 
+def test_tower_lora_adds_vllms_tower_connector_flag():
+    cfg = load_config(CONFIGS / "qwen3-vl-8b.yaml")
+    adapters = [AdapterInfo(a.name, cfg.adapter_path(a), 16, "v") for a in cfg.adapters]
+    assert "--enable-tower-connector-lora" not in build_command(cfg, cfg.model.path, adapters, port=8000).argv
+    on = load_config(CONFIGS / "qwen3-vl-8b.yaml", ["engine.tower_lora=true"])
+    argv = build_command(on, on.model.path, adapters, port=8000).argv
+    assert argv.index("--enable-tower-connector-lora") > argv.index("--enable-lora")
+
+
 def test_the_admin_api_turns_on_runtime_loading_and_keeps_lora_headroom():
     cfg = load_config(CONFIGS / "qwen3-vl-8b.yaml", ["gateway.admin_api_key=admin", "engine.lora_headroom=3"])
     adapters = [AdapterInfo(a.name, cfg.adapter_path(a), 16, "v") for a in cfg.adapters]

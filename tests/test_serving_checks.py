@@ -12,6 +12,7 @@ from serving.adapters import AdapterError, check_adapters
 from serving.config import ConfigError, from_dict, load_config
 from serving.launcher import VLLMServer
 from tests.conftest import EXPERTS, deployment
+from training.manifest import MANIFEST_NAME, AdapterManifest
 from training.random_adapter import make_random_adapter
 from training.tiny_random import TinyModelSpec, build_tiny_model
 
@@ -69,6 +70,60 @@ def test_weights_on_the_vision_tower_are_refused(adapters_dir, tmp_path):
               str(bad / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="on the vision tower"):
         check_adapters(_with_expert(adapters_dir, bad))
+
+
+@pytest.fixture(scope="module")
+def tower_adapter(tmp_path_factory, tiny_model_dir):
+    """An all-linear adapter on the language model, the vision tower and its mergers."""
+    return make_random_adapter(str(tiny_model_dir), tmp_path_factory.mktemp("tower") / "tower", vision_tower=True)
+
+
+def test_a_vision_tower_adapter_needs_tower_lora(adapters_dir, tower_adapter, tiny_model_dir):
+    with pytest.raises(AdapterError) as info:
+        check_adapters(_with_expert(adapters_dir, tower_adapter), str(tiny_model_dir))
+    (problem,) = info.value.problems
+    # Named, with how to enable it and what that costs.
+    assert problem.startswith("calendar: LoRA on the vision tower (its manifest says vision_tower: true)")
+    for part in ("`engine.tower_lora: true`", "--set engine.tower_lora=true",
+                 "keys the vision-encoder cache by adapter, so router and expert no longer share"):
+        assert part in problem
+    on = check_adapters(_with_expert(adapters_dir, tower_adapter, tower_lora=True), str(tiny_model_dir))
+    assert on[1].path == tower_adapter
+
+
+def test_vision_tower_weights_are_found_without_the_manifest_saying_so(adapters_dir, tower_adapter, tmp_path):
+    # A manifest written before the vision_tower field: it reads as False, the weights still tell.
+    old = tmp_path / "old"
+    shutil.copytree(tower_adapter, old)
+    manifest = json.loads((old / MANIFEST_NAME).read_text())
+    del manifest["vision_tower"]
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert AdapterManifest.read(old).vision_tower is False
+    with pytest.raises(AdapterError, match=r"calendar: LoRA on the vision tower \(\d+ LoRA weights such as "
+                                           r"base_model\.model\.model\.visual\."):
+        check_adapters(_with_expert(adapters_dir, old))
+
+
+def test_the_admin_api_refuses_a_vision_tower_adapter_without_tower_lora(adapters_dir, tower_adapter):
+    from serving.gateway.lifecycle import AdapterLifecycle
+    from serving.gateway.metrics import GatewayMetrics
+    from serving.gateway.protocol import GatewayError
+    from serving.lifecycle import AdapterSet
+
+    async def add(**engine) -> GatewayError:
+        config = deployment(adapters_dir, router=None, experts=[], engine={"port": 0, "max_loras": 4, **engine},
+                            gateway={"admin_api_key": "admin", "adapter_dirs": [str(tower_adapter.parent)]})
+        lifecycle = AdapterLifecycle(config, "http://127.0.0.1:9", "key", AdapterSet(None, ()), GatewayMetrics(),
+                                     base=None, config_adapters=[])
+        with pytest.raises(GatewayError) as info:
+            await lifecycle.add_adapter("tower", str(tower_adapter), "")
+        return info.value
+
+    refused = asyncio.run(add())
+    assert (refused.status, refused.code) == (400, "adapter_refused")
+    assert "tower: LoRA on the vision tower" in refused.message and "engine.tower_lora" in refused.message
+    # With tower_lora it passes the checks and goes on to load it into vLLM (not started here).
+    assert asyncio.run(add(tower_lora=True)).code != "adapter_refused"
 
 
 def test_good_deployment_passes_and_derives_rank(adapters_dir, tiny_model_dir):

@@ -65,6 +65,8 @@ def test_the_seed_command_parses_verbatim():
     (["--lora_target_modules", "q_proj,v_proj"], 0, "lora_target_modules", ["q_proj", "v_proj"]),
     (["--lora_target_modules", "q_proj", "v_proj"], 0, "lora_target_modules", ["q_proj", "v_proj"]),
     (["--lora_rank", "8"], 0, "lora_r", 8),
+    (["--lora_target_modules", "All-Linear"], 0, "lora_target_modules", ["all-linear"]),
+    (["--lora_vision_tower", "True"], 0, "lora_vision_tower", True),
     (["--max_pixels", "4096"], 0, "max_pixels", 4096),
 ])
 def test_flag_forms(argv, section, name, value):
@@ -103,13 +105,64 @@ def test_serving_limits_come_from_the_deployment_config(tmp_path):
 
 @pytest.mark.parametrize("case, kwargs, message", [
     ("rank above the serving limit", {"lora_r": 64}, "lora_r=64 is above the serving limit max_lora_rank=16"),
-    ("vision-tower target", {"lora_target_modules": ["q_proj", "qkv"]}, "vision-tower modules"),
+    ("vision-tower target", {"lora_target_modules": ["q_proj", "qkv"]}, "vision-tower modules; pass "
+     "--lora_vision_tower True"),
+    ("all-linear beside names", {"lora_target_modules": ["all-linear", "q_proj"]}, "give it alone"),
+    ("patch embedding", {"lora_target_modules": ["patch_embed"], "lora_vision_tower": True}, "patch_embed is a Conv3d"),
     ("not a vLLM rank limit", {"max_lora_rank": 24}, "max_lora_rank must be one of vLLM's ranks"),
     ("pixel limits reversed", {"min_pixels": 9000, "max_pixels": 4000}, "min_pixels 9000 exceeds max_pixels"),
 ])
 def test_bad_model_settings_are_refused(case, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ModelArguments(**kwargs)
+
+
+def test_a_vision_tower_adapter_warns_when_the_serving_config_would_refuse_it(tmp_path, caplog):
+    deployment = tmp_path / "deploy.yaml"
+    deployment.write_text("engine:\n  tower_lora: true\n")
+    with caplog.at_level(logging.WARNING, logger="training.trainer"):
+        ModelArguments(lora_target_modules=["all-linear"], lora_vision_tower=True, serving_config=str(deployment))
+        assert not caplog.records
+        ModelArguments(lora_target_modules=["all-linear"], lora_vision_tower=True)
+    (record,) = caplog.records
+    assert "tiny-cpu.yaml does not set engine.tower_lora" in record.getMessage()
+
+
+def test_every_bad_model_setting_is_listed_at_once():
+    with pytest.raises(ConfigError) as info:
+        ModelArguments(lora_r=64, lora_target_modules=["all-linear", "linear_fc1"])
+    assert all(part in str(info.value) for part in ("lora_r=64", "give it alone", "vision-tower modules"))
+
+
+def _lora_modules(model_args: ModelArguments, tmp_path: Path) -> set[str]:
+    """The module names the trainer's PEFT model puts LoRA on (the tiny random base: seconds)."""
+    from training.trainer.args import TrainArguments
+    from training.trainer.run import build_model
+    from training.tiny_model import resolve_base_model
+
+    model = build_model(resolve_base_model("tiny-random"), model_args, TrainArguments(output_dir=str(tmp_path)))
+    return {n.split(".lora_A.")[0].removeprefix("base_model.model.model.") for n, _ in model.named_parameters()
+            if ".lora_A." in n}
+
+
+def test_all_linear_stays_on_the_language_model_unless_the_vision_tower_is_asked_for(tmp_path):
+    language = ({f"language_model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "k_proj", "v_proj",
+                                                                                         "o_proj")}
+                | {f"language_model.layers.{i}.mlp.{m}" for i in range(2) for m in ("gate_proj", "up_proj", "down_proj")})
+    assert _lora_modules(ModelArguments(lora_target_modules=["all-linear"]), tmp_path) == language  # no lm_head
+    assert _lora_modules(ModelArguments(), tmp_path) == language  # the named default: the same modules
+    vision = {f"visual.blocks.{i}.{m}" for i in range(2)
+              for m in ("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")}
+    mergers = {f"visual.{merger}.{m}" for merger in ("merger", "deepstack_merger_list.0", "deepstack_merger_list.1")
+               for m in ("linear_fc1", "linear_fc2")}
+    both = ModelArguments(lora_target_modules=["all-linear"], lora_vision_tower=True)
+    assert _lora_modules(both, tmp_path) == language | vision | mergers  # PEFT's all-linear skips the Conv3d
+    # Names: `proj` would also match the patch embedding's Conv3d, which vLLM cannot adapt; it is left out.
+    named = ModelArguments(lora_target_modules=["q_proj", "proj"], lora_vision_tower=True)
+    assert _lora_modules(named, tmp_path) == ({m for m in language if m.endswith("q_proj")}
+                                              | {m for m in vision if m.endswith("attn.proj")})
+    with pytest.raises(ConfigError, match="match no vision-tower module"):
+        _lora_modules(ModelArguments(lora_target_modules=["q_proj"], lora_vision_tower=True), tmp_path)
 
 
 @pytest.mark.parametrize("case, argv, message", [
@@ -230,7 +283,7 @@ def test_a_tiny_run_writes_a_servable_adapter_with_its_manifest(straight_run, ti
 
     out, metrics, logged = straight_run
     manifest = AdapterManifest.read(out)
-    assert manifest.labels == LABELS and manifest.rank == 4
+    assert manifest.labels == LABELS and manifest.rank == 4 and manifest.vision_tower is False
     assert manifest.system_prompt == router_system_prompt(LABELS) and manifest.user_prompt == ROUTER_USER_PROMPT
     assert manifest.dataset_sha256 == file_sha256(tiny_data[0])
     assert manifest.base_model == resolve_base_model("tiny-random")
@@ -339,7 +392,7 @@ BAD_INPUTS = [
     ("rank above an explicit limit", ["--lora_r", "16", "--max_lora_rank", "8"], 2,
      "lora_r=16 is above the serving limit max_lora_rank=8 (--max_lora_rank)"),
     ("vision-tower target", ["--lora_target_modules", "q_proj,linear_fc1"], 2,
-     "lora_target_modules ['linear_fc1'] are vision-tower modules"),
+     "lora_target_modules ['linear_fc1'] are vision-tower modules; pass --lora_vision_tower True"),
 ]
 
 

@@ -1,5 +1,5 @@
 """What an adapter is: the manifest written next to every adapter (what it was trained on and for, so serving can
-check it) and the shapes vLLM can serve (ranks, language-model target modules).
+check it) and the shapes vLLM can serve (ranks, target modules: the language model's, the vision tower's).
 
 Training writes it; serving reads it before starting vLLM (same base model? router labels = experts?).
 """
@@ -16,8 +16,16 @@ MANIFEST_NAME = "lora_router_manifest.json"
 # vLLM accepts only these LoRA ranks for --max-lora-rank: an adapter's rank must fit one of them.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Language-model projections of Qwen3-VL; the vision tower's modules are named differently (qkv, proj,
-# linear_fc1/2), so these names never put LoRA on it (vLLM ignores vision LoRA anyway).
+# linear_fc1/2), so these names never put LoRA on it.
 LANGUAGE_MODEL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Linear layers of Qwen3-VL's vision tower (blocks) and of its merger and deepstack mergers.
+VISION_TOWER_TARGETS = ("qkv", "proj", "linear_fc1", "linear_fc2")
+# PEFT's own shorthand for every linear layer but the output head (lm_head), the vision tower's included.
+ALL_LINEAR = "all-linear"
+# PEFT exclude_modules regexes over module names like model.visual.blocks.0.attn.qkv: the whole vision tower with
+# its mergers, or only its patch embedding (a Conv3d that vLLM cannot put LoRA on).
+_VISION_TOWER_RE = r"(.*\.)?visual(\..*)?"
+_PATCH_EMBED_RE = r"(.*\.)?visual\.patch_embed(\..*)?"
 # Files up to this size are hashed whole; larger weight shards by their ends and middle (an 8B model is 16 GB).
 _FULL_HASH_LIMIT = 64 << 20
 _SAMPLE = 1 << 20
@@ -47,6 +55,18 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def touches_vision_tower(name: str) -> bool:
+    """Whether a module name or PEFT weight key lies in the vision tower or its mergers (model.visual....)."""
+    return ".visual." in f".{name}"
+
+
+def lora_targets(target_modules: list[str], vision_tower: bool) -> dict[str, Any]:
+    """PEFT LoraConfig's target_modules and exclude_modules: `target_modules` names (or [ALL_LINEAR], passed to PEFT
+    as its shorthand), kept off the vision tower unless `vision_tower`, never on its patch embedding."""
+    targets: str | list[str] = ALL_LINEAR if list(target_modules) == [ALL_LINEAR] else list(target_modules)
+    return {"target_modules": targets, "exclude_modules": _PATCH_EMBED_RE if vision_tower else _VISION_TOWER_RE}
+
+
 def file_sha256(path: str | Path) -> str:
     """Hash of a dataset file (the JSONL; images are named in it)."""
     h = hashlib.sha256()
@@ -72,6 +92,9 @@ class AdapterManifest:
     calibration: dict[str, Any] | None = field(default=None, metadata={
         "help": "Router only: training.calibration.Calibration fitted on held-out data (temperature, threshold); "
                 "serving routes with it unless the deployment's client: section says otherwise."})
+    vision_tower: bool = field(default=False, metadata={
+        "help": "Whether LoRA is also on the vision tower and its mergers (served only with engine.tower_lora); "
+                "manifests written before this field read as False."})
 
     def write(self, adapter_dir: str | Path) -> Path:
         path = Path(adapter_dir) / MANIFEST_NAME

@@ -334,7 +334,7 @@ class AdapterLifecycle:
 
     def _checked(self, adapter: AdapterConfig, folder: Path, router_for: list[str] | None = None) -> AdapterInfo:
         """Start-up's checks on one adapter (and, for a router, that every label names one of `router_for`)."""
-        problems, info = check_adapter(adapter, folder, self.base, self.config.engine.max_lora_rank)
+        problems, info = check_adapter(adapter, folder, self.base, self.config.engine)
         if router_for is not None and not problems:
             problems = router_label_problems(adapter.name, folder, router_for, exact=False)
         if problems:

@@ -5,14 +5,16 @@ HF-Trainer command parses verbatim because TrainArguments is TrainingArguments, 
 from the seed's flags put back: `--evaluation_strategy` (alias of --eval_strategy), `--warmup_ratio`,
 `--overwrite_output_dir` and `--logging_dir`.
 
-The adapter must be what vLLM serves: LoRA on the language model only, a rank within the serving limit, images sized
-as the server sizes them. Those limits come from --max_lora_rank / --min_pixels / --max_pixels, else from the
+The adapter must be what vLLM serves: LoRA on the language model (and on the vision tower only when asked:
+vLLM serves that only with engine.tower_lora), a rank within the serving limit, images sized as the server sizes
+them. Those limits come from --max_lora_rank / --min_pixels / --max_pixels, else from the
 deployment YAML named by --serving_config (its `engine:` keys of the same names, read as data: training imports
 nothing from serving), else vLLM's largest rank and the model processor's own pixel limits.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +24,24 @@ from transformers.trainer_utils import IntervalStrategy
 
 from training.configuration import ArgumentParser, ConfigError, check_types, load_yaml
 from training.inference import DEFAULT_THREADS
-from training.manifest import LANGUAGE_MODEL_TARGETS, VLLM_LORA_RANKS
+from training.manifest import ALL_LINEAR, LANGUAGE_MODEL_TARGETS, VISION_TOWER_TARGETS, VLLM_LORA_RANKS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SERVING_CONFIG = PROJECT_ROOT / "configs" / "tiny-cpu.yaml"
-# Module names of Qwen3-VL's vision tower: LoRA there is ignored by vLLM, so they are refused as targets.
-VISION_MODULES = ("qkv", "proj", "linear_fc1", "linear_fc2", "patch_embed", "merger", "visual")
+# Names that only the vision tower has: as targets they need lora_vision_tower.
+VISION_MODULES = (*VISION_TOWER_TARGETS, "merger", "deepstack_merger_list", "visual")
 PROG = "python -m training.train_qwen"
+log = logging.getLogger("training.trainer")
 
 
 def serving_limits(path: str | Path | None) -> dict:
-    """max_lora_rank, min_pixels and max_pixels of a deployment YAML's `engine:` section (those it sets)."""
+    """max_lora_rank, min_pixels, max_pixels and tower_lora of a deployment YAML's `engine:` section (those it
+    sets)."""
     if path is None or (Path(path) == DEFAULT_SERVING_CONFIG and not DEFAULT_SERVING_CONFIG.is_file()):
         return {}
     engine = load_yaml(path).get("engine") or {}
-    return {key: engine[key] for key in ("max_lora_rank", "min_pixels", "max_pixels") if engine.get(key) is not None}
+    return {key: engine[key] for key in ("max_lora_rank", "min_pixels", "max_pixels", "tower_lora")
+            if engine.get(key) is not None}
 
 
 @dataclass
@@ -51,8 +56,12 @@ class ModelArguments:
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * lora_r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input, [0, 1)."})
     lora_target_modules: list[str] = field(default_factory=lambda: list(LANGUAGE_MODEL_TARGETS), metadata={
-        "help": "Language-model module names to adapt (space- or comma-separated); vision-tower modules are "
-                "refused since vLLM ignores LoRA there."})
+        "help": "Module names to adapt (space- or comma-separated), or 'all-linear' (PEFT's shorthand: every linear "
+                "layer but lm_head); on the language model only unless lora_vision_tower."})
+    lora_vision_tower: bool = field(default=False, metadata={
+        "help": "Also put LoRA on the vision tower and its mergers (with all-linear, or names such as qkv, proj, "
+                "linear_fc1, linear_fc2). vLLM serves such an adapter only with engine.tower_lora, which keys "
+                "its vision-encoder cache by adapter: router and expert no longer share a screenshot's encoding."})
     serving_config: str | None = field(default=str(DEFAULT_SERVING_CONFIG), metadata={
         "help": "Deployment YAML whose engine.max_lora_rank / min_pixels / max_pixels the adapter must fit "
                 "(default: configs/tiny-cpu.yaml)."})
@@ -71,6 +80,8 @@ class ModelArguments:
             self.lora_target_modules = [self.lora_target_modules]
         self.lora_target_modules = [m.strip() for item in self.lora_target_modules for m in item.split(",")
                                     if m.strip()]
+        # PEFT reads the shorthand in any case; one spelling keeps the manifest and the checks simple.
+        self.lora_target_modules = [ALL_LINEAR if m.lower() == ALL_LINEAR else m for m in self.lora_target_modules]
         limits = serving_limits(self.serving_config)
         source = "--max_lora_rank"
         if self.max_lora_rank is None:
@@ -94,14 +105,24 @@ class ModelArguments:
             problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not self.lora_target_modules:
             problems.append("lora_target_modules is empty")
+        if ALL_LINEAR in self.lora_target_modules and len(self.lora_target_modules) > 1:
+            problems.append(f"lora_target_modules {self.lora_target_modules}: {ALL_LINEAR} already names every "
+                            "linear layer, give it alone")
         vision = [m for m in self.lora_target_modules if m in VISION_MODULES or m.startswith("visual")]
-        if vision:
-            problems.append(f"lora_target_modules {vision} are vision-tower modules; vLLM serves LoRA on the "
-                            f"language model only (use e.g. {','.join(LANGUAGE_MODEL_TARGETS)})")
+        if vision and not self.lora_vision_tower:
+            problems.append(f"lora_target_modules {vision} are vision-tower modules; pass --lora_vision_tower True "
+                            "to adapt the vision tower (served only with engine.tower_lora), else name language-model "
+                            f"modules (e.g. {','.join(LANGUAGE_MODEL_TARGETS)}) or {ALL_LINEAR}")
+        if "patch_embed" in self.lora_target_modules:
+            problems.append("lora_target_modules: patch_embed is a Conv3d in vLLM, where no LoRA can be served")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             problems.append(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
         if problems:
             raise ConfigError("; ".join(problems))
+        if self.lora_vision_tower and self.serving_config and not limits.get("tower_lora"):
+            # Not an error: the adapter may be meant for another deployment, but this one would refuse it.
+            log.warning("lora_vision_tower: %s does not set engine.tower_lora, so serving it refuses this adapter "
+                        "until it does (--set engine.tower_lora=true)", self.serving_config)
 
 
 @dataclass

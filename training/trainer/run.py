@@ -87,28 +87,35 @@ def resume_point(args: TrainArguments) -> str | None:
 
 
 def build_model(base_path: str, model_args: ModelArguments, args: TrainArguments):
-    """The base model in float32 with a fresh LoRA on its language model (seeded by args.seed)."""
+    """The base model in float32 with a fresh LoRA on its language model, and on its vision tower and mergers if
+    lora_vision_tower (seeded by args.seed)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
+
+    from training.manifest import VISION_TOWER_TARGETS, lora_targets, touches_vision_tower
 
     torch.manual_seed(args.seed)  # the LoRA's initial weights
     model = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()  # PEFT freezes the embeddings: give checkpointed blocks a grad input
     lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
-                      target_modules=list(model_args.lora_target_modules), bias="none", use_dora=False)
+                      bias="none", use_dora=False,
+                      **lora_targets(model_args.lora_target_modules, model_args.lora_vision_tower))
     try:
         model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"lora_target_modules {model_args.lora_target_modules}: {exc}") from None
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    visual = [n for n in trainable if ".visual." in n]
-    if visual:
-        raise ConfigError(f"LoRA landed on the vision tower ({visual[0]}); vLLM ignores it: choose language-model "
-                          "modules only")
+    problems = []
     if not any(".language_model." in n for n in trainable):
-        raise ConfigError(f"lora_target_modules {model_args.lora_target_modules} match no language-model module")
+        problems.append(f"lora_target_modules {model_args.lora_target_modules} match no language-model module")
+    visual = [n for n in trainable if touches_vision_tower(n)]
+    if model_args.lora_vision_tower and not visual:
+        problems.append(f"lora_vision_tower is True but lora_target_modules {model_args.lora_target_modules} match "
+                        f"no vision-tower module (its linear layers: {', '.join(VISION_TOWER_TARGETS)})")
+    if problems:
+        raise ConfigError("; ".join(problems))
     return model
 
 
@@ -233,6 +240,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
         base_model_fingerprint=resolved["base_model_fingerprint"],
         rank=model_args.lora_r,
         target_modules=list(model_args.lora_target_modules),
+        vision_tower=model_args.lora_vision_tower,
         labels=info.labels,
         system_prompt=info.system_prompt,
         user_prompt=info.user_prompt,

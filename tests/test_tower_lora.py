@@ -1,0 +1,89 @@
+"""Adapters on the vision tower, served by the vLLM CPU build with engine.tower_lora (--enable-tower-connector-lora):
+served answers match in-process ones, and the tower's LoRA changes them as it does in-process.
+
+Random stand-in routers on the pre-trained base: `tower` (PEFT's all-linear, the vision tower and its mergers
+included) and `vision-only` (the same adapter with the language model's LoRA B zeroed and the tower's scaled up, so
+any change from the base model comes from the tower). Answers of a random adapter drift in their later tokens under
+bf16 (vLLM) against float32 (transformers), so answers are compared on their first words.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from router_client.validate import validate_served
+from tests.conftest import THREE, deployment, start_server
+from training.jsonl import read_jsonl
+from training.validate_router import eval_set, in_process_answers
+
+pytestmark = pytest.mark.integration
+
+EVAL_PER_CLASS = 10
+# Leading words of an answer compared between vLLM and transformers.
+WORDS = 3
+# Screens (of 30) whose leading words may differ between vLLM and transformers (measured: 1-2).
+DRIFT = 3
+
+
+def _lead(answer: str) -> list[str]:
+    return answer.split()[:WORDS]
+
+
+@pytest.fixture(scope="module")
+def tower(pretrained_base, tmp_path_factory):
+    """The two adapters, 30 held-out screens, one server with tower LoRA on: {"root", "data", "server"}."""
+    from safetensors.torch import load_file, save_file
+
+    from training.convert_routing_to_classification import convert_dataset
+    from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
+    from training.random_adapter import make_random_adapter
+
+    root = tmp_path_factory.mktemp("tower")
+    data = root / "routing"
+    generate_routing_dataset(RoutingDatasetConfig(classes=THREE, train_images={c: 1 for c in THREE},
+                                                  eval_images=EVAL_PER_CLASS, train_val_split=1.0, seed=11, output=data))
+    convert_dataset(data)
+    make_random_adapter(str(pretrained_base), root / "tower", seed=3, labels=list(THREE), vision_tower=True)
+    shutil.copytree(root / "tower", root / "vision-only")
+    weights = load_file(str(root / "tower" / "adapter_model.safetensors"))
+    save_file({k: (v * 8 if ".visual." in k else v * 0) if ".lora_B." in k else v for k, v in weights.items()},
+              str(root / "vision-only" / "adapter_model.safetensors"))
+    config = deployment(root, model={"path": str(pretrained_base), "served_name": "base"}, router=None,
+                        experts=[{"name": n, "path": str(root / n)} for n in ("tower", "vision-only")],
+                        engine={"port": 0, "kv_cache_gib": 1, "tower_lora": True, "startup_timeout_s": 600})
+    server = start_server(config, root / "vllm.log")
+    yield {"root": root, "data": data / "eval-classification.jsonl", "server": server}
+    server.stop()
+
+
+def _served(tower: dict, model: str, out: Path) -> list[str]:
+    """The served model's answers to the held-out screens, sent as the served validation sends them."""
+    server = tower["server"]
+    validate_served(tower["data"], out, server.base_url, model=model, adapter=tower["root"] / "tower",
+                    api_key=server.config.engine.api_key)
+    return [row["predicted"] for row in read_jsonl(out / "predictions.jsonl")]
+
+
+def test_tower_lora_is_served_as_transformers_runs_it_and_changes_the_answers(tower, pretrained_base, tmp_path):
+    from training.inference import greedy_generate, load_model, load_processor
+
+    conversations, _ = eval_set(tower["data"], tower["root"] / "tower")
+    # Served in this order, on the same screens: had vision-only reused the encoding made for the base model or
+    # tower, its answers would not match in-process ones (vLLM keys the encoder cache by adapter).
+    served = {name: _served(tower, name, tmp_path / name) for name in ("base", "tower", "vision-only")}
+    in_process = {name: in_process_answers(conversations, tower["root"] / name, quiet=True)
+                  for name in ("tower", "vision-only")}
+    in_process["base"] = greedy_generate(load_model(pretrained_base), load_processor(pretrained_base), conversations,
+                                         max_new_tokens=16)
+    same = {name: sum(_lead(s) == _lead(i) for s, i in zip(served[name], in_process[name])) for name in served}
+    # The tower's LoRA alone changes the answers, on the same screens served as in-process.
+    changed = {mode: {k for k, (a, b) in enumerate(zip(answers["vision-only"], answers["base"])) if _lead(a) != _lead(b)}
+               for mode, answers in (("served", served), ("in-process", in_process))}
+    print(f"\nserved == in-process (first {WORDS} words, of {len(conversations)}): {same}; vision-only differs from "
+          f"base on {len(changed['in-process'])} in-process, {len(changed['served'])} served")
+    assert all(n >= len(conversations) - DRIFT for n in same.values()), (same, served, in_process)
+    assert len(changed["in-process"]) >= 5, changed
+    assert len(changed["served"] ^ changed["in-process"]) <= DRIFT, changed
