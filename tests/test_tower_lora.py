@@ -10,13 +10,13 @@ bf16 (vLLM) against float32 (transformers), so answers are compared on their fir
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
-from router_client.validate import validate_served
+from serving.images import prepare_image
+from serving.openai_wire import bearer_headers, chat_request, read_completion, user_turn
 from tests.conftest import THREE, deployment, start_server
-from training.jsonl import read_jsonl
+from training.llava_data import Conversation
 from training.validate_router import eval_set, in_process_answers
 
 pytestmark = pytest.mark.integration
@@ -26,6 +26,8 @@ EVAL_PER_CLASS = 10
 WORDS = 3
 # Screens (of 30) whose leading words may differ between vLLM and transformers (measured: 1-2).
 DRIFT = 3
+# Longest answer compared, in tokens.
+MAX_TOKENS = 16
 
 
 def _lead(answer: str) -> list[str]:
@@ -59,25 +61,41 @@ def tower(pretrained_base, tmp_path_factory):
     server.stop()
 
 
-def _served(tower: dict, model: str, out: Path) -> list[str]:
-    """The served model's answers to the held-out screens, sent as the served validation sends them."""
+def _served(tower: dict, model: str, conversations: list[Conversation]) -> list[str]:
+    """The served model's greedy answers (up to 16 tokens) to the held-out screens, sent one at a time as the
+    lines read: their system turn, then the image and the text."""
+    import asyncio
+
+    import aiohttp
+
     server = tower["server"]
-    validate_served(tower["data"], out, server.base_url, model=model, adapter=tower["root"] / "tower",
-                    api_key=server.config.engine.api_key)
-    return [row["predicted"] for row in read_jsonl(out / "predictions.jsonl")]
+
+    async def ask_all() -> list[str]:
+        async with aiohttp.ClientSession(headers=bearer_headers(server.config.engine.api_key)) as session:
+            answers = []
+            for c in conversations:
+                messages = [{"role": "system", "content": c.system},
+                            user_turn(prepare_image(c.images[0]).data_url, c.user_text)]
+                async with session.post(server.base_url + "/chat/completions",
+                                        json=chat_request(model, messages, MAX_TOKENS)) as response:
+                    answers.append(read_completion(await response.json()).text.strip())
+            return answers
+
+    return asyncio.run(ask_all())
 
 
-def test_tower_lora_is_served_as_transformers_runs_it_and_changes_the_answers(tower, pretrained_base, tmp_path):
+def test_tower_lora_is_served_as_transformers_runs_it_and_changes_the_answers(tower, pretrained_base):
     from training.inference import greedy_generate, load_model, load_processor
 
-    conversations, _ = eval_set(tower["data"], tower["root"] / "tower")
+    conversations, labels = eval_set(tower["data"], tower["root"] / "tower")
     # Served in this order, on the same screens: had vision-only reused the encoding made for the base model or
     # tower, its answers would not match in-process ones (vLLM keys the encoder cache by adapter).
-    served = {name: _served(tower, name, tmp_path / name) for name in ("base", "tower", "vision-only")}
-    in_process = {name: in_process_answers(conversations, tower["root"] / name, quiet=True)
+    served = {name: _served(tower, name, conversations) for name in ("base", "tower", "vision-only")}
+    in_process = {name: in_process_answers(conversations, tower["root"] / name, labels, quiet=True,
+                                           max_new_tokens=MAX_TOKENS)[0]
                   for name in ("tower", "vision-only")}
     in_process["base"] = greedy_generate(load_model(pretrained_base), load_processor(pretrained_base), conversations,
-                                         max_new_tokens=16)
+                                         max_new_tokens=MAX_TOKENS)
     same = {name: sum(_lead(s) == _lead(i) for s, i in zip(served[name], in_process[name])) for name in served}
     # The tower's LoRA alone changes the answers, on the same screens served as in-process.
     changed = {mode: {k for k, (a, b) in enumerate(zip(answers["vision-only"], answers["base"])) if _lead(a) != _lead(b)}
