@@ -213,14 +213,21 @@ def _fits(box: Box) -> bool:
     return box.width >= MIN_CONTENT[0] and box.height >= MIN_CONTENT[1]
 
 
+def _top_strip(content: Box, height: float) -> tuple[Box, Box] | None:
+    """A strip of `height` across the top of content and the rest below it; None when the rest would not fit."""
+    strip = Box(content.x0, content.y0, content.x1, content.y0 + height)
+    rest = Box(content.x0, strip.y1, content.x1, content.y1)
+    return (strip, rest) if _fits(rest) else None
+
+
 def _menubar(draw: ImageDraw.ImageDraw, rng: random.Random, content: Box, palette: Palette,
              fonts: Fonts) -> Box | None:
     """A row of menu names across the top of content."""
     fnt = fonts.regular(0.9)
-    strip = Box(content.x0, content.y0, content.x1, content.y0 + text_size(fnt, "Ag")[1] + 8)
-    rest = Box(content.x0, strip.y1, content.x1, content.y1)
-    if not _fits(rest):
+    split = _top_strip(content, text_size(fnt, "Ag")[1] + 8)
+    if split is None:
         return None
+    strip, rest = split
     draw.rectangle(strip.rect(), fill=blend(palette.bg, palette.surface, 0.5))
     x = strip.x0 + 8
     for name in MENU[:rng.randint(4, len(MENU))]:
@@ -233,10 +240,10 @@ def _menubar(draw: ImageDraw.ImageDraw, rng: random.Random, content: Box, palett
 def _toolbar(draw: ImageDraw.ImageDraw, rng: random.Random, content: Box, palette: Palette,
              fonts: Fonts) -> Box | None:
     """Icon buttons in groups and, where there is room, a search field at the right."""
-    strip = Box(content.x0, content.y0, content.x1, content.y0 + 34)
-    rest = Box(content.x0, strip.y1, content.x1, content.y1)
-    if not _fits(rest):
+    split = _top_strip(content, 34)
+    if split is None:
         return None
+    strip, rest = split
     draw.rectangle(strip.rect(), fill=palette.surface)
     x = strip.x0 + 8
     for group in range(rng.randint(2, 4)):
@@ -263,10 +270,10 @@ def _banner(draw: ImageDraw.ImageDraw, rng: random.Random, content: Box, palette
             fonts: Fonts) -> Box | None:
     """A notice bar with a message, a link and a close mark."""
     fnt = fonts.regular(0.9)
-    strip = Box(content.x0, content.y0, content.x1, content.y0 + text_size(fnt, "Ag")[1] + 14)
-    rest = Box(content.x0, strip.y1, content.x1, content.y1)
-    if not _fits(rest):
+    split = _top_strip(content, text_size(fnt, "Ag")[1] + 14)
+    if split is None:
         return None
+    strip, rest = split
     warning = rng.random() < 0.5 and palette.name not in ("dark", "high-contrast")
     fill, ink = ((255, 243, 205), (102, 77, 3)) if warning else (palette.tint, palette.text)
     draw.rectangle(strip.rect(), fill=fill)
