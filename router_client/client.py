@@ -155,9 +155,7 @@ class RouterClient:
         """Send `image` to the routing gateway as one `auto` request; it routes, runs the chosen expert and
         answers with its completion and a `routing` object, read into the same ProcessResult as process().
 
-        Without a prompt the gateway adds the routed expert's default prompt. The gateway's answer carries
-        neither the router's own text nor its token counts: decision.raw is "" and its token counts are 0.
-        timings.expert_s is the gateway call less the route. A route that fallback 'error' refuses is the
+        Without a prompt the gateway adds the routed expert's default prompt. timings.expert_s is the gateway call less the route. A route that fallback 'error' refuses is the
         gateway's 422 (an APIStatusError).
         """
         with self._count_errors():
@@ -222,14 +220,16 @@ class RouterClient:
         return outcome
 
     def _gateway_decision(self, answer: dict[str, Any]) -> RouteDecision:
-        """The RouteDecision in the gateway's `routing` object (see process_via_gateway for what it lacks)."""
+        """The RouteDecision in the gateway's `routing` object."""
         routing_object = answer.get("routing")
         try:
             decision = RouteDecision(
                 expert=str(routing_object["expert"]), confidence=float(routing_object["confidence"]),
                 probabilities={str(k): float(v) for k, v in routing_object["probabilities"].items()},
-                mode=routing_object["mode"], latency_s=float(routing_object["router_latency_ms"]) / 1000, raw="",
-                prompt_tokens=0, completion_tokens=0, fallback_reason=routing_object["fallback_reason"])
+                mode=routing_object["mode"], latency_s=float(routing_object["router_latency_ms"]) / 1000,
+                raw=str(routing_object["router_text"]), prompt_tokens=int(routing_object["router_prompt_tokens"]),
+                completion_tokens=int(routing_object["router_completion_tokens"]),
+                fallback_reason=routing_object["fallback_reason"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise APIResponseError(f"the answer to model {self.config.auto_model!r} has no usable routing object "
                                    f"({type(exc).__name__}: {exc}); is {self.config.base_url} the routing gateway "

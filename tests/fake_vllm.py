@@ -169,7 +169,8 @@ class FakeVLLM:
     def _auto(self, png: bytes) -> web.Response:
         expert, confidence = self.route(png), self.choice_probability
         routing = {"expert": expert, "confidence": confidence, "probabilities": {expert: confidence},
-                   "mode": "choice", "router_latency_ms": 1.5, "fallback_reason": None}
+                   "mode": "choice", "router_latency_ms": 1.5, "fallback_reason": None, "router_text": expert,
+                   "router_prompt_tokens": 90, "router_completion_tokens": 1}
         headers = {"x-route-expert": expert, "x-route-confidence": f"{confidence:.4f}", "x-route-ms": "1.5",
                    "x-route-mode": "choice"}
         body = {**_completion_body(expert, self.answers.get(expert, CLICK), None), "routing": routing}

@@ -275,6 +275,7 @@ async def test_process_via_gateway_is_one_auto_request_read_into_the_same_result
     assert (decision.expert, decision.confidence, decision.mode, decision.fallback_reason) == (
         "claim-window", 0.9, "choice", None)
     assert decision.probabilities == {"claim-window": 0.9} and decision.latency_s == pytest.approx(0.0015)
+    assert (decision.raw, decision.prompt_tokens, decision.completion_tokens) == ("claim-window", 90, 1)
     assert result.result.expert == "claim-window" and result.result.tool_call == ToolCall("click", {"x": 10, "y": 20})
     assert result.result.completion_tokens == 3 and default.decision.expert == "claim-window"
     assert result.timings.total_s >= result.timings.route_s + result.timings.expert_s

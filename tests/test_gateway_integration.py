@@ -85,6 +85,9 @@ def test_auto_answers_with_the_expert_the_client_routes_to(gw):
         assert 0 < float(raw.headers["x-route-confidence"]) <= 1 and float(raw.headers["x-route-ms"]) > 0
         routing = completion.model_extra["routing"]
         assert routing["expert"] == expert and routing["mode"] == "choice"
+        # The router's own answer and its cost come along, so a gateway-routed batch line records them too.
+        assert routing["router_text"] == expert and routing["router_prompt_tokens"] > 0
+        assert routing["router_completion_tokens"] >= 1
 
 
 def test_streaming_yields_the_same_text_as_the_plain_call(gw):

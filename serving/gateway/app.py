@@ -424,4 +424,6 @@ def _routing_headers(decision: RouteDecision) -> dict[str, str]:
 def _routing_body(decision: RouteDecision) -> dict[str, Any]:
     return {"expert": decision.expert, "confidence": decision.confidence,
             "probabilities": decision.probabilities, "mode": decision.mode,
-            "router_latency_ms": round(decision.latency_s * 1000, 2), "fallback_reason": decision.fallback_reason}
+            "router_latency_ms": round(decision.latency_s * 1000, 2), "fallback_reason": decision.fallback_reason,
+            "router_text": decision.raw, "router_prompt_tokens": decision.prompt_tokens,
+            "router_completion_tokens": decision.completion_tokens}
