@@ -9,10 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from training.pretrain import (LAYOUTS, PROMPTS, PretrainSpec, caption, caption_example, kind_sentence, layout_id,
-                               screen_family)
+from training.pretrain import LAYOUTS, PROMPTS, PretrainSpec, caption, caption_example, kind_sentence, layout_id
 from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
-from training.screens import HELD_OUT, IN_DISTRIBUTION, KINDS, generate
+from training.screens import KINDS, generate
 
 SCREENS = [(kind, seed) for kind in KINDS for seed in range(6)]
 
@@ -42,24 +41,6 @@ def test_pre_training_never_sees_the_router_prompt_or_a_bare_adapter_name():
         assert text.strip().rstrip(".") not in KINDS
 
 
-def test_pre_training_draws_its_share_of_in_distribution_families_and_never_a_held_out_one():
-    families = [screen_family(index, "train", 0, family_share=0.5) for index in range(400)]
-    drawn = [family for family in families if family is not None]
-    assert 0.4 < len(drawn) / len(families) < 0.6
-    assert set(drawn) == set(IN_DISTRIBUTION) and not set(drawn) & set(HELD_OUT)
-    assert all(screen_family(index, "train", 0, family_share=0.0) is None for index in range(40))
-    # The screen is the family's: its truth says so.
-    index = families.index(drawn[0])
-    assert caption_example(index, "train", 0, family_share=0.5)[2].size == generate(
-        KINDS[index % len(KINDS)], _seed(index), family=drawn[0]).image.size
-
-
-def _seed(index):
-    from training.expert_datasets import sample_seed
-
-    return sample_seed(0, "pretrain-train", index)
-
-
 def test_layouts_tell_every_kind_apart():
     # Each kind's screens map to layouts of that kind only, and every kind has at least one layout.
     assert {layout.split("/")[0] for layout in LAYOUTS} == set(KINDS)
@@ -72,7 +53,6 @@ def test_layouts_tell_every_kind_apart():
     ("no held-out screens", {"eval_screens": 0}, "eval_screens"),
     ("warm-up of every step", {"warmup_ratio": 1.0}, "warmup_ratio"),
     ("image limits reversed", {"min_pixels": 4096, "max_pixels": 1024}, "min_pixels"),
-    ("family share above 1", {"family_share": 1.5}, "family_share"),
 ])
 def test_bad_spec_is_refused_naming_the_field(case, changes, message):
     with pytest.raises(ValueError, match=message):
@@ -86,4 +66,3 @@ def test_fingerprint_follows_every_setting():
     assert replace(spec, epochs=spec.epochs + 1).fingerprint != spec.fingerprint
     assert replace(spec, vision_steps=0).fingerprint != spec.fingerprint
     assert replace(spec, max_pixels=spec.max_pixels * 2).fingerprint != spec.fingerprint
-    assert replace(spec, family_share=0.0).fingerprint != spec.fingerprint

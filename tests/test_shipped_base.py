@@ -59,7 +59,7 @@ def test_a_damaged_shipped_base_is_refused_by_name(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_the_recipe_rebuilds_the_shipped_base(tmp_path):
-    """Pre-trains from PretrainSpec's defaults (9.5 minutes on 2 quiet cores) and compares it with the shipped copy:
+    """Pre-trains from PretrainSpec's defaults (7.5 minutes on 2 quiet cores) and compares it with the shipped copy:
     the same weights on the machine that built it; elsewhere float arithmetic may differ (another CPU's vector
     instructions), so the comparison is the held-out scores pre-training reports, within a few points."""
     shipped = shipped_dir(PretrainSpec())

@@ -15,12 +15,6 @@ VLM, so the tiny stand-in gets a short pre-training of its own, built the way re
    (month and year, field names, the first provider, the document title). Never the router's prompt, never a
    bare adapter name as an answer.
 
-Half of the training screens are drawn in an in-distribution style family (web-light, web-dark, desktop; never a
-held-out one), as a real VLM is pre-trained on varied screens: trained on today's mix alone, a vision stage told
-kinds apart (linear probe) on 0.96 of mix screens but on only 0.71-0.81 of the same kinds in an in-distribution
-family. Recolouring every image at every step as well (channels, inversion, grey, contrast: torchvision) stalled
-the vision stage for a third of its steps and left its probe at 0.83 on mix screens, so it is not done.
-
 Small images (30 image tokens per screen) keep this to minutes on 2 CPU cores: a from-scratch vision tower
 learns screen kinds several times faster per CPU second at this size than at 64 or 256 tokens.
 
@@ -32,7 +26,7 @@ processor so vLLM serves it. `training.tiny_model.resolve_base_model("tiny")` re
 use); "tiny-random" is the random model. `pretrain_log.json` in the folder holds the wall time, the loss curve
 and the held-out caption scores.
 
-The repository ships the current base (training/bases/<that name>/, about 2.4 MB, with `pretrain_spec.json`, the
+The repository ships the current base (training/bases/<that name>/, about 2.3 MB, with `pretrain_spec.json`, the
 recipe and seed, and `shipped.json`, its weights' fingerprint): on first use it is checked against that
 fingerprint and copied into the cache, so a fresh machine pre-trains nothing. Changing the recipe changes the
 name; `python -m training.pretrain --ship true` then builds the new base and replaces the shipped one, and
@@ -56,11 +50,11 @@ from pathlib import Path
 from training.configuration import ConfigError, check_types, parse_command, run_command
 from training.expert_datasets import sample_seed
 from training.progress import progress
-from training.screens import IN_DISTRIBUTION, KINDS, generate
+from training.screens import KINDS, generate
 from training.tiny_random import CacheArguments, TinyModelSpec, build_tiny_model, default_cache_dir
 
 # Bump when captions, data or the loop change in a way PretrainSpec does not capture.
-PRETRAIN_VERSION = 4
+PRETRAIN_VERSION = 3
 DONE_MARKER = "pretrain_log.json"
 # The repository ships the current version of the base here, so a fresh machine pre-trains nothing.
 SHIPPED_ROOT = Path(__file__).resolve().parent / "bases"
@@ -76,18 +70,15 @@ class PretrainSpec:
     """How the tiny base is pre-trained; every field is part of the cache fingerprint."""
 
     seed: int = field(default=0, metadata={"help": "Seed of screens, prompts, shuffling and init."})
-    train_screens: int = field(default=3000, metadata={
+    train_screens: int = field(default=2000, metadata={
         "help": "Distinct training screens, the generator kinds in turn (drawn once, kept encoded in memory)."})
-    family_share: float = field(default=0.5, metadata={
-        "help": "Share of training screens drawn in an in-distribution style family (web-light, web-dark, desktop), "
-                "the rest in today's mix. Never a held-out family: those measure looks no training saw."})
-    vision_steps: int = field(default=4500, metadata={
+    vision_steps: int = field(default=3000, metadata={
         "help": "Steps of the vision stage, before captions: the vision tower alone, with a linear head on its mean "
                 "image embedding, learns each screen's kind and layout (a real VLM's vision encoder is likewise "
                 "pre-trained before the language model reads it). 0 skips the stage."})
     vision_stage_learning_rate: float = field(default=5e-3, metadata={
         "help": "Peak learning rate of the vision stage (cosine schedule, same warm-up ratio)."})
-    epochs: int = field(default=9, metadata={"help": "Passes over the training screens in the caption stage."})
+    epochs: int = field(default=14, metadata={"help": "Passes over the training screens in the caption stage."})
     eval_screens: int = field(default=16, metadata={"help": "Held-out screens per kind for the caption score."})
     batch_size: int = field(default=16, metadata={"help": "Screens per optimizer step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate of the language model."})
@@ -122,8 +113,6 @@ class PretrainSpec:
             raise ConfigError("warmup_ratio must be in [0, 1)")
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ConfigError("need 0 < min_pixels <= max_pixels")
-        if not 0 <= self.family_share <= 1:
-            raise ConfigError("family_share must be in [0, 1]")
 
     @property
     def fingerprint(self) -> str:
@@ -204,18 +193,12 @@ def layout_id(kind: str, truth: dict) -> int:
     return LAYOUTS.index(f"{kind}/{truth.get('layout', 'page')}")
 
 
-def screen_family(index: int, split: str, seed: int, family_share: float) -> str | None:
-    """The in-distribution style family screen `index` of a split is drawn in, or None for today's mix."""
-    rng = random.Random(f"pretrain-family:{seed}:{split}:{index}")
-    return rng.choice(IN_DISTRIBUTION) if rng.random() < family_share else None
-
-
-def caption_example(index: int, split: str, seed: int, family_share: float = 0.0):
+def caption_example(index: int, split: str, seed: int):
     """(kind, messages, image, caption, layout id) of screen `index` of a split: kinds in turn, seeds from
-    (seed, split, index), a `family_share` of them in an in-distribution style family."""
+    (seed, split, index)."""
     kind = KINDS[index % len(KINDS)]
     screen_seed = sample_seed(seed, f"pretrain-{split}", index)
-    screen = generate(kind, screen_seed, family=screen_family(index, split, seed, family_share))
+    screen = generate(kind, screen_seed)
     rng = random.Random(f"pretrain-prompt:{seed}:{split}:{index}")
     system = rng.choice(SYSTEMS)
     messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -223,8 +206,7 @@ def caption_example(index: int, split: str, seed: int, family_share: float = 0.0
     return kind, messages, screen.image, caption(kind, screen.truth), layout_id(kind, screen.truth)
 
 
-def encode_caption(processor, index: int, split: str, seed: int, kind_weight: float,
-                   family_share: float = 0.0) -> dict:
+def encode_caption(processor, index: int, split: str, seed: int, kind_weight: float) -> dict:
     """One encoded caption example (training.llava_data.encode) plus per-token loss weights and the layout id.
 
     pixel_values are kept as uint8 (the processor's normalisation inverted), a quarter of the memory.
@@ -233,7 +215,7 @@ def encode_caption(processor, index: int, split: str, seed: int, kind_weight: fl
 
     from training.llava_data import encode
 
-    kind, messages, image, text, layout = caption_example(index, split, seed, family_share)
+    kind, messages, image, text, layout = caption_example(index, split, seed)
     out = encode(processor, messages, [image], text)
     first = len(processor.tokenizer(text.split(". ")[0] + ".", add_special_tokens=False)["input_ids"])
     answer = (out["labels"] != -100).nonzero().flatten()
@@ -413,7 +395,7 @@ def pretrain(spec: PretrainSpec, random_dir: Path, out: Path) -> dict:
     processor.image_processor.size = {"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels}
     model = Qwen3VLForConditionalGeneration.from_pretrained(random_dir, dtype=torch.float32)
     model.train()
-    examples = [encode_caption(processor, i, "train", spec.seed, spec.kind_weight, spec.family_share)
+    examples = [encode_caption(processor, i, "train", spec.seed, spec.kind_weight)
                 for i in progress(range(spec.train_screens), desc="draw screens", unit="screen")]
     data_s = time.perf_counter() - start
     per_epoch = spec.train_screens // spec.batch_size

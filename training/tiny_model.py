@@ -27,7 +27,7 @@ def resolve_base_model(path: str) -> str:
     """The base model folder a config names; anything else is returned unchanged.
 
     'tiny' (or 'tiny-pretrained') is the embedded default: the random model pre-trained on synthetic screens
-    (training.pretrain; shipped in the repository; rebuilt only when the recipe changes, about 9.5 minutes on 2 cores), as a real deployment starts
+    (training.pretrain; built and cached on first use, about 7.5 minutes on 2 cores), as a real deployment starts
     from a pre-trained VLM. 'tiny-random' is the random-init model itself (cheap; for mechanics only).
     """
     if path in (TINY_MODEL, TINY_PRETRAINED_MODEL):
