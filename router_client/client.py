@@ -155,8 +155,8 @@ class RouterClient:
         """Send `image` to the routing gateway as one `auto` request; it routes, runs the chosen expert and
         answers with its completion and a `routing` object, read into the same ProcessResult as process().
 
-        Without a prompt the gateway adds the routed expert's default prompt. timings.expert_s is the gateway call less the route. A route that fallback 'error' refuses is the
-        gateway's 422 (an APIStatusError).
+        Without a prompt the gateway adds the routed expert's default prompt. timings.expert_s is the gateway
+        call less the route. A route that fallback 'error' refuses is the gateway's 422 (an APIStatusError).
         """
         with self._count_errors():
             start = time.perf_counter()
