@@ -50,24 +50,38 @@ def click_call(x: int, y: int) -> str:
     return compact_json({"name": "click", "arguments": {"x": x, "y": y}})
 
 
+def clickable(items: list[dict], covered: list[Box]) -> list[dict]:
+    """The items (ground-truth entries with a "box") an overlay box does not hide: those it does not touch, else
+    those whose centre (the gold click) it leaves in sight, else all of them."""
+    boxes = [(item, Box(*item["box"])) for item in items]
+    for hidden in (lambda box, cover: box.intersects(cover), lambda box, cover: cover.contains(*box.center)):
+        shown = [item for item, box in boxes if not any(hidden(box, cover) for cover in covered)]
+        if shown:
+            return shown
+    return items
+
+
 def build_example(kind: str, seed: int, family: str | None = None) -> Example:
-    """generate(kind, seed, family) and a task on it drawn deterministically from the same seed."""
+    """generate(kind, seed, family) and a task on it drawn deterministically from the same seed. A click targets
+    a day, slot or provider that a family's overlays (windows drawn on top) leave in sight (clickable())."""
     screen = generate(kind, seed, family)
     rng = random.Random(f"task:{kind}:{seed}")
     truth = screen.truth
+    covered = [Box(*box) for box in truth.get("overlays", ())]
     if kind == "calendar":
-        if truth["time_slots"] and rng.random() < 0.3:
-            slot = rng.choice(truth["time_slots"])
+        slots = truth["time_slots"] and clickable(truth["time_slots"], covered)
+        if slots and rng.random() < 0.3:
+            slot = rng.choice(slots)
             prompt = rng.choice(SLOT_PROMPTS).format(label=slot["label"])
             box = slot["box"]
         else:
-            day = rng.choice(truth["days"])
+            day = rng.choice(clickable(truth["days"], covered))
             prompt = rng.choice(DATE_PROMPTS).format(date=f"{truth['month_name']} {day['day']}, {truth['year']}")
             box = day["box"]
         return Example(kind, screen.image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box},
                        family)
     if kind == "provider-select":
-        provider = rng.choice(truth["providers"])
+        provider = rng.choice(clickable(truth["providers"], covered))
         prompt = rng.choice(PROVIDER_PROMPTS).format(name=provider["name"])
         box = provider["box"]
         return Example(kind, screen.image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box},

@@ -45,6 +45,10 @@ class Box:
         """Whether the point (x, y) lies inside the box."""
         return self.x0 <= x < self.x1 and self.y0 <= y < self.y1
 
+    def intersects(self, other: Box) -> bool:
+        """Whether the two boxes share a pixel."""
+        return self.x0 < other.x1 and other.x0 < self.x1 and self.y0 < other.y1 and other.y0 < self.y1
+
     @property
     def center(self) -> tuple[int, int]:
         """The box's centre pixel (always inside a non-empty box)."""
