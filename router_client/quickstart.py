@@ -7,7 +7,8 @@
 3. trains the router and every expert with the one trainer (configs/training/*.yaml; small but real) and
    scores each expert against the base model on its own task;
 4. starts vLLM with the base model, the router and every expert (checked, warmed up, probed);
-5. routes one screenshot and prints the route, its confidence and the expert's answer;
+5. routes one screenshot with its own task prompt and prints the route, its confidence, the expert's answer and
+   whether that answer is right for the screenshot (its task's scores against the screenshot's truth);
 6. batch-processes a folder of sample screenshots and prints the routing table;
 7. sends one screenshot to the service as any OpenAI client would (`model: "auto"`, the official `openai`
    client) and prints the expert's answer with its routing headers;
@@ -38,6 +39,7 @@ from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
 from training.jsonl import read_jsonl
 from training.manifest import AdapterManifest, model_fingerprint
+from training.tasks import score
 from training.tiny_model import resolve_base_model
 from training.validate_router import format_calibration, store_calibration, validate
 from training.train_qwen import main as train_cli
@@ -152,8 +154,10 @@ def train_adapters(config: DeploymentConfig, base: str, routing: Path, work: Pat
         else:
             train(args.expert_recipe, config.model.path, data, "train.jsonl", "eval.jsonl", path)
         report = evaluate(path, data / "eval.jsonl", quiet=True)
-        log.info("%s: task score %.3f vs base model %.3f on %d held-out screenshots", expert.name,
-                 report["adapter_scores"]["score"], report["base"]["score"], report["count"])
+        tasks = "".join(f"; {task} {scores['adapter']['score']:.3f} vs {scores['base']['score']:.3f} on "
+                        f"{scores['count']}" for task, scores in report["by_task"].items())
+        log.info("%s: task score %.3f vs base model %.3f on %d held-out screenshots%s", expert.name,
+                 report["adapter_scores"]["score"], report["base"]["score"], report["count"], tasks)
 
 
 def routing_table(results: Path, truth: dict[str, str]) -> str:
@@ -179,14 +183,15 @@ async def serve_and_route(config: DeploymentConfig, dataset: Path, work: Path) -
 
         step("5. one screenshot: route, then the chosen expert")
         first = samples[0]
-        answer = f"screenshot: {first['image']} (true class: {first['adapter']})\n"
+        prompt = first["conversations"][0]["value"].removeprefix("<image>").strip()
+        answer = f"screenshot: {first['image']} (true class: {first['adapter']}), prompt: {prompt!r}\n"
         try:
             async with RouterClient(client_config) as client:
-                result = await client.process(dataset / first["image"])
+                result = await client.process(dataset / first["image"], prompt)
         except RouterClientError as exc:
             answer += f"failed: {type(exc).__name__}: {exc}"
         else:
-            answer += result.describe()
+            answer += result.describe() + "\n" + verdict(first, result.decision.expert, result.result.text)
 
         step(f"6. batch: {len(samples)} sample screenshots")
         items = [BatchItem(custom_id=s["id"], image=dataset / s["image"]) for s in samples]
@@ -199,6 +204,17 @@ async def serve_and_route(config: DeploymentConfig, dataset: Path, work: Path) -
         service = await ask_auto(server, dataset / samples[-1]["image"], samples[-1]["adapter"])
         step("8. stop the server")
     return [answer, summary.table(), "routing table (rows: true class, columns: routed expert)\n" + table, service]
+
+
+def verdict(sample: dict, expert: str, text: str) -> str:
+    """Whether an expert's answer is right for a routing sample: its task's scores against the screenshot's truth."""
+    kind = sample["metadata"]["task_type"]
+    if expert != kind:
+        return f"verdict:    wrong route ({expert}, the screenshot is a {kind} screen)"
+    scores = score(kind, text, sample["metadata"]["target"])
+    right = "right" if scores["score"] == 1.0 else "not right"
+    detail = ", ".join(f"{name} {value:.2f}" for name, value in scores.items())
+    return f"verdict:    {right} for this screenshot (gold {sample['conversations'][1]['value']}; {detail})"
 
 
 async def ask_auto(server: VLLMServer, image: Path, truth: str) -> str:

@@ -3,6 +3,7 @@ line that says what was tried and what to do. No server needed."""
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -70,3 +71,21 @@ def test_both_commands_share_their_client_flags(capsys):
         text = capsys.readouterr().out
         for flag in ("--config", "--set", "--base-url", "--mode", "--api-key", "--timeout-s", "--max-retries"):
             assert flag in text, (main.__module__, flag)
+
+
+@pytest.mark.parametrize(("expert", "answer", "expected"), [
+    ("calendar", '{"name":"click","arguments":{"x":398,"y":317}}', r"right for this screenshot .*in_box 1\.00"),
+    ("calendar", '{"name":"click","arguments":{"x":10,"y":10}}', r"not right for this screenshot .*in_box 0\.00"),
+    ("calendar", "no idea", r"not right .*valid_json 0\.00"),
+    ("provider-select", '{"name":"click","arguments":{"x":398,"y":317}}', r"wrong route \(provider-select, the "
+                                                                           r"screenshot is a calendar screen\)"),
+])
+def test_the_main_jobs_verdict_on_its_one_screenshot(expert: str, answer: str, expected: str) -> None:
+    from router_client.quickstart import verdict
+
+    gold = '{"name":"click","arguments":{"x":398,"y":317}}'
+    sample = {"conversations": [{"from": "human", "value": "<image>\nClick the highlighted day."},
+                                {"from": "gpt", "value": gold}],
+              "metadata": {"task_type": "calendar", "target": {"action": "click", "box": [377, 296, 421, 340],
+                                                               "task": "highlighted-day"}}}
+    assert re.search(expected, verdict(sample, expert, answer))

@@ -5,18 +5,22 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import yaml
 from PIL import Image
 
+from training.evaluate_expert import format_report, mean_scores, scores_by_task
 from training.expert_datasets import main, sample_seed, score_file, write_examples
 from training.jsonl import read_jsonl
 from training.screens import KINDS, Box, generate
-from training.tasks import build_example, parse_tool_call, score
+from training.tasks import HIGHLIGHT_PROMPTS, ORDINALS, build_example, parse_tool_call, score
 
 CLICK = {"action": "click", "box": [100, 50, 200, 80]}
 CLAIM = {"fields": {"Claim #": "CLM-104233", "Amount": "$1,234.50", "Member ID": "MBR-884213", "Provider": "Dr. Li"}}
 PAGE = {"markdown": "# Title\n\nSome text."}
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -53,6 +57,38 @@ def test_click_targets_are_not_hidden_by_an_overlay(kind: str) -> None:
     ((0, 0, 10, 10), (2, 2, 4, 4), True), ((0, 0, 10, 10), (0, 10, 10, 20), False)])
 def test_box_intersects(a, b, expected: bool) -> None:
     assert Box(*a).intersects(Box(*b)) is expected and Box(*b).intersects(Box(*a)) is expected
+
+
+def test_each_click_task_targets_what_its_prompt_asks() -> None:
+    seen = set()
+    for kind in ("calendar", "provider-select"):
+        for seed in range(60):
+            example, truth = build_example(kind, seed), generate(kind, seed).truth
+            task, box = example.target["task"], example.target["box"]
+            seen.add((kind, task))
+            if task == "highlighted-day":
+                assert example.prompt in HIGHLIGHT_PROMPTS
+                assert box == next(d["box"] for d in truth["days"] if d["day"] == truth["highlighted_day"])
+            elif task == "date":
+                day = next(d for d in truth["days"] if d["box"] == box)
+                assert f"{truth['month_name']} {day['day']}, {truth['year']}" in example.prompt
+            elif task == "time-slot":
+                assert next(s["label"] for s in truth["time_slots"] if s["box"] == box) in example.prompt
+            elif task == "ordinal":
+                ordinal = next(o for o in ORDINALS if f" {o} provider" in example.prompt)
+                assert box == truth["providers"][{"first": 0, "second": 1, "last": -1}[ordinal]]["box"]
+            else:
+                assert task == "name"
+                assert next(p["name"] for p in truth["providers"] if p["box"] == box) in example.prompt
+    assert seen == {("calendar", "date"), ("calendar", "time-slot"), ("calendar", "highlighted-day"),
+                    ("provider-select", "name"), ("provider-select", "ordinal")}
+
+
+def test_the_deployments_default_prompts_are_trained_tasks() -> None:
+    prompts = {kind: {build_example(kind, seed).prompt for seed in range(200)} for kind in KINDS}
+    for path in CONFIGS.glob("*.yaml"):
+        for expert in yaml.safe_load(path.read_text())["experts"]:
+            assert expert["prompt"] in prompts[expert["name"]], (path.name, expert["name"])
 
 
 def test_prompts() -> None:
@@ -168,7 +204,7 @@ def test_cli_writes_datasets(tmp_path: Path) -> None:
         assert human["from"] == "human" and human["value"].startswith("<image>\n")
         assert gpt["from"] == "gpt" and parse_tool_call(gpt["value"])["name"] == "click"
         assert record["adapter"] == record["metadata"]["task_type"] == "calendar"
-        assert set(record["metadata"]["target"]) == {"action", "box"}
+        assert set(record["metadata"]["target"]) == {"action", "box", "task"}
 
     gold = {record["id"]: record["conversations"][1]["value"] for record in evaluation}
     assert score_file(out / "eval.jsonl", gold) == {"count": 2, "missing": 0, "valid_json": 1.0,
@@ -182,3 +218,24 @@ def test_write_examples_numbers_from_start(tmp_path: Path) -> None:
     assert [record["id"] for record in records] == ["chandra-ocr_00007", "chandra-ocr_00008"]
     assert all((tmp_path / record["image"]).is_file() for record in records)
     assert records[0]["conversations"][1]["value"].startswith("# ")
+
+
+def test_expert_scores_by_task() -> None:
+    def line(task: str | None):
+        return SimpleNamespace(metadata={"task_type": "calendar", "target": {**CLICK, **({"task": task} if task else {})}})
+
+    hit, miss = '{"name":"click","arguments":{"x":150,"y":60}}', '{"name":"click","arguments":{"x":5,"y":5}}'
+    lines, answers = [line("date"), line("date"), line("highlighted-day")], [hit, miss, hit]
+    assert mean_scores(lines, answers)["score"] == pytest.approx(0.6667)
+    by_task = scores_by_task(lines, answers)
+    assert by_task == {"date": {"count": 2, "valid_json": 1.0, "right_action": 1.0, "in_box": 0.5, "score": 0.5},
+                       "highlighted-day": {"count": 1, "valid_json": 1.0, "right_action": 1.0, "in_box": 1.0,
+                                           "score": 1.0}}
+    assert scores_by_task(lines[:2], answers[:2]) == {}
+    assert scores_by_task([line(None), line(None)], [hit, miss]) == {}
+    report = {"task": "calendar", "count": 3, "data": "eval.jsonl", "score_gain": 0.6667,
+              "base": {"score": 0.0}, "adapter_scores": {"score": 0.6667},
+              "by_task": {task: {"count": s["count"], "base": {"score": 0.0}, "adapter": s} for task, s in by_task.items()}}
+    text = format_report(report)
+    assert re.search(r"score date\s+0\.0000\s+0\.5000\s+\(2 lines\)", text)
+    assert re.search(r"score highlighted-day\s+0\.0000\s+1\.0000\s+\(1 lines\)", text)

@@ -6,7 +6,8 @@
 The data is an expert dataset (`python -m training.expert_datasets`): each line's metadata holds its task
 kind and scoring target, and training.tasks.score grades a reply. Both models answer greedily with the same
 rendering (training.llava_data; the adapter's trained image limits); the report gives the mean task metrics
-of each and the difference in "score". Writes metrics.json and predictions.jsonl to --out when given.
+of each, the score of each task the lines ask (a calendar's date, time slot or highlighted day; a provider by name
+or by position) and the difference in "score". Writes metrics.json and predictions.jsonl to --out when given.
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ def mean_scores(conversations, answers) -> dict[str, float]:
     return {name: round(value / len(conversations), 4) for name, value in totals.items()}
 
 
+def scores_by_task(conversations, answers) -> dict[str, dict[str, float]]:
+    """mean_scores of the lines of each task their targets name (training.tasks), with "count"; {} when the lines
+    name fewer than two tasks."""
+    groups: dict[str, list] = defaultdict(list)
+    for conversation, answer in zip(conversations, answers):
+        task = conversation.metadata["target"].get("task")
+        if task:
+            groups[task].append((conversation, answer))
+    if len(groups) < 2:
+        return {}
+    return {task: {"count": len(pairs), **mean_scores(*zip(*pairs))} for task, pairs in sorted(groups.items())}
+
+
 def evaluate(adapter: Path, data: Path, out: Path | None = None, base: str | None = None, limit: int | None = None,
              max_new_tokens: int | None = None, batch_size: int = 8, quiet: bool = False) -> dict:
     """Greedy answers of base and base + adapter on `data`, scored with training.tasks.score."""
@@ -54,8 +68,7 @@ def evaluate(adapter: Path, data: Path, out: Path | None = None, base: str | Non
     max_new_tokens = max_new_tokens or min(1024, int(longest * 1.25) + 4)
     min_pixels, max_pixels = trained_pixels(adapter)
     model = load_model(base_path, adapter)
-    results = {}
-    predictions = {}
+    results, by_task, predictions = {}, {}, {}
     for name in ("base", "adapter"):
         with progress(total=len(conversations), desc=name, unit="ex", disable=quiet) as bar:
             if name == "base":
@@ -68,12 +81,15 @@ def evaluate(adapter: Path, data: Path, out: Path | None = None, base: str | Non
                                           batch_size=batch_size, min_pixels=min_pixels, max_pixels=max_pixels,
                                           progress=bar.update)
         results[name] = mean_scores(conversations, answers)
+        by_task[name] = scores_by_task(conversations, answers)
         predictions[name] = answers
     kinds = sorted({c.metadata["task_type"] for c in conversations})
     report = {"adapter": str(adapter), "data": str(data), "task": kinds[0] if len(kinds) == 1 else kinds,
               "count": len(conversations), "max_new_tokens": max_new_tokens, "base": results["base"],
               "adapter_scores": results["adapter"],
-              "score_gain": round(results["adapter"]["score"] - results["base"]["score"], 4)}
+              "score_gain": round(results["adapter"]["score"] - results["base"]["score"], 4),
+              "by_task": {task: {"count": scores["count"], "base": by_task["base"][task], "adapter": scores}
+                          for task, scores in by_task["adapter"].items()}}
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -89,6 +105,8 @@ def format_report(report: dict) -> str:
     lines = [f"{report['task']} on {report['count']} eval lines ({report['data']})",
              f"{'metric':<16} {'base':>8} {'adapter':>8}"]
     lines += [f"{n:<16} {base.get(n, 0):>8.4f} {adapter.get(n, 0):>8.4f}" for n in sorted(set(base) | set(adapter))]
+    lines += [f"{'score ' + task:<16} {scores['base']['score']:>8.4f} {scores['adapter']['score']:>8.4f}  "
+              f"({scores['count']} lines)" for task, scores in report.get("by_task", {}).items()]
     return "\n".join(lines + [f"score gain {report['score_gain']:+.4f}"])
 
 

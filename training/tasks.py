@@ -6,6 +6,10 @@
 Tasks: calendar and provider-select answer with a click tool call {"name": "click", "arguments": {"x", "y"}} in
 the screenshot's pixel coordinates; claim-window with a JSON object {field name: value}; chandra-ocr with the
 page's markdown. Every scorer returns a "score" in [0, 1] and never raises on whatever a model writes.
+
+A click's target names its task, what the prompt asks for: calendar "date", "time-slot" (booking pages) or
+"highlighted-day" (the deployment's default prompt); provider-select "name" or "ordinal" (first, second or last
+in the list; the default prompt asks for the first). Evaluators report each task's score on its own.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ OCR_PROMPT = "Transcribe this page to markdown."
 DATE_PROMPTS = ("Click on {date}.", "Select {date} in the calendar.", "Pick the date {date}.")
 SLOT_PROMPTS = ("Click the {label} time slot.", "Select the {label} time slot.", "Book the {label} slot.")
 PROVIDER_PROMPTS = ("Select the provider {name}.", "Click on {name}.", "Choose {name} from the providers.")
+# The deployments' default prompts (configs/*.yaml) are the first of these, so an expert was trained on them.
+HIGHLIGHT_PROMPTS = ("Click the highlighted day.", "Select the highlighted day.", "Click on the highlighted date.")
+ORDINAL_PROMPTS = ("Select the {ordinal} provider in the list.", "Click the {ordinal} provider.",
+                   "Choose the {ordinal} provider from the list.")
+ORDINALS = ("first", "second", "last")
 
 
 @dataclass
@@ -61,6 +70,12 @@ def clickable(items: list[dict], covered: list[Box]) -> list[dict]:
     return items
 
 
+def _click_example(kind: str, image: Image.Image, prompt: str, box: list[int], task: str,
+                   family: str | None) -> Example:
+    return Example(kind, image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box, "task": task},
+                   family)
+
+
 def build_example(kind: str, seed: int, family: str | None = None) -> Example:
     """generate(kind, seed, family) and a task on it drawn deterministically from the same seed. A click targets
     a day, slot or provider that a family's overlays (windows drawn on top) leave in sight (clickable())."""
@@ -70,22 +85,30 @@ def build_example(kind: str, seed: int, family: str | None = None) -> Example:
     covered = [Box(*box) for box in truth.get("overlays", ())]
     if kind == "calendar":
         slots = truth["time_slots"] and clickable(truth["time_slots"], covered)
-        if slots and rng.random() < 0.3:
-            slot = rng.choice(slots)
-            prompt = rng.choice(SLOT_PROMPTS).format(label=slot["label"])
-            box = slot["box"]
+        days = clickable(truth["days"], covered)
+        highlighted = [day for day in days if day["day"] == truth["highlighted_day"]]
+        roll = rng.random()
+        if slots and roll < 0.3:
+            task, item = "time-slot", rng.choice(slots)
+            prompt = rng.choice(SLOT_PROMPTS).format(label=item["label"])
+        elif highlighted and roll >= 0.65:
+            task, item = "highlighted-day", highlighted[0]
+            prompt = rng.choice(HIGHLIGHT_PROMPTS)
         else:
-            day = rng.choice(clickable(truth["days"], covered))
-            prompt = rng.choice(DATE_PROMPTS).format(date=f"{truth['month_name']} {day['day']}, {truth['year']}")
-            box = day["box"]
-        return Example(kind, screen.image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box},
-                       family)
+            task, item = "date", rng.choice(days)
+            prompt = rng.choice(DATE_PROMPTS).format(date=f"{truth['month_name']} {item['day']}, {truth['year']}")
+        return _click_example(kind, screen.image, prompt, item["box"], task, family)
     if kind == "provider-select":
-        provider = rng.choice(clickable(truth["providers"], covered))
-        prompt = rng.choice(PROVIDER_PROMPTS).format(name=provider["name"])
-        box = provider["box"]
-        return Example(kind, screen.image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box},
-                       family)
+        providers = clickable(truth["providers"], covered)
+        ordinal = rng.choice(ORDINALS)
+        position = {"first": 0, "second": 1, "last": len(truth["providers"]) - 1}[ordinal]
+        if rng.random() < 0.4 and position < len(truth["providers"]) and truth["providers"][position] in providers:
+            task, item = "ordinal", truth["providers"][position]
+            prompt = rng.choice(ORDINAL_PROMPTS).format(ordinal=ordinal)
+        else:
+            task, item = "name", rng.choice(providers)
+            prompt = rng.choice(PROVIDER_PROMPTS).format(name=item["name"])
+        return _click_example(kind, screen.image, prompt, item["box"], task, family)
     if kind == "claim-window":
         fields = {field["name"]: field["value"] for field in truth["fields"]}
         return Example(kind, screen.image, CLAIM_PROMPT, compact_json(fields), {"fields": fields}, family)
