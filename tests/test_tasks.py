@@ -15,7 +15,7 @@ from training.evaluate_expert import format_report, mean_scores, scores_by_task
 from training.expert_datasets import main, sample_seed, score_file, write_examples
 from training.jsonl import read_jsonl
 from training.screens import KINDS, Box, generate
-from training.tasks import HIGHLIGHT_PROMPTS, ORDINALS, build_example, parse_tool_call, score
+from training.tasks import HIGHLIGHT_PROMPTS, ORDINALS, build_example, click_call, parse_tool_call, score
 
 CLICK = {"action": "click", "box": [100, 50, 200, 80]}
 CLAIM = {"fields": {"Claim #": "CLM-104233", "Amount": "$1,234.50", "Member ID": "MBR-884213", "Provider": "Dr. Li"}}
@@ -52,6 +52,13 @@ def test_click_targets_are_not_hidden_by_an_overlay(kind: str) -> None:
     assert untouched >= 30
 
 
+@pytest.mark.parametrize(("x", "y", "expected"), [(150, 60, (1, 1)), (20, 20, (0, 1)), (5, 5, (0, 0))])
+def test_a_click_in_the_region_but_not_the_box(x: int, y: int, expected: tuple[int, int]) -> None:
+    metrics = score("calendar", click_call(x, y), {**CLICK, "region": [10, 10, 300, 200]})
+    assert (metrics["in_box"], metrics["in_region"]) == expected and metrics["score"] == expected[0]
+    assert "in_region" not in score("calendar", click_call(x, y), CLICK)
+
+
 @pytest.mark.parametrize(("a", "b", "expected"), [
     ((0, 0, 10, 10), (9, 9, 20, 20), True), ((0, 0, 10, 10), (10, 0, 20, 10), False),
     ((0, 0, 10, 10), (2, 2, 4, 4), True), ((0, 0, 10, 10), (0, 10, 10, 20), False)])
@@ -65,6 +72,7 @@ def test_each_click_task_targets_what_its_prompt_asks() -> None:
         for seed in range(60):
             example, truth = build_example(kind, seed), generate(kind, seed).truth
             task, box = example.target["task"], example.target["box"]
+            assert Box(*example.target["region"]).contains(*Box(*box).center)
             seen.add((kind, task))
             if task == "highlighted-day":
                 assert example.prompt in HIGHLIGHT_PROMPTS
@@ -204,11 +212,11 @@ def test_cli_writes_datasets(tmp_path: Path) -> None:
         assert human["from"] == "human" and human["value"].startswith("<image>\n")
         assert gpt["from"] == "gpt" and parse_tool_call(gpt["value"])["name"] == "click"
         assert record["adapter"] == record["metadata"]["task_type"] == "calendar"
-        assert set(record["metadata"]["target"]) == {"action", "box", "task"}
+        assert set(record["metadata"]["target"]) == {"action", "box", "task", "region"}
 
     gold = {record["id"]: record["conversations"][1]["value"] for record in evaluation}
     assert score_file(out / "eval.jsonl", gold) == {"count": 2, "missing": 0, "valid_json": 1.0,
-                                                    "right_action": 1.0, "in_box": 1.0, "score": 1.0}
+                                                    "right_action": 1.0, "in_box": 1.0, "in_region": 1.0, "score": 1.0}
     half = score_file(out / "eval.jsonl", {evaluation[0]["id"]: gold[evaluation[0]["id"]]})
     assert half["missing"] == 1 and half["score"] == 0.5
 

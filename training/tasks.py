@@ -70,10 +70,14 @@ def clickable(items: list[dict], covered: list[Box]) -> list[dict]:
     return items
 
 
-def _click_example(kind: str, image: Image.Image, prompt: str, box: list[int], task: str,
+def _click_example(kind: str, image: Image.Image, prompt: str, box: list[int], task: str, region: list[dict],
                    family: str | None) -> Example:
-    return Example(kind, image, prompt, click_call(*Box(*box).center), {"action": "click", "box": box, "task": task},
-                   family)
+    """A click on box; the target keeps the task's name and its region: the box around every item the prompt could
+    have asked for (all days, all slots, all providers)."""
+    boxes = [Box(*item["box"]) for item in region]
+    around = [min(b.x0 for b in boxes), min(b.y0 for b in boxes), max(b.x1 for b in boxes), max(b.y1 for b in boxes)]
+    return Example(kind, image, prompt, click_call(*Box(*box).center),
+                   {"action": "click", "box": box, "task": task, "region": around}, family)
 
 
 def build_example(kind: str, seed: int, family: str | None = None) -> Example:
@@ -89,15 +93,15 @@ def build_example(kind: str, seed: int, family: str | None = None) -> Example:
         highlighted = [day for day in days if day["day"] == truth["highlighted_day"]]
         roll = rng.random()
         if slots and roll < 0.3:
-            task, item = "time-slot", rng.choice(slots)
+            task, item, region = "time-slot", rng.choice(slots), truth["time_slots"]
             prompt = rng.choice(SLOT_PROMPTS).format(label=item["label"])
         elif highlighted and roll >= 0.65:
-            task, item = "highlighted-day", highlighted[0]
+            task, item, region = "highlighted-day", highlighted[0], truth["days"]
             prompt = rng.choice(HIGHLIGHT_PROMPTS)
         else:
-            task, item = "date", rng.choice(days)
+            task, item, region = "date", rng.choice(days), truth["days"]
             prompt = rng.choice(DATE_PROMPTS).format(date=f"{truth['month_name']} {item['day']}, {truth['year']}")
-        return _click_example(kind, screen.image, prompt, item["box"], task, family)
+        return _click_example(kind, screen.image, prompt, item["box"], task, region, family)
     if kind == "provider-select":
         providers = clickable(truth["providers"], covered)
         ordinal = rng.choice(ORDINALS)
@@ -108,7 +112,7 @@ def build_example(kind: str, seed: int, family: str | None = None) -> Example:
         else:
             task, item = "name", rng.choice(providers)
             prompt = rng.choice(PROVIDER_PROMPTS).format(name=item["name"])
-        return _click_example(kind, screen.image, prompt, item["box"], task, family)
+        return _click_example(kind, screen.image, prompt, item["box"], task, truth["providers"], family)
     if kind == "claim-window":
         fields = {field["name"]: field["value"] for field in truth["fields"]}
         return Example(kind, screen.image, CLAIM_PROMPT, compact_json(fields), {"fields": fields}, family)
@@ -157,9 +161,13 @@ def _score_click(answer: str, target: dict) -> dict[str, float]:
     call = parse_tool_call(answer)
     right_action = call is not None and call["name"] == target["action"]
     x, y = (call["arguments"].get("x"), call["arguments"].get("y")) if call else (None, None)
-    in_box = right_action and _is_number(x) and _is_number(y) and Box(*target["box"]).contains(x, y)
-    return {"valid_json": float(call is not None), "right_action": float(right_action), "in_box": float(in_box),
-            "score": float(in_box)}
+    point = right_action and _is_number(x) and _is_number(y)
+    in_box = point and Box(*target["box"]).contains(x, y)
+    metrics = {"valid_json": float(call is not None), "right_action": float(right_action), "in_box": float(in_box),
+               "score": float(in_box)}
+    if "region" in target:
+        metrics["in_region"] = float(point and Box(*target["region"]).contains(x, y))
+    return metrics
 
 
 def _score_fields(answer: str, target: dict) -> dict[str, float]:
@@ -183,7 +191,8 @@ def _score_markdown(answer: str, target: dict) -> dict[str, float]:
 def score(kind: str, answer: str, target: dict) -> dict[str, float]:
     """Metrics of a model's answer against an example's target; always includes "score" in [0, 1].
 
-    calendar / provider-select: valid_json, right_action, in_box (score = in_box). claim-window: valid_json,
+    calendar / provider-select: valid_json, right_action, in_box (score = in_box), and in_region when the target
+    has a region (the click found the calendar or the list, if not the item). claim-window: valid_json,
     field_accuracy (fraction of fields whose value matches exactly, surrounding whitespace aside; score =
     field_accuracy). chandra-ocr: cer (Levenshtein distance / reference length; score = max(0, 1 - cer)).
     """
