@@ -28,25 +28,60 @@ CANNOT_READ = pytest.mark.xfail(strict=True, reason="needs legible text: no fiel
 SHOWN = {"calendar": "in_region"}
 
 
+@pytest.fixture(scope="module")
+def trained(pretrained_base, tmp_path_factory):
+    """Trains (once per kind in this module) the kind's expert with the recipe and evaluates it against the base:
+    (the trainer's metrics, the evaluator's report)."""
+    cache: dict[str, tuple[dict, dict]] = {}
+
+    def expert(kind: str) -> tuple[dict, dict]:
+        if kind not in cache:
+            root = tmp_path_factory.mktemp(kind)
+            data, adapter = root / "data", root / kind
+            write_dataset(kind, TRAIN, EVAL, 0, data, progress=False)
+            code = train_main(["--config", str(RECIPE), "--data_path", str(data / "train.jsonl"), "--eval_data_path",
+                               str(data / "eval.jsonl"), "--output_dir", str(adapter), "--disable_tqdm", "True"])
+            assert code == 0
+            manifest = AdapterManifest.read(adapter)
+            assert manifest.labels is None and manifest.base_model == str(pretrained_base)
+            train = json.loads((adapter / "metrics.json").read_text())
+            report = evaluate(adapter, data / "eval.jsonl", out=root / "eval", quiet=True)
+            print(f"\n{kind} expert: trained in {train['train_wall_s']} s, loss {train['loss_first']} -> "
+                  f"{train['loss_last']}; on {report['count']} held-out screens adapter "
+                  f"{json.dumps(report['adapter_scores'])}, base {json.dumps(report['base'])}, by task "
+                  f"{json.dumps(report['by_task'])}")
+            cache[kind] = train, report
+        return cache[kind]
+
+    return expert
+
+
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=CANNOT_READ) if k == "claim-window" else k
                                   for k in KINDS])
-def test_expert_beats_the_untrained_base_on_its_task(kind, pretrained_base, tmp_path):
-    data = tmp_path / "data"
-    write_dataset(kind, TRAIN, EVAL, 0, data, progress=False)
-    adapter = tmp_path / kind
-    code = train_main(["--config", str(RECIPE), "--data_path", str(data / "train.jsonl"), "--eval_data_path",
-                       str(data / "eval.jsonl"), "--output_dir", str(adapter), "--disable_tqdm", "True"])
-    assert code == 0
-    manifest = AdapterManifest.read(adapter)
-    assert manifest.labels is None and manifest.base_model == str(pretrained_base)
-    train = json.loads((adapter / "metrics.json").read_text())
-    report = evaluate(adapter, data / "eval.jsonl", out=tmp_path / "eval", quiet=True)
-    base, trained = report["base"], report["adapter_scores"]
-    print(f"\n{kind} expert: trained in {train['train_wall_s']} s, loss {train['loss_first']} -> {train['loss_last']}; "
-          f"task score {trained['score']:.4f} vs base {base['score']:.4f} on {report['count']} held-out screens "
-          f"(adapter {json.dumps(trained)}, base {json.dumps(base)})")
+def test_expert_beats_the_untrained_base_on_its_task(kind, trained):
+    train, report = trained(kind)
+    base, adapter = report["base"], report["adapter_scores"]
     assert train["loss_last"] < train["loss_first"]
     metric = SHOWN.get(kind, "score")
-    assert trained[metric] > base[metric]
+    assert adapter[metric] > base[metric]
     if metric != "score":
-        assert trained[metric] >= 0.5
+        assert adapter[metric] >= 0.5
+
+
+# Issue 15's bars: what an expert on a base that reads and points would reach. Strict: the base that meets one
+# turns its test into a failure until the marker goes.
+NEEDS_A_READING_BASE = pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "at 30 image tokens the base reads no text and cannot point at one day cell"))
+BARS = {
+    "calendar": lambda r: r["by_task"]["highlighted-day"]["adapter"]["score"] >= 0.6,
+    "provider-select": lambda r: r["adapter_scores"]["score"] >= 0.6,
+    "claim-window": lambda r: r["adapter_scores"]["field_accuracy"] >= 0.5 and r["adapter_scores"]["valid_json"] >= 0.95,
+    "chandra-ocr": lambda r: r["adapter_scores"]["cer"] <= 0.5,
+}
+
+
+@NEEDS_A_READING_BASE
+@pytest.mark.parametrize("kind", KINDS)
+def test_expert_meets_its_bar(kind, trained):
+    _, report = trained(kind)
+    assert BARS[kind](report)
