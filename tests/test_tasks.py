@@ -93,10 +93,11 @@ def test_each_click_task_targets_what_its_prompt_asks() -> None:
 
 
 def test_the_deployments_default_prompts_are_trained_tasks() -> None:
-    prompts = {kind: {build_example(kind, seed).prompt for seed in range(200)} for kind in KINDS}
-    for path in CONFIGS.glob("*.yaml"):
-        for expert in yaml.safe_load(path.read_text())["experts"]:
-            assert expert["prompt"] in prompts[expert["name"]], (path.name, expert["name"])
+    defaults = {(expert["name"], expert["prompt"]) for path in CONFIGS.glob("*.yaml")
+                for expert in yaml.safe_load(path.read_text())["experts"]}
+    assert len(defaults) >= 3
+    for kind, prompt in defaults:
+        assert any(build_example(kind, seed).prompt == prompt for seed in range(300)), (kind, prompt)
 
 
 def test_prompts() -> None:
