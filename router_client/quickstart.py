@@ -208,10 +208,13 @@ async def serve_and_route(config: DeploymentConfig, dataset: Path, work: Path) -
 
 def verdict(sample: dict, expert: str, text: str) -> str:
     """Whether an expert's answer is right for a routing sample: its task's scores against the screenshot's truth."""
-    kind = sample["metadata"]["task_type"]
+    metadata = sample.get("metadata") or {}
+    kind, target = metadata.get("task_type"), metadata.get("target")
+    if kind is None or target is None:
+        return "verdict:    none (the sample has no task_type and target to score the answer against)"
     if expert != kind:
         return f"verdict:    wrong route ({expert}, the screenshot is a {kind} screen)"
-    scores = score(kind, text, sample["metadata"]["target"])
+    scores = score(kind, text, target)
     right = "right" if scores["score"] == 1.0 else "not right"
     detail = ", ".join(f"{name} {value:.2f}" for name, value in scores.items())
     return f"verdict:    {right} for this screenshot (gold {sample['conversations'][1]['value']}; {detail})"

@@ -89,3 +89,4 @@ def test_the_main_jobs_verdict_on_its_one_screenshot(expert: str, answer: str, e
               "metadata": {"task_type": "calendar", "target": {"action": "click", "box": [377, 296, 421, 340],
                                                                "task": "highlighted-day"}}}
     assert re.search(expected, verdict(sample, expert, answer))
+    assert verdict({**sample, "metadata": {}}, expert, answer).startswith("verdict:    none (the sample has no")
