@@ -84,7 +84,7 @@ def test_each_click_task_targets_what_its_prompt_asks() -> None:
                 assert next(s["label"] for s in truth["time_slots"] if s["box"] == box) in example.prompt
             elif task == "ordinal":
                 ordinal = next(o for o in ORDINALS if f" {o} provider" in example.prompt)
-                assert box == truth["providers"][{"first": 0, "second": 1, "last": -1}[ordinal]]["box"]
+                assert box == truth["providers"][ORDINALS[ordinal]]["box"]
             else:
                 assert task == "name"
                 assert next(p["name"] for p in truth["providers"] if p["box"] == box) in example.prompt

@@ -34,7 +34,8 @@ PROVIDER_PROMPTS = ("Select the provider {name}.", "Click on {name}.", "Choose {
 HIGHLIGHT_PROMPTS = ("Click the highlighted day.", "Select the highlighted day.", "Click on the highlighted date.")
 ORDINAL_PROMPTS = ("Select the {ordinal} provider in the list.", "Click the {ordinal} provider.",
                    "Choose the {ordinal} provider from the list.")
-ORDINALS = ("first", "second", "last")
+# Where each ordinal a prompt may name sits in the list (a Python index).
+ORDINALS = {"first": 0, "second": 1, "last": -1}
 
 
 @dataclass
@@ -104,10 +105,10 @@ def build_example(kind: str, seed: int, family: str | None = None) -> Example:
         return _click_example(kind, screen.image, prompt, item["box"], task, region, family)
     if kind == "provider-select":
         providers = clickable(truth["providers"], covered)
-        ordinal = rng.choice(ORDINALS)
-        position = {"first": 0, "second": 1, "last": len(truth["providers"]) - 1}[ordinal]
-        if rng.random() < 0.4 and position < len(truth["providers"]) and truth["providers"][position] in providers:
-            task, item = "ordinal", truth["providers"][position]
+        ordinal = rng.choice(tuple(ORDINALS))
+        listed, index = truth["providers"], ORDINALS[ordinal]
+        if rng.random() < 0.4 and index < len(listed) and listed[index] in providers:
+            task, item = "ordinal", listed[index]
             prompt = rng.choice(ORDINAL_PROMPTS).format(ordinal=ordinal)
         else:
             task, item = "name", rng.choice(providers)
