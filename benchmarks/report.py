@@ -15,7 +15,7 @@ from benchmarks.metrics import PhaseMetrics
 from benchmarks.peer import PeerResult
 from benchmarks.runner import BenchmarkResult
 from benchmarks.server_metrics import COUNTERS, GATEWAY_STAGE, TIMINGS
-from router_client.percentiles import Percentiles
+from lora_router.percentiles import Percentiles
 
 JSON_NAME, MARKDOWN_NAME, LATENCY_PNG, THROUGHPUT_PNG = "report.json", "report.md", "latency.png", "throughput.png"
 

@@ -3,7 +3,7 @@ screenshots the server has not seen, timed by the client and by vLLM's per-reque
 
     python -m benchmarks.route_profile --config configs/tiny-cpu.yaml [--requests 24] [--out DIR]
 
-Variants at concurrency 1, each taking one cost out of the router request as serving.routing builds it:
+Variants at concurrency 1, each taking one cost out of the router request as lora_router.routing builds it:
     one-token               the request itself (one token, the labels' first-token log-probabilities)
     choice                  choice mode (structured outputs, a few tokens)
     one-token, no logprobs  without logprobs: what asking for the labels' log-probabilities costs
@@ -43,13 +43,13 @@ from benchmarks.metrics import server_ttft
 from benchmarks.pool import BenchItem, ScreenPool
 from benchmarks.runner import default_out_dir
 from benchmarks.server_metrics import TIMINGS, scrape
-from router_client.percentiles import Percentiles, percentiles
-from serving.config import DeploymentArguments, DeploymentConfig
-from serving.images import PreparedImage, prepare_image
+from lora_router.percentiles import Percentiles, percentiles
+from lora_router.deployment import DeploymentArguments, DeploymentConfig
+from lora_router.images import PreparedImage, prepare_image
 from serving.launcher import ServerError, VLLMServer
-from serving.openai_wire import bearer_headers, chat_request, read_completion, user_turn
-from serving.routing import RoutingPolicy, router_request
-from training.configuration import parse_command, run_command
+from lora_router.openai_wire import bearer_headers, chat_request, read_completion, user_turn
+from lora_router.routing import RoutingPolicy, router_request
+from lora_router.configuration import parse_command, run_command
 from training.inference import load_processor, pixel_limits
 from training.tasks import build_example
 from training.tiny_model import resolve_base_model

@@ -57,11 +57,11 @@ from benchmarks.workloads import (ADAPTERS_MIXED, BASE_ONLY, EXPERT_ONLY, Gatewa
 from router_client import ClientConfig, RouterClient
 from serving.adapters import max_rank_for
 from serving.command import ServerCommand, cpu_threads
-from serving.config import DeploymentConfig
+from lora_router.deployment import DeploymentConfig
 from serving.launcher import VLLMServer
-from serving.openai_wire import bearer_headers
-from serving.routing import ROUTER_MODES
-from training.configuration import setup_logging
+from lora_router.openai_wire import bearer_headers
+from lora_router.routing import ROUTER_MODES
+from lora_router.configuration import setup_logging
 from training.inference import load_processor, pixel_limits
 from training.screens import KINDS
 from training.tiny_model import resolve_base_model

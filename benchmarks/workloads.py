@@ -27,7 +27,7 @@ import aiohttp
 
 from benchmarks.pool import BenchItem
 from router_client import RouterClient, RouterClientError
-from serving.openai_wire import ResponseFormatError, chat_request, error_message, read_completion, user_turn
+from lora_router.openai_wire import ResponseFormatError, chat_request, error_message, read_completion, user_turn
 
 EXPERT_TARGETS = ("routed", "oracle", "round-robin", "base")
 

@@ -1,14 +1,14 @@
 """Async client of a router + LoRA experts deployment on vLLM: route a screenshot, then run the chosen expert.
 
     from router_client import ClientConfig, RouterClient
-    from serving.config import load_config
+    from lora_router.deployment import load_config
 
     cfg = ClientConfig.from_deployment(load_config("configs/tiny-cpu.yaml"))
     async with RouterClient(cfg) as client:
         result = await client.process("screen.png")
 
 Command lines: `python -m router_client` (one screenshot), `python -m router_client.batch` (many) and
-`python -m router_client.validate` (a served router's accuracy on a held-out set).
+`python -m benchmarks.validate_served` (a served router's accuracy on a held-out set).
 """
 
 from router_client.client import RouterClient, prepare_image
@@ -39,7 +39,7 @@ from router_client.types import (
     StageTimings,
     ToolCall,
 )
-from serving.images import PreparedImage
+from lora_router.images import PreparedImage
 
 __all__ = [
     "APIConnectionError", "APIResponse", "APIResponseError", "APIStatusError", "APITimeoutError",

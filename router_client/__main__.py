@@ -19,7 +19,7 @@ from router_client.client import RouterClient
 from router_client.config import ClientConfig
 from router_client.errors import APIConnectionError, APITimeoutError, InvalidImageError, RouterClientError
 from router_client.types import ProcessResult
-from training.configuration import ConfigError, parse_command, run_command
+from lora_router.configuration import ConfigError, parse_command, run_command
 
 
 @dataclass

@@ -29,7 +29,7 @@ from router_client.errors import (
     status_error_class,
 )
 from router_client.types import APIResponse, ClientStats
-from serving.openai_wire import ChatCompletion, ResponseFormatError, bearer_headers, error_message, read_completion
+from lora_router.openai_wire import ChatCompletion, ResponseFormatError, bearer_headers, error_message, read_completion
 
 Timeout = float | aiohttp.ClientTimeout
 _RETRIED = (APIConnectionError, RateLimitError, InternalServerError)

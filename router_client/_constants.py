@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving import images, routing
+from lora_router import images, routing
 
 # Timeouts in seconds. vLLM sends nothing until a non-streamed answer is complete, so the read timeout
 # bounds queueing plus generation of one request.
@@ -21,7 +21,7 @@ MAX_RETRY_AFTER_S = 60.0
 # Open connections to the server at most (aiohttp TCPConnector limit).
 DEFAULT_MAX_CONNECTIONS = 64
 
-# Router mode setting (serving.routing.MODE_SETTINGS) and fallback policy.
+# Router mode setting (lora_router.routing.MODE_SETTINGS) and fallback policy.
 DEFAULT_ROUTER_MODE = routing.DEFAULT_ROUTER_MODE
 DEFAULT_FALLBACK = routing.DEFAULT_FALLBACK
 DEFAULT_MIN_CONFIDENCE = routing.DEFAULT_MIN_CONFIDENCE

@@ -48,11 +48,11 @@ from router_client.cli import ClientArguments
 from router_client.client import RouterClient, prepare_image
 from router_client.config import ClientConfig
 from router_client.errors import APIConnectionError, APIStatusError, APITimeoutError, RouterClientError
-from router_client.percentiles import Percentiles, percentiles
+from lora_router.percentiles import Percentiles, percentiles
 from router_client.types import ProcessResult
-from training.configuration import ConfigError, check_types, parse_command, run_command
-from training.jsonl import append_jsonl, cut_torn_line, iter_jsonl
-from training.progress import progress as progress_bar
+from lora_router.configuration import ConfigError, check_types, parse_command, run_command
+from lora_router.jsonl import append_jsonl, cut_torn_line, iter_jsonl
+from lora_router.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Literal
 
 from router_client.config import ClientConfig
 from router_client.errors import APIConnectionError
-from serving.config import DeploymentArguments, DeploymentConfig
-from training.configuration import CommandError
+from lora_router.deployment import DeploymentArguments, DeploymentConfig
+from lora_router.configuration import CommandError
 
 
 @dataclass

@@ -8,8 +8,8 @@ Every request goes to vLLM's OpenAI-compatible POST {base_url}/chat/completions 
 adapter's served name and temperature 0. process_via_gateway() instead sends one `model: "auto"` request and
 lets the routing gateway (`python -m serving`) route; chat_completion() sends any body as it is.
 
-RouterClient is a facade: images are prepared by serving.images, router requests built and answers read by
-serving.routing (the gateway uses the same functions), and HTTP (session, retries, errors) is _base_client's.
+RouterClient is a facade: images are prepared by lora_router.images, router requests built and answers read by
+lora_router.routing (the gateway uses the same functions), and HTTP (session, retries, errors) is _base_client's.
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ from router_client.types import (
     StageTimings,
     ToolCall,
 )
-from serving import images, routing
-from serving.images import ImageInput, PreparedImage
-from serving.openai_wire import ResponseFormatError, chat_request, read_completion, user_turn
+from lora_router import images, routing
+from lora_router.images import ImageInput, PreparedImage
+from lora_router.openai_wire import ResponseFormatError, chat_request, read_completion, user_turn
 
 
 def prepare_image(image: ImageInput, *, max_pixels: int | None = None,
                   max_image_pixels: int = images.DEFAULT_MAX_IMAGE_PIXELS) -> PreparedImage:
-    """serving.images.prepare_image, raising InvalidImageError (a RouterClientError) for an image that cannot be
+    """lora_router.images.prepare_image, raising InvalidImageError (a RouterClientError) for an image that cannot be
     sent: not found, empty file, not an image, too many pixels, truncated."""
     try:
         return images.prepare_image(image, max_pixels=max_pixels, max_image_pixels=max_image_pixels)
@@ -192,7 +192,7 @@ class RouterClient:
             return await self._http.post_response(self.config.base_url + "/chat/completions", body, timeout,
                                                   max_retries)
 
-    # Routing: the arithmetic and the policy are serving.routing's; this side sends and counts.
+    # Routing: the arithmetic and the policy are lora_router.routing's; this side sends and counts.
 
     async def _route(self, image: PreparedImage, mode: str | None, timeout: Timeout | None,
                      max_retries: int | None) -> RouteDecision:

@@ -3,7 +3,7 @@
     cfg = ClientConfig.from_deployment(load_config("configs/tiny-cpu.yaml"), base_url="http://host:8000/v1")
 
 Precedence: _constants defaults < values derived from the deployment < its `client:` section < overrides.
-Types are checked by training.configuration.check_types, as for every config.
+Types are checked by lora_router.configuration.check_types, as for every config.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 
 from router_client import _constants as C
 from router_client.errors import ClientConfigError
-from serving import routing
-from serving.config import DeploymentConfig
-from serving.openai_wire import root_url
-from training.configuration import check_types
-from training.manifest import AdapterManifest
+from lora_router import routing
+from lora_router.deployment import DeploymentConfig
+from lora_router.openai_wire import root_url
+from lora_router.configuration import check_types
+from lora_router.manifest import AdapterManifest
 
 # Fields that describe the deployment itself; a `client:` section may not set them.
 _DEPLOYMENT_FIELDS = ("router_name", "base_name", "labels", "expert_prompts", "auto_model", "served_names")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from serving import images
-from training.configuration import ConfigError
+from lora_router import images
+from lora_router.configuration import ConfigError
 
 
 class RouterClientError(Exception):
@@ -19,7 +19,7 @@ class ClientConfigError(RouterClientError, ConfigError):
 
 
 class InvalidImageError(RouterClientError, images.InvalidImageError):
-    """An image that cannot be sent: the message names the file and the problem (serving.images' error, raised
+    """An image that cannot be sent: the message names the file and the problem (lora_router.images' error, raised
     by the client as one of its own)."""
 
 

@@ -1,6 +1,6 @@
 """Typed results of the client: a routing decision, an expert's answer, a whole process() call, and counters.
 
-RouteDecision and its literals live with the routing arithmetic in serving.routing (the gateway returns them
+RouteDecision and its literals live with the routing arithmetic in lora_router.routing (the gateway returns them
 too); they are re-exported here.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from serving.routing import FallbackReason, RouteDecision, RouterMode
+from lora_router.routing import FallbackReason, RouteDecision, RouterMode
 
 __all__ = ["APIResponse", "ClientStats", "ExpertResult", "FallbackReason", "ProcessResult", "RouteDecision",
            "RouterMode", "StageTimings", "ToolCall"]

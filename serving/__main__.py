@@ -14,9 +14,9 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.config import DeploymentArguments, DeploymentConfig
+from lora_router.deployment import DeploymentArguments, DeploymentConfig
 from serving.launcher import ServerError, VLLMServer, ready_line
-from training.configuration import parse_command, run_command
+from lora_router.configuration import parse_command, run_command
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.config import VLLM_LORA_RANKS, AdapterConfig, ConfigError, DeploymentConfig, EngineConfig
-from training.manifest import MANIFEST_NAME, AdapterManifest, file_sha256, model_fingerprint, touches_vision_tower
+from lora_router.deployment import VLLM_LORA_RANKS, AdapterConfig, ConfigError, DeploymentConfig, EngineConfig
+from lora_router.manifest import MANIFEST_NAME, AdapterManifest, file_sha256, model_fingerprint, touches_vision_tower
 
 # The files that make one version of an adapter: its LoRA config, its weights and (labels, prompts) its manifest.
 _VERSION_FILES = ("adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME)

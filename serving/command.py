@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from serving.adapters import AdapterInfo, max_rank_for
-from serving.config import DeploymentConfig, EngineConfig
+from lora_router.deployment import DeploymentConfig, EngineConfig
 
 
 @dataclass(frozen=True)

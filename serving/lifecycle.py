@@ -24,8 +24,8 @@ from serving.adapters import (
     check_adapter,
     check_adapters,
 )
-from serving.config import AdapterConfig, ConfigError, DeploymentConfig
-from training.configuration import check_types, from_mapping
+from lora_router.deployment import AdapterConfig, ConfigError, DeploymentConfig
+from lora_router.configuration import check_types, from_mapping
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from serving import openai_wire
-from serving.images import prepare_image
+from lora_router import openai_wire
+from lora_router.images import prepare_image
 
 # Largest top-logprob difference still taken as "the same answer" (bf16 noise is well below this).
 PROBE_TOLERANCE = 1e-3

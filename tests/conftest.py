@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.config import DeploymentConfig, from_dict
+from lora_router.deployment import DeploymentConfig, from_dict
 from serving.launcher import VLLMServer
 from training.tiny_random import build_tiny_model
 

@@ -13,7 +13,7 @@ import pytest
 
 from router_client.batch import load_items, run_batch
 from router_client.config import ClientConfig
-from serving.images import prepare_image
+from lora_router.images import prepare_image
 from tests.conftest import EXPERTS, deployment, start_server
 from training.tasks import build_example
 

@@ -263,7 +263,7 @@ def test_random_model_on_a_scaled_down_shape_loads_and_passes_serving_checks(tmp
     from peft import PeftModel
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-    from serving.config import load_config
+    from lora_router.deployment import load_config
 
     path = random_8b.build(tmp_path, SMALL_SHAPE, rank=4, seed=0,
                            base_config=random_8b.REPO_ROOT / "configs" / "qwen3-vl-8b.yaml", shard_bytes=300_000)

@@ -81,7 +81,7 @@ def test_both_commands_share_their_client_flags(capsys):
                                                                            r"screenshot is a calendar screen\)"),
 ])
 def test_the_main_jobs_verdict_on_its_one_screenshot(expert: str, answer: str, expected: str) -> None:
-    from router_client.quickstart import verdict
+    from benchmarks.quickstart import verdict
 
     gold = '{"name":"click","arguments":{"x":398,"y":317}}'
     sample = {"conversations": [{"from": "human", "value": "<image>\nClick the highlighted day."},

@@ -27,9 +27,9 @@ from router_client.errors import (
     UnknownExpertError,
 )
 from router_client.types import ToolCall
-from serving.config import load_config
+from lora_router.deployment import load_config
 from tests.fake_vllm import LABELS, FakeVLLM, Fault, fake_vllm  # noqa: F401  (fixture)
-from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from serving.adapters import AdapterInfo
 from serving.command import build_command, cpu_threads, lora_limits
-from serving.config import load_config
+from lora_router.deployment import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -1,4 +1,4 @@
-"""Every command line is built the same way: a typed dataclass parsed by training.configuration, with help on
+"""Every command line is built the same way: a typed dataclass parsed by lora_router.configuration, with help on
 every flag, and `--help` that works."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import importlib
 
 import pytest
 
-from training import configuration
+from lora_router import configuration
 
-COMMANDS = ["serving.__main__", "serving.admin", "router_client.__main__", "router_client.batch", "router_client.quickstart",
+COMMANDS = ["serving.__main__", "serving.admin", "router_client.__main__", "router_client.batch", "benchmarks.quickstart",
             "benchmarks.load", "benchmarks.random_8b", "training.generate_dataset",
             "training.convert_routing_to_classification", "training.expert_datasets", "training.evaluate_expert",
             "training.validate_router", "training.pretrain", "training.tiny_model", "training.random_adapter",
@@ -24,7 +24,7 @@ def test_every_flag_has_help_and_help_works(module, monkeypatch, capsys):
     assert exit_info.value.code == 0 and "usage: python -m " in capsys.readouterr().out
 
     def no_help(parser, argv=None):
-        raise SystemExit([a.option_strings or a.dest for a in parser._hf._actions if not a.help])
+        raise SystemExit([a.option_strings or a.dest for a in parser._parser._actions if not a.help])
 
     monkeypatch.setattr(configuration.ArgumentParser, "parse", no_help)
     with pytest.raises(SystemExit) as exit_info:
@@ -38,7 +38,7 @@ DEPLOYMENT_COMMANDS = {
     "admin": ("serving.admin", "AdminArguments", ["promote"], {"positional": ["action"]}),
     "one screenshot": ("router_client.__main__", "RouteArguments", ["screen.png"], {"positional": ["image"]}),
     "batch": ("router_client.batch", "BatchArguments", ["--input", "in", "--output", "out.jsonl"], {}),
-    "quickstart": ("router_client.quickstart", "QuickstartArguments", [], {}),
+    "quickstart": ("benchmarks.quickstart", "QuickstartArguments", [], {}),
     "load test": ("benchmarks.load", "LoadArguments", [], {}),
 }
 

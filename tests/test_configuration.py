@@ -1,4 +1,4 @@
-"""training.configuration: one typed path from defaults, YAML and flags to a checked config, and one error line."""
+"""lora_router.configuration: one typed path from defaults, YAML and flags to a checked config, and one error line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.configuration import (
+from lora_router.configuration import (
     CommandError,
     ConfigError,
     Repeated,

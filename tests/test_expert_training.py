@@ -11,7 +11,7 @@ import pytest
 
 from training.evaluate_expert import evaluate
 from training.expert_datasets import write_dataset
-from training.manifest import AdapterManifest
+from lora_router.manifest import AdapterManifest
 from training.screens import KINDS
 from training.train_qwen import main as train_main
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
-from serving.images import prepare_image
+from lora_router.images import prepare_image
 from tests.conftest import EXPERTS, deployment, start_server
 from training.tasks import build_example
 

@@ -17,7 +17,7 @@ from serving.gateway.protocol import (
     parse_json_object,
     png_as_sent,
 )
-from serving.images import prepare_image
+from lora_router.images import prepare_image
 
 URL = "data:image/png;base64," + base64.b64encode(b"png bytes").decode()
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import router_client
-from serving.images import InvalidImageError, PreparedImage, prepare_image
+from lora_router.images import InvalidImageError, PreparedImage, prepare_image
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -13,7 +13,7 @@ import pytest
 
 from serving.adapters import AdapterError, AdapterInfo, adapter_fingerprint, versioned_name
 from serving.admin import AdminArguments, admin_request
-from serving.config import ConfigError, from_dict, load_config
+from lora_router.deployment import ConfigError, from_dict, load_config
 from serving.gateway.protocol import GatewayError, is_lora_route, named_model, parse_add_adapter, parse_candidate
 from serving.lifecycle import (
     AdapterRecord,

@@ -1,4 +1,4 @@
-"""serving.openai_wire: the requests it builds and the answers it reads, as plain functions."""
+"""lora_router.openai_wire: the requests it builds and the answers it reads, as plain functions."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from serving.openai_wire import (
+from lora_router.openai_wire import (
     ChatCompletion,
     ResponseFormatError,
     TokenLogprob,

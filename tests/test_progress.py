@@ -1,11 +1,11 @@
-"""training.progress: off a terminal, progress is a log line every few seconds, never a redrawn bar."""
+"""lora_router.progress: off a terminal, progress is a log line every few seconds, never a redrawn bar."""
 
 from __future__ import annotations
 
 import logging
 
-from training import progress as progress_module
-from training.progress import progress
+from lora_router import progress as progress_module
+from lora_router.progress import progress
 
 
 def test_off_a_terminal_progress_is_logged_with_rate_and_total(caplog, capsys, monkeypatch):

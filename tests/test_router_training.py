@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from router_client.validate import validate_served
+from benchmarks.validate_served import validate_served
 from tests.conftest import EVAL_PER_CLASS, FOUR, THREE, deployment, start_server
 
 pytestmark = pytest.mark.integration

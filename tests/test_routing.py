@@ -1,4 +1,4 @@
-"""serving.routing, every branch, as plain functions: no server, no fake server."""
+"""lora_router.routing, every branch, as plain functions: no server, no fake server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from serving.openai_wire import ChatCompletion, ResponseFormatError, TokenLogprob
-from serving.routing import (
+from lora_router.openai_wire import ChatCompletion, ResponseFormatError, TokenLogprob
+from lora_router.routing import (
     FirstToken,
     RouteDecision,
     RouterAnswer,
@@ -25,7 +25,7 @@ from serving.routing import (
     router_request,
     tokenize_request,
 )
-from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 
 LABELS = ("calendar", "claim-window", "provider-select")
 FIRST = {"calendar": FirstToken(11, "cal"), "claim-window": FirstToken(12, "claim"),

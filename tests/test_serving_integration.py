@@ -11,7 +11,7 @@ import pytest
 
 from serving.launcher import ServerError, VLLMServer
 from serving.probe import probe_image
-from serving.openai_wire import chat_request, user_turn
+from lora_router.openai_wire import chat_request, user_turn
 from tests.conftest import EXPERTS, deployment, start_server
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from training import pretrain
-from training.manifest import model_fingerprint
+from lora_router.manifest import model_fingerprint
 from training.pretrain import (
     DONE_MARKER,
     SHIPPED_RECORD,

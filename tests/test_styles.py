@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from training.configuration import CommandError, ConfigError
+from lora_router.configuration import CommandError, ConfigError
 from training.family_accuracy import accuracy_by_family
 from training.family_accuracy import main as family_main
-from training.jsonl import write_jsonl
+from lora_router.jsonl import write_jsonl
 from training.screens import FAMILIES, HELD_OUT, IN_DISTRIBUTION, KINDS, generate
 from training.screens.sheet import contact_sheet
 from training.screens.styles import StyleFamily

@@ -13,7 +13,7 @@ from PIL import Image
 
 from training.evaluate_expert import format_report, mean_scores, scores_by_task
 from training.expert_datasets import main, sample_seed, score_file, write_examples
-from training.jsonl import read_jsonl
+from lora_router.jsonl import read_jsonl
 from training.screens import KINDS, Box, generate
 from training.tasks import HIGHLIGHT_PROMPTS, ORDINALS, build_example, click_call, parse_tool_call, score
 

@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 
-from serving.images import prepare_image
-from serving.openai_wire import bearer_headers, chat_request, read_completion, user_turn
+from lora_router.images import prepare_image
+from lora_router.openai_wire import bearer_headers, chat_request, read_completion, user_turn
 from tests.conftest import THREE, deployment, start_server
 from training.llava_data import Conversation
 from training.validate_router import eval_set, in_process_answers

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-from training.configuration import ConfigError
+from lora_router.configuration import ConfigError
 from training.llava_data import DataError
-from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.train_qwen import main
 from training.trainer.args import ModelArguments, parse_args, resolve_precision
 from training.trainer.run import train
@@ -277,8 +277,8 @@ def test_a_recipe_with_learning_rate_2e_3_trains(straight_run):
 
 def test_a_tiny_run_writes_a_servable_adapter_with_its_manifest(straight_run, tiny_data):
     from serving.adapters import check_adapters
-    from serving.config import from_dict
-    from training.manifest import AdapterManifest, file_sha256
+    from lora_router.deployment import from_dict
+    from lora_router.manifest import AdapterManifest, file_sha256
     from training.tiny_model import resolve_base_model
 
     out, metrics, logged = straight_run

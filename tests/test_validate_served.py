@@ -1,4 +1,4 @@
-"""Served router validation (router_client.validate) against the scripted fake vLLM: the requests it sends, the
+"""Served router validation (benchmarks.validate_served) against the scripted fake vLLM: the requests it sends, the
 report files it writes, and the lines it refuses."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from router_client.validate import main, validate_served
+from benchmarks.validate_served import main, validate_served
 from tests.fake_vllm import LABELS, FakeVLLM, Fault, fake_vllm  # noqa: F401  (fixture)
-from training.manifest import AdapterManifest
+from lora_router.manifest import AdapterManifest
 from training.llava_data import DataError
-from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 
 pytestmark = pytest.mark.timeout(30)
 

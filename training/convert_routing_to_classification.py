@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from training.configuration import check_types, parse_command, run_command
-from training.jsonl import iter_jsonl
-from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from lora_router.configuration import check_types, parse_command, run_command
+from lora_router.jsonl import iter_jsonl
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 
 SPLITS = ("train", "eval")
 REQUIRED_FIELDS = ("id", "image", "adapter")

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.configuration import ConfigError, check_types, parse_command, run_command
-from training.jsonl import read_jsonl, write_jsonl
-from training.progress import progress as progress_bar
+from lora_router.configuration import ConfigError, check_types, parse_command, run_command
+from lora_router.jsonl import read_jsonl, write_jsonl
+from lora_router.progress import progress as progress_bar
 from training.screens import KINDS
 from training.tasks import Example, build_example, score
 

@@ -4,7 +4,7 @@
         --data datasets/ood/eval-classification.jsonl --out runs/ood
     python -m training.family_accuracy --predictions runs/ood/predictions.jsonl --dataset datasets/ood
 
-predictions.jsonl is what training.validate_router (or router_client.validate) writes: id, gold, predicted,
+predictions.jsonl is what training.validate_router (or benchmarks.validate_served) writes: id, gold, predicted,
 correct per line. Each id's family is its line's metadata.family in the routing dataset's eval.jsonl (made with
 `python -m training.generate_dataset --eval-families ...`); lines drawn in today's mix of looks count under
 "(mix)". Prints one row per family, held-out families marked, then all lines together.
@@ -18,8 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.configuration import CommandError, ConfigError, check_types, parse_command, run_command
-from training.jsonl import read_jsonl
+from lora_router.configuration import CommandError, ConfigError, check_types, parse_command, run_command
+from lora_router.jsonl import read_jsonl
 from training.screens import FAMILIES
 
 MIX = "(mix)"

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.jsonl import iter_jsonl
-from training.prompts import router_system_prompt
+from lora_router.jsonl import iter_jsonl
+from lora_router.prompts import router_system_prompt
 
 IMAGE_PLACEHOLDER = "<image>"
 _PLACEHOLDER_RE = re.compile(r"<image>\n?")
@@ -145,7 +145,7 @@ def read_conversations(path: str | Path, check_images: bool = True) -> list[Conv
 
 
 def router_labels(system_prompt: str | None) -> list[str] | None:
-    """The labels a router system prompt names (training.prompts' wording), in its order; None if it is not one."""
+    """The labels a router system prompt names (lora_router.prompts' wording), in its order; None if it is not one."""
     if not system_prompt:
         return None
     match = _ROUTER_LIST_RE.search(system_prompt)

@@ -47,9 +47,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from training.configuration import ConfigError, check_types, parse_command, run_command
+from lora_router.configuration import ConfigError, check_types, parse_command, run_command
 from training.expert_datasets import sample_seed
-from training.progress import progress
+from lora_router.progress import progress
 from training.screens import KINDS, generate
 from training.tiny_random import CacheArguments, TinyModelSpec, build_tiny_model, default_cache_dir
 
@@ -486,7 +486,7 @@ def shipped_dir(spec: PretrainSpec) -> Path:
 def check_shipped(folder: Path) -> dict:
     """The shipped base's record, after checking its weights against the fingerprint recorded beside them;
     ValueError naming the folder when they differ (a damaged or hand-edited copy)."""
-    from training.manifest import model_fingerprint
+    from lora_router.manifest import model_fingerprint
 
     record = json.loads((folder / SHIPPED_RECORD).read_text())
     actual = model_fingerprint(folder)
@@ -548,7 +548,7 @@ def _threads() -> int:
 def ship(built: Path, spec: PretrainSpec) -> Path:
     """Copy a built base into the repository as the one shipped version (older versions removed), with a record of
     its weights' fingerprint and size."""
-    from training.manifest import model_fingerprint
+    from lora_router.manifest import model_fingerprint
 
     dest = shipped_dir(spec)
     for old in SHIPPED_ROOT.glob("tiny-qwen3-vl-pretrained-*"):

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.configuration import ConfigError, check_types, parse_command, run_command
-from training.manifest import ALL_LINEAR, LANGUAGE_MODEL_TARGETS, AdapterManifest, lora_targets, model_fingerprint
-from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from lora_router.configuration import ConfigError, check_types, parse_command, run_command
+from lora_router.manifest import ALL_LINEAR, LANGUAGE_MODEL_TARGETS, AdapterManifest, lora_targets, model_fingerprint
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.tiny_model import resolve_base_model
 
 

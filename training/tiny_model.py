@@ -5,22 +5,36 @@ config names another: as 'tiny-random' directly (training.tiny_random), and as t
 pre-training (vision stage, then captions: training.pretrain). resolve_base_model is here, above both builders,
 so that training.tiny_random never has to import training.pretrain, which builds on it.
 
-    python -m training.tiny_model            # build (or find) the random model and print its folder
+    python -m training.tiny_model                # build (or find) the random model and print its folder
+    python -m training.tiny_model --name tiny    # the same for the pre-trained default (what serving asks)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from training.configuration import parse_command, run_command
+from lora_router.configuration import check_types, parse_command, run_command
+from lora_router.deployment import EMBEDDED_MODELS
 
 from training.tiny_random import CacheArguments, TinyModelSpec, build_tiny_model
 
 # Names configs use for the embedded model: the pre-trained base ("tiny", alias "tiny-pretrained", the default
 # every LoRA trains on) and the random-init model it starts from ("tiny-random").
-TINY_MODEL = "tiny"
-TINY_RANDOM_MODEL = "tiny-random"
-TINY_PRETRAINED_MODEL = "tiny-pretrained"
+TINY_MODEL, TINY_PRETRAINED_MODEL, TINY_RANDOM_MODEL = EMBEDDED_MODELS
+
+
+@dataclass
+class NameArguments:
+    """Which embedded model to print the folder of."""
+
+    name: Literal["tiny", "tiny-pretrained", "tiny-random"] = field(default=TINY_RANDOM_MODEL, metadata={
+        "help": "The embedded model: 'tiny-random' is built from the spec flags; 'tiny' (alias 'tiny-pretrained') "
+                "is the pre-trained default (the shipped copy, or pre-trained from its recipe)."})
+
+    def __post_init__(self) -> None:
+        check_types(self)
 
 
 def resolve_base_model(path: str) -> str:
@@ -40,16 +54,16 @@ def resolve_base_model(path: str) -> str:
     return path
 
 
-def build(spec: TinyModelSpec, cache_dir: Path | None) -> int:
-    """Build (or find) the tiny model; print its folder."""
-    print(build_tiny_model(spec, cache_dir))
+def build(name: str, spec: TinyModelSpec, cache_dir: Path | None) -> int:
+    """Build (or find) the embedded model `name`; print its folder."""
+    print(build_tiny_model(spec, cache_dir) if name == TINY_RANDOM_MODEL else resolve_base_model(name))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    spec, cache = parse_command([TinyModelSpec, CacheArguments], argv, prog="python -m training.tiny_model",
-                                description=__doc__)
-    return run_command(lambda: build(spec, cache.cache_dir))
+    which, spec, cache = parse_command([NameArguments, TinyModelSpec, CacheArguments], argv,
+                                       prog="python -m training.tiny_model", description=__doc__)
+    return run_command(lambda: build(which.name, spec, cache.cache_dir))
 
 
 if __name__ == "__main__":

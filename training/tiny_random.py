@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from training.configuration import ConfigError, check_types
+from lora_router.configuration import ConfigError, check_types
 
 # Qwen's special tokens, in Qwen's order; the config's vision/image/video ids are looked up from them.
 SPECIAL_TOKENS = (

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, train, write the adapter; the exit status."""
-    from training.configuration import run_command
+    from lora_router.configuration import run_command
     from training.llava_data import DataError
     from training.trainer.args import parse_args
     from training.trainer.run import train

@@ -4,7 +4,7 @@
     python -m training.validate_router --adapter checkpoints/tiny/router \\
         --data datasets/routing/eval-classification.jsonl --out runs/validate-router
 
-The served adapter (vLLM) is validated by `python -m router_client.validate`, with the same data, report and
+The served adapter (vLLM) is validated by `python -m benchmarks.validate_served`, with the same data, report and
 files: a train/serve mismatch shows up as two different numbers for the same adapter and data. This module
 holds what both share: the eval set and its labels (eval_set), the report maths and the files (write_report).
 
@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 from training import calibration as cal
-from training.configuration import ConfigError, check_types, parse_command, run_command
-from training.jsonl import write_jsonl
+from lora_router.configuration import ConfigError, check_types, parse_command, run_command
+from lora_router.jsonl import write_jsonl
 from training.llava_data import Conversation, DataError, describe, read_conversations
-from training.progress import progress
+from lora_router.progress import progress
 
 OTHER = "(other)"
 # Accuracy the chosen threshold keeps on the routed screenshots, unless --target_accuracy says otherwise.
@@ -162,7 +162,7 @@ def in_process_answers(conversations: Sequence[Conversation], adapter: Path, lab
     """Greedy answers of base + adapter with transformers/PEFT, rendered and sized as in training, and each line's
     label scores (None when two labels share a first token: one-token scores cannot tell them apart)."""
     from training.inference import greedy_generate_scored, load_model, load_processor
-    from training.manifest import AdapterManifest, model_fingerprint
+    from lora_router.manifest import AdapterManifest, model_fingerprint
 
     manifest = AdapterManifest.read(adapter)
     base_path = base or manifest.base_model
@@ -192,7 +192,7 @@ def trained_pixels(adapter: Path) -> tuple[int | None, int | None]:
 def eval_set(data: Path, adapter: Path | None = None, limit: int | None = None) -> tuple[list[Conversation], list[str]]:
     """The first `limit` lines of a classification eval set and its labels: the adapter manifest's, else the
     data's router prompt. DataError when the data is no classification data or disagrees with the adapter."""
-    from training.manifest import AdapterManifest
+    from lora_router.manifest import AdapterManifest
 
     conversations = read_conversations(data)
     if limit:
@@ -214,7 +214,7 @@ def write_report(out: Path, conversations: Sequence[Conversation], answers: Sequ
                  target_accuracy: float = DEFAULT_TARGET_ACCURACY, extra: dict | None = None) -> dict:
     """Score `answers` (and, given, the label `scores`) against the lines' gold answers and write metrics.json,
     confusion.png, reliability.png (with scores) and predictions.jsonl to `out`; returns the metrics."""
-    from training.manifest import AdapterManifest
+    from lora_router.manifest import AdapterManifest
 
     gold = [c.answer for c in conversations]
     report = classification_report(gold, answers, labels)
@@ -248,7 +248,7 @@ def report_text(report: dict, out: Path) -> str:
 
 def store_calibration(report: dict, adapter: Path | None) -> str:
     """Write the report's fitted calibration into the adapter's manifest; what to print."""
-    from training.manifest import AdapterManifest
+    from lora_router.manifest import AdapterManifest
 
     if adapter is None:
         raise ConfigError("--write_calibration needs --adapter (the manifest it writes to)")
@@ -277,7 +277,7 @@ def validate(data: Path, out: Path, adapter: Path, base: str | None = None, batc
 
 @dataclass
 class EvalSetArguments:
-    """The flags both validators share (in-process here, served in router_client.validate)."""
+    """The flags both validators share (in-process here, served in benchmarks.validate_served)."""
 
     data: Path = field(metadata={"help": "Classification JSONL (eval-classification.jsonl)."})
     out: Path = field(metadata={"help": "Folder for metrics.json, confusion.png and predictions.jsonl."})
@@ -323,7 +323,7 @@ def run(eval_args: EvalSetArguments, args: InProcessArguments) -> int:
 
     if eval_args.adapter is None:
         raise ConfigError("in-process validation needs --adapter (to validate a server: python -m "
-                          "router_client.validate --base-url ...)")
+                          "benchmarks.validate_served --base-url ...)")
     set_threads()
     report = validate(eval_args.data, eval_args.out, adapter=eval_args.adapter, base=args.base,
                       batch_size=args.batch_size, limit=eval_args.limit, min_pixels=args.min_pixels,

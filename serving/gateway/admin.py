@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from serving.config import GatewayConfig
+from lora_router.deployment import GatewayConfig
 from serving.gateway.lifecycle import AdapterLifecycle
 from serving.gateway.protocol import GatewayError, parse_add_adapter, parse_candidate, parse_json_object
 

@@ -11,7 +11,7 @@
 
 vLLM listens on loopback with an internal key; only the gateway reaches it. It serves each adapter under a
 versioned name (name@version); callers use public names, which the gateway rewrites in what it forwards. Routes
-live here, the wire contract in serving.gateway.protocol, the routing arithmetic in serving.routing, the adapters
+live here, the wire contract in serving.gateway.protocol, the routing arithmetic in lora_router.routing, the adapters
 and router versions served in serving.gateway.lifecycle.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from serving.config import DeploymentConfig
+from lora_router.deployment import DeploymentConfig
 from serving.gateway.admin import AdminRoutes
 from serving.gateway.lifecycle import AdapterLifecycle
 from serving.gateway.metrics import GatewayMetrics
@@ -45,10 +45,10 @@ from serving.gateway.protocol import (
     png_as_sent,
     with_model,
 )
-from serving.images import InvalidImageError, PreparedImage, prepare_image
+from lora_router.images import InvalidImageError, PreparedImage, prepare_image
 from serving.lifecycle import AdapterSet
-from serving.openai_wire import ResponseFormatError, bearer_headers, error_message, read_completion
-from serving.routing import RouteDecision, RouteRefused, RoutingPolicy
+from lora_router.openai_wire import ResponseFormatError, bearer_headers, error_message, read_completion
+from lora_router.routing import RouteDecision, RouteRefused, RoutingPolicy
 
 log = logging.getLogger(__name__)
 

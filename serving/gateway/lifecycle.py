@@ -25,13 +25,13 @@ from typing import Any
 import aiohttp
 
 from serving.adapters import AdapterInfo, check_adapter, router_label_problems
-from serving.config import AdapterConfig, ConfigError, DeploymentConfig
+from lora_router.deployment import AdapterConfig, ConfigError, DeploymentConfig
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import GatewayError
 from serving.lifecycle import AdapterSet, PathRefused, ServedNames, resolve_adapter_path, write_state
-from serving.openai_wire import bearer_headers, error_message, read_completion
+from lora_router.openai_wire import bearer_headers, error_message, read_completion
 from serving.probe import ProbeError, warm_up_and_probe
-from serving.routing import RouteDecision, RouteRefused, RoutingConfigError, RoutingPolicy
+from lora_router.routing import RouteDecision, RouteRefused, RoutingConfigError, RoutingPolicy
 from serving.shadow import REFUSED, ShadowSampler, ShadowStats
 
 log = logging.getLogger(__name__)

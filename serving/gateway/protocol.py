@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
-from serving.images import PreparedImage
-from serving.openai_wire import error_body
+from lora_router.images import PreparedImage
+from lora_router.openai_wire import error_body
 
 
 class GatewayError(Exception):
@@ -118,7 +118,7 @@ def decode_data_url(url: str) -> bytes:
 
 def png_as_sent(data: bytes, *, max_pixels: int | None, max_image_pixels: int,
                 encoded: str | None = None) -> PreparedImage | None:
-    """The caller's PNG as it came, when serving.images.prepare_image would not change a pixel of it: 8-bit RGB
+    """The caller's PNG as it came, when lora_router.images.prepare_image would not change a pixel of it: 8-bit RGB
     without transparency, within max_pixels and the pixel cap. Its header and every chunk's checksum are checked
     (verify), its pixels not decoded. None when it needs preparing, or fails a check (prepare_image then says why).
     `encoded` is the base64 of `data` as the caller sent it, reused as it is (None: encoded here).

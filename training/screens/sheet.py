@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from training.configuration import ConfigError, check_types, parse_command, run_command
+from lora_router.configuration import ConfigError, check_types, parse_command, run_command
 from training.screens import FAMILIES, KINDS, generate
 from training.screens.common import font
 

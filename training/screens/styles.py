@@ -27,7 +27,7 @@ from typing import Protocol
 
 from PIL import Image, ImageDraw
 
-from training.configuration import ConfigError
+from lora_router.configuration import ConfigError
 from training.screens.common import (ACCENTS, CHROME_STYLES, FONT_FILES, RGB, THEMES, Box, Fonts, Palette,
                                      apply_noise, blend, draw_chrome, draw_chrome_style, draw_input,
                                      draw_search_icon, draw_shadowed_panel, random_fonts, random_palette,

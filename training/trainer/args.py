@@ -1,6 +1,6 @@
 """The trainer's settings: the project's own (ModelArguments, DataArguments) and transformers' TrainingArguments.
 
-Flags and `--config FILE.yaml` keys are the field names (training.configuration: defaults < YAML < flags). The seed's
+Flags and `--config FILE.yaml` keys are the field names (lora_router.configuration: defaults < YAML < flags). The seed's
 HF-Trainer command parses verbatim because TrainArguments is TrainingArguments, with what transformers 5 dropped
 from the seed's flags put back: `--evaluation_strategy` (alias of --eval_strategy), `--warmup_ratio`,
 `--overwrite_output_dir` and `--logging_dir`.
@@ -19,12 +19,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from training.configuration import ArgumentParser, ConfigError, check_types, load_yaml
+from lora_router.configuration import ArgumentParser, ConfigError, check_types, load_yaml
 from training.inference import DEFAULT_THREADS
-from training.manifest import ALL_LINEAR, LANGUAGE_MODEL_TARGETS, VISION_TOWER_TARGETS, VLLM_LORA_RANKS
+from lora_router.manifest import ALL_LINEAR, LANGUAGE_MODEL_TARGETS, VISION_TOWER_TARGETS, VLLM_LORA_RANKS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SERVING_CONFIG = PROJECT_ROOT / "configs" / "tiny-cpu.yaml"
@@ -223,5 +223,7 @@ class TrainArguments(TrainingArguments):
 def parse_args(argv: list[str] | None = None, description: str | None = None
                ) -> tuple[ModelArguments, DataArguments, TrainArguments]:
     """Settings from defaults < --config YAML < flags; a bad one exits with status 2 and the reason."""
-    parser = ArgumentParser([ModelArguments, DataArguments, TrainArguments], prog=PROG, description=description)
+    # transformers' own parser, as TRL keeps it: TrainingArguments has field types only it reads.
+    parser = ArgumentParser([ModelArguments, DataArguments, TrainArguments], prog=PROG, description=description,
+                            parser_class=HfArgumentParser)
     return parser.parse(argv)

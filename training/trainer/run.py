@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
 
-from training.configuration import ConfigError
+from lora_router.configuration import ConfigError
 from training.trainer.args import DataArguments, ModelArguments, TrainArguments
 from training.trainer.callbacks import GenerationAccuracy, LogLines
 
@@ -93,7 +93,7 @@ def build_model(base_path: str, model_args: ModelArguments, args: TrainArguments
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
 
-    from training.manifest import VISION_TOWER_TARGETS, lora_targets, touches_vision_tower
+    from lora_router.manifest import VISION_TOWER_TARGETS, lora_targets, touches_vision_tower
 
     torch.manual_seed(args.seed)  # the LoRA's initial weights
     model = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
@@ -160,7 +160,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Tr
 
     from training.inference import pixel_limits
     from training.llava_data import Collator, ConversationDataset, image_kwargs
-    from training.manifest import model_fingerprint
+    from lora_router.manifest import model_fingerprint
     from training.tiny_model import resolve_base_model
 
     base_path = resolve_base_model(model_args.model_name_or_path)
@@ -200,7 +200,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
 
     from training.inference import set_threads
     from training.llava_data import describe, read_conversations
-    from training.manifest import AdapterManifest, file_sha256
+    from lora_router.manifest import AdapterManifest, file_sha256
 
     set_threads(args.num_threads)
     if args.disable_tqdm:

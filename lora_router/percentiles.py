@@ -1,12 +1,11 @@
-"""Latency percentiles, one way everywhere (the batch summary, the benchmark's phases): numpy's default linear
-interpolation between the closest ranks."""
+"""Latency percentiles, one way everywhere (the batch summary, the benchmark's phases): linear interpolation
+between the closest ranks (numpy's default, the standard library's "inclusive" method), with no numpy."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import statistics
 from dataclasses import dataclass
-
-import numpy as np
 
 
 @dataclass
@@ -24,5 +23,5 @@ def percentiles(values: Sequence[float]) -> Percentiles:
     """Percentiles of `values` (None-free)."""
     if not values:
         return Percentiles(None, None, None, None, 0)
-    p50, p90, p99 = (float(v) for v in np.percentile(values, [50, 90, 99]))
-    return Percentiles(p50, p90, p99, float(np.mean(values)), len(values))
+    cuts = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else [values[0]] * 99
+    return Percentiles(float(cuts[49]), float(cuts[89]), float(cuts[98]), statistics.fmean(values), len(values))

@@ -1,6 +1,6 @@
 """The main job, end to end on the tiny default: data -> adapters -> one vLLM engine -> routed screenshots.
 
-    python -m router_client.quickstart [--config configs/tiny-cpu.yaml] [--work runs/quickstart]
+    python -m benchmarks.quickstart [--config configs/tiny-cpu.yaml] [--work runs/quickstart]
 
 1. builds (once) the tiny base model: the random Qwen3-VL, pre-trained on screen captions (cached);
 2. generates a routing dataset and converts it to the router's classification format;
@@ -31,14 +31,14 @@ from router_client.batch import BatchItem, run_batch
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
 from router_client.errors import RouterClientError
-from serving.config import DeploymentArguments, DeploymentConfig
-from serving.images import prepare_image
+from lora_router.deployment import DeploymentArguments, DeploymentConfig
+from lora_router.images import prepare_image
 from serving.launcher import ServerError, VLLMServer, ready_line
-from training.configuration import CommandError, ConfigError, check_types, parse_command, run_command
+from lora_router.configuration import CommandError, ConfigError, check_types, parse_command, run_command
 from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
-from training.jsonl import read_jsonl
-from training.manifest import AdapterManifest, model_fingerprint
+from lora_router.jsonl import read_jsonl
+from lora_router.manifest import AdapterManifest, model_fingerprint
 from training.tasks import score
 from training.tiny_model import resolve_base_model
 from training.validate_router import format_calibration, store_calibration, validate
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QuickstartArguments(DeploymentArguments):
-    """The flags of `python -m router_client.quickstart`."""
+    """The flags of `python -m benchmarks.quickstart`."""
 
     work: Path = field(default=Path("runs/quickstart"), metadata={"help": "Folder for data, logs and results."})
     train_per_class: int = field(default=300, metadata={"help": "Routing training screenshots per class."})
@@ -258,7 +258,7 @@ def quickstart(args: QuickstartArguments) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    (args,) = parse_command(QuickstartArguments, argv, prog="python -m router_client.quickstart",
+    (args,) = parse_command(QuickstartArguments, argv, prog="python -m benchmarks.quickstart",
                             description=__doc__, yaml_option=False)
     return run_command(lambda: quickstart(args), runtime_errors=(ServerError,))
 

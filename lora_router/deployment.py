@@ -2,7 +2,7 @@
 
 One file describes a deployment; serving, the client and the benchmarks all read it, so adding an expert is
 one entry under `experts:`. Precedence: dataclass defaults < YAML < command-line overrides (`--set key.sub=value`).
-Types are checked by training.configuration (check_types, from_mapping): a bad value is named by its path,
+Types are checked by lora_router.configuration (check_types, from_mapping): a bad value is named by its path,
 e.g. `engine.max_pixels`, and every one is listed in one ConfigError.
 
 This module must stay light (no vLLM or torch import): the client imports it.
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.configuration import ConfigError, Repeated, apply_overrides, check_types, from_mapping, load_yaml
+from lora_router.configuration import ConfigError, Repeated, apply_overrides, check_types, from_mapping, load_yaml
 
-from training.manifest import VLLM_LORA_RANKS
+from lora_router.manifest import VLLM_LORA_RANKS
 
 # Hosts only this machine reaches; binding anything else needs an API key.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -29,6 +29,11 @@ DEFAULT_CONFIG = Path("configs/tiny-cpu.yaml")
 def _check_name(what: str, name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(f"{what} name {name!r} must be letters, digits, '.', '_' or '-'")
+
+
+# Names a config may give model.path for the embedded tiny model (the pre-trained default, an alias, the random-init
+# form); the training package builds them, so serving asks it for the folder in a process of its own.
+EMBEDDED_MODELS = ("tiny", "tiny-pretrained", "tiny-random")
 
 
 @dataclass

@@ -11,8 +11,9 @@
     def main(argv=None) -> int:
         return run_command(lambda: work(*parse_command(Args, argv, prog="python -m pkg.mod")))
 
-- Flags come from the dataclass fields through transformers' HfArgumentParser (`--field_name` and
-  `--field-name` both work; `--flag True|False` for booleans), with the field's help text and default.
+- Flags come from the dataclass fields (DataclassArgumentParser: HfArgumentParser's conventions, without
+  transformers: `--field_name` and `--field-name` both work; `--flag True|False` for booleans), with the field's
+  help text and default. The trainer passes `parser_class=HfArgumentParser` for transformers' own arguments.
   A dict field's flag takes `key=value,key=value`; metadata `"action": Repeated` makes a list flag take one
   value per use (`--set a=1 --set b=2`); `positional=` names fields given by position.
 - `--config FILE.yaml` gives settings by field name; precedence is defaults < YAML < flags. Commands whose
@@ -23,7 +24,7 @@
 - `run_command` prints an error once, as `error: ...`, with exit status 2 for a bad setting and 1 for a
   failure while running.
 
-This is the lowest layer: everything above (serving, router_client, benchmarks) configures itself this way.
+This is the shared core: training, serving, router_client and benchmarks all configure themselves this way.
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ class Repeated(argparse.Action):
     positional arguments after it. Give it as the field's metadata `"action": Repeated`."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, nargs: Any = None, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, **kwargs)  # HfArgumentParser's nargs="+" dropped: one value a flag
+        super().__init__(option_strings, dest, **kwargs)  # the list field's nargs="+" dropped: one value a flag
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
@@ -257,6 +258,77 @@ def parse_mapping(text: str) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in (pair.split("=", 1) for pair in pairs)}
 
 
+def _string_to_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    if text.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[text.strip().lower()]
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class DataclassArgumentParser(argparse.ArgumentParser):
+    """argparse over config dataclasses, one flag per field, as HfArgumentParser does it (same interface, same
+    conventions), so that a client command does not import transformers to read its flags.
+
+    `--field_name` and `--field-name` (and metadata `aliases`); other metadata (help, action, choices) goes to
+    add_argument. Optional[X] is X; a Literal is its choices; a bool takes an optional value (`--flag` is true)
+    and, when it defaults to true, `--no_flag`; a list takes one or more values.
+    """
+
+    def __init__(self, dataclass_types: Sequence[type], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dataclass_types = list(dataclass_types)
+        for cls in self.dataclass_types:
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                if f.init:
+                    self._add_field(f, hints[f.name])
+
+    def _add_field(self, f: dataclasses.Field, hint: Any) -> None:
+        options = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kwargs = dict(f.metadata)
+        aliases = kwargs.pop("aliases", [])
+        options += [aliases] if isinstance(aliases, str) else list(aliases)
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (Union, types.UnionType) and len(inner) == 1:
+            hint = inner[0]
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if typing.get_origin(hint) is Literal:
+            choices = {str(c): c for c in typing.get_args(hint)}
+            kwargs.update(choices=list(choices.values()), type=lambda text: choices.get(text, text))
+        elif hint is bool:
+            kwargs.update(type=_string_to_bool, nargs="?", const=True)
+            default = False if default is dataclasses.MISSING else default
+        elif typing.get_origin(hint) is list:
+            kwargs.update(type=typing.get_args(hint)[0], nargs="+")
+        else:
+            kwargs["type"] = hint
+        if default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        self.add_argument(*options, **kwargs)
+        if hint is bool and default is True:
+            self.add_argument(f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}", action="store_false",
+                              dest=f.name, help=f"Sets {f.name} to false.")
+
+    def parse_args_into_dataclasses(self, args: Sequence[str] | None = None, return_remaining_strings: bool = False,
+                                    look_for_args_file: bool = False) -> tuple[Any, ...]:
+        """The dataclasses from the command line, then a Namespace of any other arguments, then (if asked) the
+        strings no argument took."""
+        namespace, remaining = self.parse_known_args(args)
+        outputs: list[Any] = []
+        for cls in self.dataclass_types:
+            keys = {f.name for f in dataclasses.fields(cls) if f.init}
+            outputs.append(cls(**{k: v for k, v in vars(namespace).items() if k in keys}))
+            for key in keys & set(vars(namespace)):
+                delattr(namespace, key)
+        if vars(namespace):
+            outputs.append(namespace)
+        return (*outputs, remaining) if return_remaining_strings else tuple(outputs)
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The description as written; an optional flag's default after its help."""
 
@@ -269,7 +341,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """HfArgumentParser over the command's dataclasses, plus `--config FILE.yaml` (defaults < YAML < flags).
+    """DataclassArgumentParser (or `parser_class`, e.g. transformers' HfArgumentParser) over the command's
+    dataclasses, plus `--config FILE.yaml` (defaults < YAML < flags).
 
     `yaml_option=False` leaves `--config` to the command (the deployment YAML of serving and the client, say).
     Fields named in `positional` are given by position instead of by flag. A dict field's flag takes
@@ -278,16 +351,15 @@ class ArgumentParser(argparse.ArgumentParser):
     """
 
     def __init__(self, dataclass_types: Sequence[type], *, prog: str, description: str | None = None,
-                 yaml_option: bool = True, positional: Sequence[str] = ()) -> None:
-        from transformers import HfArgumentParser
-
-        self._hf = HfArgumentParser(list(dataclass_types), prog=prog, description=description,
+                 yaml_option: bool = True, positional: Sequence[str] = (),
+                 parser_class: type = DataclassArgumentParser) -> None:
+        self._parser = parser_class(list(dataclass_types), prog=prog, description=description,
                                     formatter_class=_HelpFormatter, allow_abbrev=False)
         self.yaml_option = yaml_option
         if yaml_option:
-            self._hf.add_argument("--config", type=Path, default=None,
+            self._parser.add_argument("--config", type=Path, default=None,
                                   help="YAML file of settings named like the flags (snake_case); flags win over it")
-        flags = {a.dest: a for a in self._hf._actions}
+        flags = {a.dest: a for a in self._parser._actions}
         for cls in dataclass_types:
             for name, hint in typing.get_type_hints(cls).items():
                 if name not in flags:  # init=False fields have none
@@ -295,7 +367,7 @@ class ArgumentParser(argparse.ArgumentParser):
                 inner = [a for a in typing.get_args(hint) if a is not type(None)]
                 kind = inner[0] if typing.get_origin(hint) in (Union, types.UnionType) and len(inner) == 1 else hint
                 if dataclasses.is_dataclass(kind):
-                    self._hf.set_defaults(**{name: self._drop_flag(flags[name]).default})
+                    self._parser.set_defaults(**{name: self._drop_flag(flags[name]).default})
                 elif kind is dict or typing.get_origin(kind) is dict:
                     flags[name].type, flags[name].metavar = parse_mapping, "KEY=VALUE[,KEY=VALUE...]"
                 elif typing.get_origin(kind) is tuple:  # like a list: one or more values, check_types makes the tuple
@@ -303,23 +375,23 @@ class ArgumentParser(argparse.ArgumentParser):
         for name in positional:
             flag = self._drop_flag(flags[name])
             optional = {} if flag.required else {"nargs": "?", "default": flag.default}
-            self._hf.add_argument(name, type=flag.type, help=flag.help, **optional)
+            self._parser.add_argument(name, type=flag.type, help=flag.help, **optional)
 
     def _drop_flag(self, action: argparse.Action) -> argparse.Action:
         # What argparse itself does to an option replaced under conflict_handler="resolve".
-        self._hf._handle_conflict_resolve(None, [(option, action) for option in list(action.option_strings)])
+        self._parser._handle_conflict_resolve(None, [(option, action) for option in list(action.option_strings)])
         return action
 
     def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
         """An extra argument outside the dataclasses; parse() returns it in a Namespace after them."""
-        return self._hf.add_argument(*args, **kwargs)
+        return self._parser.add_argument(*args, **kwargs)
 
     def add_argument_group(self, *args: Any, **kwargs: Any) -> argparse._ArgumentGroup:
         """A titled group of extra arguments (per-class flags, say); parse() returns them in the Namespace."""
-        return self._hf.add_argument_group(*args, **kwargs)
+        return self._parser.add_argument_group(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
-        self._hf.error(message)
+        self._parser.error(message)
 
     def parse(self, argv: Sequence[str] | None = None) -> tuple[Any, ...]:
         """The dataclasses (and a Namespace of extra arguments, if any were added), from YAML then flags.
@@ -338,7 +410,7 @@ class ArgumentParser(argparse.ArgumentParser):
                 except ConfigError as exc:
                     self.error(str(exc))
         try:
-            *parsed, unknown = self._hf.parse_args_into_dataclasses(argv, return_remaining_strings=True,
+            *parsed, unknown = self._parser.parse_args_into_dataclasses(argv, return_remaining_strings=True,
                                                                    look_for_args_file=False)
         except (TypeError, ValueError) as exc:  # check_types and a dataclass's own __post_init__ checks
             self.error(str(exc))
@@ -354,7 +426,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def _set_yaml_defaults(self, path: Path) -> None:
         settings = load_yaml(path)
         # A key may be any of a flag's long names (aliases too: `evaluation_strategy` for `eval_strategy`).
-        actions = {option[2:].replace("-", "_"): a for a in self._hf._actions for option in a.option_strings
+        actions = {option[2:].replace("-", "_"): a for a in self._parser._actions for option in a.option_strings
                    if option.startswith("--") and a.dest not in ("help", "config")
                    and not isinstance(a, argparse._StoreFalseAction)}
         unknown = sorted(str(k) for k in settings if str(k).replace("-", "_") not in actions)
@@ -369,7 +441,7 @@ class ArgumentParser(argparse.ArgumentParser):
                 value = str(value)
             defaults[dest] = value
             action.required = False  # given by the file
-        self._hf.set_defaults(**defaults)
+        self._parser.set_defaults(**defaults)
 
 
 def parse_command(dataclass_types: type | Sequence[type], argv: Sequence[str] | None = None, *, prog: str,

@@ -1,12 +1,12 @@
 """Validate a served router adapter (vLLM) on a held-out classification set: the in-process validation's report,
 from the server's answers, asked the way the client asks.
 
-    python -m router_client.validate --adapter checkpoints/tiny/router \\
+    python -m benchmarks.validate_served --adapter checkpoints/tiny/router \\
         --data datasets/routing/eval-classification.jsonl --out runs/validate-router-served \\
         --base-url http://127.0.0.1:8000/v1 --model router [--api-key KEY] [--write_calibration]
 
-Each line's screenshot is prepared by serving.images and routed in both of the client's router modes
-(serving.routing's requests, through the client's transport: bearer key, retries of connection errors, 429 and
+Each line's screenshot is prepared by lora_router.images and routed in both of the client's router modes
+(lora_router.routing's requests, through the client's transport: bearer key, retries of connection errors, 429 and
 5xx): one-token (the report's answers, and the label scores from the logprobs, as the client reads them) and
 choice (answers constrained to the labels); the report counts where the two modes disagree. When two labels
 share a first token, one-token cannot tell them apart: choice alone answers and there is no calibration.
@@ -30,12 +30,12 @@ from router_client._base_client import BaseClient
 from router_client.config import ClientConfig
 from router_client.errors import RouterClientError
 from router_client.types import ClientStats
-from serving import routing
-from serving.images import prepare_image
-from serving.openai_wire import ResponseFormatError
-from training.configuration import ConfigError, check_types, parse_command, run_command
+from lora_router import routing
+from lora_router.images import prepare_image
+from lora_router.openai_wire import ResponseFormatError
+from lora_router.configuration import ConfigError, check_types, parse_command, run_command
 from training.llava_data import Conversation, DataError, split_user
-from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.validate_router import EvalSetArguments, eval_set, report_text, store_calibration, write_report
 
 # Seconds one request may take (a first request to a cold server included).
@@ -60,7 +60,7 @@ def check_line(conversation: Conversation, labels: Sequence[str]) -> None:
                         f"does); this line's user turn is {conversation.user!r}")
     if conversation.system != router_system_prompt(labels) or conversation.user_text != ROUTER_USER_PROMPT:
         raise DataError(f"{conversation.source}: its prompts are not the client's router prompts for labels "
-                        f"{list(labels)} (training.prompts)")
+                        f"{list(labels)} (lora_router.prompts)")
 
 
 async def served_answers(conversations: Sequence[Conversation], config: ClientConfig,
@@ -134,7 +134,7 @@ def validate_served(data: Path, out: Path, base_url: str, model: str = "router",
 
 @dataclass
 class ServedArguments:
-    """Which server and adapter `python -m router_client.validate` asks, and how."""
+    """Which server and adapter `python -m benchmarks.validate_served` asks, and how."""
 
     base_url: str = field(metadata={"help": "OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1."})
     model: str = field(default="router", metadata={"help": "Served adapter name."})
@@ -162,7 +162,7 @@ def run(eval_args: EvalSetArguments, args: ServedArguments) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    eval_args, args = parse_command([EvalSetArguments, ServedArguments], argv, prog="python -m router_client.validate",
+    eval_args, args = parse_command([EvalSetArguments, ServedArguments], argv, prog="python -m benchmarks.validate_served",
                                     description=__doc__)
     return run_command(lambda: run(eval_args, args), runtime_errors=(ValueError, FileNotFoundError, RuntimeError))
 

@@ -27,9 +27,9 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from serving.config import DeploymentConfig
-from serving.openai_wire import ChatCompletion, ResponseFormatError, chat_request, user_turn
-from training.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from lora_router.deployment import DeploymentConfig
+from lora_router.openai_wire import ChatCompletion, ResponseFormatError, chat_request, user_turn
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 
 RouterMode = Literal["choice", "one-token"]
 FallbackReason = Literal["unknown_label", "low_confidence"]
