@@ -221,19 +221,11 @@ class RouterClient:
 
     def _gateway_decision(self, answer: dict[str, Any]) -> RouteDecision:
         """The RouteDecision in the gateway's `routing` object."""
-        routing_object = answer.get("routing")
         try:
-            decision = RouteDecision(
-                expert=str(routing_object["expert"]), confidence=float(routing_object["confidence"]),
-                probabilities={str(k): float(v) for k, v in routing_object["probabilities"].items()},
-                mode=routing_object["mode"], latency_s=float(routing_object["router_latency_ms"]) / 1000,
-                raw=str(routing_object["router_text"]), prompt_tokens=int(routing_object["router_prompt_tokens"]),
-                completion_tokens=int(routing_object["router_completion_tokens"]),
-                fallback_reason=routing_object["fallback_reason"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise APIResponseError(f"the answer to model {self.config.auto_model!r} has no usable routing object "
-                                   f"({type(exc).__name__}: {exc}); is {self.config.base_url} the routing gateway "
-                                   "(python -m serving)?") from None
+            decision = RouteDecision.from_wire(answer.get("routing"))
+        except ResponseFormatError as exc:
+            raise APIResponseError(f"the answer to model {self.config.auto_model!r}: {exc}; is {self.config.base_url} "
+                                   "the routing gateway (python -m serving)?") from None
         self.stats.routes += 1
         if decision.fallback_reason is not None:
             self.stats.fallbacks[decision.fallback_reason] += 1

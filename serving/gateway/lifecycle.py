@@ -28,11 +28,11 @@ from serving.adapters import AdapterInfo, check_adapter, router_label_problems
 from lora_router.deployment import AdapterConfig, ConfigError, DeploymentConfig
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import GatewayError
+from serving.gateway.shadow import ShadowRouter
+from serving.gateway.upstream import Upstream, UpstreamError
 from serving.lifecycle import AdapterSet, PathRefused, ServedNames, resolve_adapter_path, write_state
-from lora_router.openai_wire import bearer_headers, error_message, read_completion
 from serving.probe import ProbeError, warm_up_and_probe
-from lora_router.routing import RouteDecision, RouteRefused, RoutingConfigError, RoutingPolicy
-from serving.shadow import REFUSED, ShadowSampler, ShadowStats
+from lora_router.routing import RoutingConfigError, RoutingPolicy
 
 log = logging.getLogger(__name__)
 
@@ -55,29 +55,25 @@ class AdapterLifecycle:
     """The adapters one gateway serves and the operations that change them.
 
     `config` is the deployment as served, its engine.max_loras and engine.max_lora_rank those vLLM runs with (the
-    launcher sets them); `adapters` is what vLLM serves at start; `base` the base model's fingerprint (adapter
-    manifests must name it); `config_adapters` the config's own router and experts as the state file records them.
+    launcher sets them); `upstream` the vLLM it changes; `adapters` is what vLLM serves at start; `base` the base
+    model's fingerprint (adapter manifests must name it); `config_adapters` the config's own router and experts as
+    the state file records them.
     """
 
-    def __init__(self, config: DeploymentConfig, upstream_root: str, upstream_key: str, adapters: AdapterSet,
-                 metrics: GatewayMetrics, *, base: str | None, config_adapters: list[str]) -> None:
+    def __init__(self, config: DeploymentConfig, upstream: Upstream, adapters: AdapterSet, metrics: GatewayMetrics,
+                 *, base: str | None, config_adapters: list[str]) -> None:
         self.config = config
-        self.upstream_root = upstream_root
-        self.upstream_key = upstream_key
+        self.upstream = upstream
         self.adapters = adapters
-        self.metrics = metrics
         self.base = base
         self.config_adapters = config_adapters
         self.candidate: AdapterInfo | None = None
-        self.shadow_stats: ShadowStats | None = None
+        self.shadow = ShadowRouter(upstream, metrics, config.gateway.shadow_fraction, config.gateway.max_in_flight)
         self.names = ServedNames(adapters.public_names())
         self.prompts = {e.name: e.prompt for e in adapters.experts}
         # Every loaded router version's policy, by versioned name: live, previous and candidate.
         self.policies = {r.served_as: self._policy(r) for r in (adapters.router, adapters.previous_router) if r}
-        self._sampler = ShadowSampler(config.gateway.shadow_fraction)
-        self._shadow_tasks: set[asyncio.Task] = set()
         self._lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
 
     # -- what requests read
 
@@ -95,17 +91,8 @@ class AdapterLifecycle:
 
     # -- lifecycle
 
-    async def open(self) -> None:
-        if self._session is None:
-            timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=self.config.gateway.upstream_timeout_s)
-            self._session = aiohttp.ClientSession(timeout=timeout, headers=bearer_headers(self.upstream_key))
-
     async def close(self) -> None:
-        for task in list(self._shadow_tasks):
-            task.cancel()
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        await self.shadow.cancel()
 
     async def resolve(self) -> None:
         """Resolve every router version's policy (one-token routing needs the labels' first tokens); after each
@@ -190,8 +177,7 @@ class AdapterLifecycle:
                 await self._unload(info.served_as)
                 raise
             self.policies[info.served_as] = policy
-            self.shadow_stats = ShadowStats(candidate=info.served_as)
-            self._sampler = ShadowSampler(self.config.gateway.shadow_fraction)
+            self.shadow.start(info.served_as, policy)
             self.candidate = info
             log.info("candidate router %s loaded from %s; shadowing %.0f%% of auto requests", info.served_as, folder,
                      100 * self.config.gateway.shadow_fraction)
@@ -202,10 +188,7 @@ class AdapterLifecycle:
         async with self._lock:
             candidate = self._candidate()
             self.candidate = None
-            tasks = list(self._shadow_tasks)
-            for task in tasks:  # shadow requests only: no caller waits for them
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.shadow.cancel()
             await self._unload(candidate.served_as)
             self.policies.pop(candidate.served_as, None)
             return {"discarded": _describe(candidate), **self.state()}
@@ -219,6 +202,7 @@ class AdapterLifecycle:
             self._save(adapters)
             self._go_live(adapters)
             self.candidate = None
+            self.shadow.end()
             log.info("promoted router %s (previous: %s)", candidate.served_as, adapters.previous_router.served_as)
             if retired is not None:
                 await self._drain(retired.served_as)
@@ -252,44 +236,7 @@ class AdapterLifecycle:
 
     def shadow_report(self) -> dict[str, Any]:
         """The candidate's (or the last candidate's) comparison with the live router."""
-        report = self.shadow_stats.report() if self.shadow_stats else {"candidate": None, "compared": 0}
-        return {**report, "shadowing": self.candidate is not None, "fraction": self.config.gateway.shadow_fraction,
-                "live": self.adapters.router.served_as if self.adapters.router else None}
-
-    # -- shadow traffic
-
-    def shadow(self, image_url: str, live: RouteDecision, rank: int | None) -> None:
-        """Also route this image with the candidate, in the background: the caller's answer never waits for it."""
-        candidate, stats = self.candidate, self.shadow_stats
-        if candidate is None or stats is None or not self._sampler.take():
-            return
-        if len(self._shadow_tasks) >= self.config.gateway.max_in_flight:
-            stats.skipped += 1  # vLLM is busy enough; the comparison can do with fewer samples
-            return
-        policy = self.policies[candidate.served_as]
-        task = asyncio.get_running_loop().create_task(self._shadow_one(policy, stats, image_url, live.expert, rank))
-        self._shadow_tasks.add(task)
-        task.add_done_callback(self._shadow_tasks.discard)
-
-    async def _shadow_one(self, policy: RoutingPolicy, stats: ShadowStats, image_url: str, live_route: str,
-                          rank: int | None) -> None:
-        candidate = stats.candidate
-        start = time.perf_counter()
-        try:
-            answer = json.loads(await self._post("/v1/chat/completions", policy.request(image_url), rank))
-            outcome = policy.decide(read_completion(answer), latency_s=time.perf_counter() - start)
-        except Exception as exc:  # a shadow failure must never reach anything but the statistics
-            stats.failed += 1
-            self.metrics.shadow_failures.labels(candidate).inc()
-            log.warning("shadow request to %s failed: %s", candidate, exc)
-            return
-        route = REFUSED if isinstance(outcome, RouteRefused) else outcome.expert
-        stats.record(live_route, route, outcome.confidence)
-        self.metrics.shadow_compared.labels(candidate).inc()
-        if route == live_route:
-            self.metrics.shadow_agreed.labels(candidate).inc()
-        self.metrics.shadow_routes.labels(candidate, live_route, route).inc()
-        self.metrics.shadow_confidence.labels(candidate).observe(outcome.confidence)
+        return {**self.shadow.report(), "live": self.adapters.router.served_as if self.adapters.router else None}
 
     # -- steps
 
@@ -353,7 +300,7 @@ class AdapterLifecycle:
         """Load into vLLM, warm up and probe against the base model; unloaded again if any of it fails."""
         await self._post("/v1/load_lora_adapter", {"lora_name": info.served_as, "lora_path": str(info.path)})
         try:
-            noop = await warm_up_and_probe(self._client(), self.upstream_root + "/v1", self.config.model.served_name,
+            noop = await warm_up_and_probe(self.upstream.session, self.upstream.root + "/v1", self.config.model.served_name,
                                            [info.served_as])
         except (ProbeError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             await self._unload(info.served_as)
@@ -402,25 +349,13 @@ class AdapterLifecycle:
 
     # -- upstream
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            raise GatewayError(503, "the gateway is not started", type="server_error")
-        return self._session
-
-    async def _post(self, path: str, body: dict[str, Any], rank: int | None = None) -> bytes:
-        """POST to vLLM; its answer's body, or a GatewayError naming what vLLM said."""
-        headers = {"X-data-parallel-rank": str(rank)} if rank is not None else {}
+    async def _post(self, path: str, body: dict[str, Any]) -> bytes:
+        """POST one step of an operation to vLLM; vLLM's refusal is the step that failed (502)."""
         try:
-            async with self._client().post(self.upstream_root + path, json=body, headers=headers) as r:
-                data = await r.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise GatewayError(503, f"vLLM did not answer {path} ({type(exc).__name__}: {exc})", type="server_error",
-                               code="upstream_unavailable") from None
-        if r.status != 200:
-            raise GatewayError(502, f"vLLM answered {path} with {r.status}: "
-                                    f"{error_message(data.decode('utf-8', 'replace'))}", type="server_error",
-                               code="upstream_failed")
-        return data
+            return await self.upstream.read("POST", path, body)
+        except UpstreamError as exc:
+            raise GatewayError(502, f"vLLM answered {path} with {exc.status}: {exc.message}", type="server_error",
+                               code="upstream_failed") from None
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> Any:
         try:

@@ -19,6 +19,10 @@ from PIL import Image
 
 from lora_router.images import PreparedImage
 from lora_router.openai_wire import error_body
+from lora_router.routing import RouteDecision
+
+# Seconds a caller is asked to wait while vLLM is down or the queue is full.
+RETRY_AFTER_S = 5
 
 
 class GatewayError(Exception):
@@ -36,6 +40,20 @@ class GatewayError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, param=self.param, code=self.code)
+
+
+def retry_after() -> dict[str, str]:
+    """The header that tells a caller of a 503 or 429 when to try again."""
+    return {"Retry-After": str(RETRY_AFTER_S)}
+
+
+def routing_headers(decision: RouteDecision) -> dict[str, str]:
+    """The `x-route-*` headers of an answer to model `auto`: the route a caller can read without the body."""
+    headers = {"x-route-expert": decision.expert, "x-route-confidence": f"{decision.confidence:.4f}",
+               "x-route-ms": f"{decision.latency_s * 1000:.1f}", "x-route-mode": decision.mode}
+    if decision.fallback_reason:
+        headers["x-route-fallback"] = decision.fallback_reason
+    return headers
 
 
 @dataclass(frozen=True)

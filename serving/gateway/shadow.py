@@ -1,0 +1,93 @@
+"""Shadow routing: while a candidate router version is loaded, a fraction of `auto` requests is also routed by it,
+in the background, and its routes are compared with the live router's. The caller's answer never waits for it,
+and its failures only count in the statistics. The arithmetic (sampling, comparison) is serving.shadow's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from lora_router.openai_wire import read_completion
+from lora_router.routing import RouteDecision, RouteRefused, RoutingPolicy
+from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.upstream import Upstream
+from serving.shadow import REFUSED, ShadowSampler, ShadowStats
+
+log = logging.getLogger(__name__)
+
+
+class ShadowRouter:
+    """Shadows `fraction` of the auto requests to one candidate at a time, at most `max_in_flight` at once."""
+
+    def __init__(self, upstream: Upstream, metrics: GatewayMetrics, fraction: float, max_in_flight: int) -> None:
+        self.upstream = upstream
+        self.metrics = metrics
+        self.fraction = fraction
+        self.max_in_flight = max_in_flight
+        self.stats: ShadowStats | None = None  # the candidate's, or the last candidate's once it ended
+        self._policy: RoutingPolicy | None = None
+        self._sampler = ShadowSampler(fraction)
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def active(self) -> bool:
+        return self._policy is not None
+
+    def start(self, candidate: str, policy: RoutingPolicy) -> None:
+        """Shadow to the candidate router served as `candidate`, with fresh statistics."""
+        self.stats = ShadowStats(candidate=candidate)
+        self._sampler = ShadowSampler(self.fraction)
+        self._policy = policy
+
+    def end(self) -> None:
+        """Stop shadowing; requests already sent finish and count (a promoted candidate stays loaded)."""
+        self._policy = None
+
+    async def cancel(self) -> None:
+        """Stop shadowing and cancel what is in flight (the candidate is about to be unloaded)."""
+        self.end()
+        tasks = list(self._tasks)
+        for task in tasks:  # shadow requests only: no caller waits for them
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def submit(self, image_url: str, live: RouteDecision, rank: int | None) -> None:
+        """Also route this image with the candidate, in the background, if it is among the shadowed fraction."""
+        policy, stats = self._policy, self.stats
+        if policy is None or stats is None or not self._sampler.take():
+            return
+        if len(self._tasks) >= self.max_in_flight:
+            stats.skipped += 1  # vLLM is busy enough; the comparison can do with fewer samples
+            return
+        task = asyncio.get_running_loop().create_task(self._one(policy, stats, image_url, live.expert, rank))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def report(self) -> dict:
+        """The comparison so far (serving.shadow.ShadowStats.report), and whether shadowing goes on."""
+        report = self.stats.report() if self.stats else {"candidate": None, "compared": 0}
+        return {**report, "shadowing": self.active, "fraction": self.fraction}
+
+    async def _one(self, policy: RoutingPolicy, stats: ShadowStats, image_url: str, live_route: str,
+                   rank: int | None) -> None:
+        candidate = stats.candidate
+        start = time.perf_counter()
+        try:
+            answer = json.loads(await self.upstream.read("POST", "/v1/chat/completions", policy.request(image_url),
+                                                         rank))
+            outcome = policy.decide(read_completion(answer), latency_s=time.perf_counter() - start)
+        except Exception as exc:  # a shadow failure must never reach anything but the statistics
+            stats.failed += 1
+            self.metrics.shadow_failures.labels(candidate).inc()
+            log.warning("shadow request to %s failed: %s", candidate, exc)
+            return
+        route = REFUSED if isinstance(outcome, RouteRefused) else outcome.expert
+        stats.record(live_route, route, outcome.confidence)
+        self.metrics.shadow_compared.labels(candidate).inc()
+        if route == live_route:
+            self.metrics.shadow_agreed.labels(candidate).inc()
+        self.metrics.shadow_routes.labels(candidate, live_route, route).inc()
+        self.metrics.shadow_confidence.labels(candidate).observe(outcome.confidence)
