@@ -38,13 +38,14 @@ from lora_router.configuration import CommandError, ConfigError, check_types, pa
 from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
 from lora_router.jsonl import read_jsonl
+from lora_router.resources import configs_dir
 from lora_router.manifest import AdapterManifest, model_fingerprint
 from training.tasks import score
 from training.tiny_model import resolve_base_model
 from training.validate_router import format_calibration, store_calibration, validate
 from training.train_qwen import main as train_cli
 
-RECIPES = Path(__file__).resolve().parents[1] / "configs" / "training"
+RECIPES = configs_dir() / "training"
 log = logging.getLogger(__name__)
 
 

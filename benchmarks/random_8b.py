@@ -33,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from serving.adapters import check_adapters
+from lora_router.resources import configs_dir
 from lora_router.deployment import load_config
 from lora_router.configuration import ConfigError, check_types, parse_command, run_command
 from lora_router.manifest import AdapterManifest, model_fingerprint
@@ -41,7 +42,6 @@ from training.random_adapter import LANGUAGE_MODEL_TARGETS
 from training.tasks import build_example
 from training.tiny_random import CHAT_TEMPLATE, SPECIAL_TOKENS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Qwen3's special tokens after those in training.tiny_model.SPECIAL_TOKENS, in id order.
 MORE_SPECIAL_TOKENS = ("<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
                        "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>")
@@ -347,7 +347,7 @@ class Random8bArguments:
     rank: int = field(default=16, metadata={
         "help": "LoRA rank of the random adapters (match the trained adapters)."})
     seed: int = field(default=0, metadata={"help": "Weights seed."})
-    base_config: Path = field(default=REPO_ROOT / "configs" / "qwen3-vl-8b.yaml", metadata={
+    base_config: Path = field(default=configs_dir() / "qwen3-vl-8b.yaml", metadata={
         "help": "Deployment config whose model and adapter paths are replaced."})
 
     def __post_init__(self) -> None:

@@ -19,11 +19,17 @@ from typing import Any
 from lora_router.configuration import ConfigError, Repeated, apply_overrides, check_types, from_mapping, load_yaml
 
 from lora_router.manifest import VLLM_LORA_RANKS
+from lora_router.resources import configs_dir, is_packaged
 
 # Hosts only this machine reaches; binding anything else needs an API key.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFAULT_CONFIG = Path("configs/tiny-cpu.yaml")
+
+
+def default_config() -> Path:
+    """configs/tiny-cpu.yaml of the folder a command runs in, else the project's own (a checkout's or a wheel's)."""
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else configs_dir() / DEFAULT_CONFIG.name
 
 
 def _check_name(what: str, name: str) -> None:
@@ -271,14 +277,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Deploym
     """Load a deployment YAML; `overrides` (`engine.port=8001`, ...) win over the file.
 
     Relative adapter paths resolve against the project root: the parent of a `configs/` folder holding the
-    file, else the file's own folder. A problem is reported naming the file.
+    file, else the file's own folder; for a config an installed wheel ships, the folder the command runs in (and
+    no state file is kept beside it). A problem is reported naming the file.
     """
     path = Path(path)
     data = apply_overrides(load_yaml(path), overrides or [])
     folder = path.resolve().parent
     root = folder.parent if folder.name == "configs" else folder
+    source = path.resolve()
+    if is_packaged(path):
+        root, source = Path.cwd(), None
     try:
-        return from_dict(data, root=root, source=path.resolve())
+        return from_dict(data, root=root, source=source)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -287,8 +297,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Deploym
 class DeploymentArguments:
     """The flags of every command that reads a deployment YAML: which file, and overrides of its values."""
 
-    config: Path = field(default=DEFAULT_CONFIG, metadata={
-        "help": "Deployment YAML: base model, router, experts, engine and client settings."})
+    config: Path = field(default_factory=default_config, metadata={
+        "help": "Deployment YAML: base model, router, experts, engine and client settings (default: "
+                "configs/tiny-cpu.yaml here, else the project's own)."})
     overrides: list[str] = field(default_factory=list, metadata={
         "aliases": ["--set"], "action": Repeated, "metavar": "KEY=VALUE",
         "help": "Override a deployment value, e.g. --set engine.port=8001 or --set experts=[] (repeatable)."})

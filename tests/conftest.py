@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +26,8 @@ FOUR = (*THREE, "chandra-ocr")
 TRAIN_PER_CLASS = 300
 EVAL_PER_CLASS = 30
 # The router recipe a user runs (configs/training/router-tiny.yaml: the seed's flags as YAML keys), paths appended.
-ROUTER_RECIPE = Path(__file__).resolve().parents[1] / "configs" / "training" / "router-tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+ROUTER_RECIPE = ROOT / "configs" / "training" / "router-tiny.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -134,3 +138,20 @@ def routers(pretrained_base, tmp_path_factory) -> dict:
                  metrics["wall_s"], metrics["loss_first"], metrics["loss_last"], report["accuracy"],
                  report["correct"], report["count"])
     return result
+
+
+@pytest.fixture(scope="session")
+def plain_python(tmp_path_factory) -> Path:
+    """A fresh virtual environment holding the plain install: the base dependencies as the lock pins them, then
+    the project itself (built as a wheel, not editable)."""
+    uv = shutil.which("uv")
+    assert uv, "uv is on PATH wherever the README's commands ran"
+    venv = tmp_path_factory.mktemp("plain") / "venv"
+    requirements = venv.parent / "requirements.txt"
+    run = lambda *args: subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+    run(uv, "export", "--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "--output-file", str(requirements))
+    run(uv, "venv", "--python", sys.executable, str(venv))
+    python = venv / "bin" / "python"
+    run(uv, "pip", "install", "--python", str(python), "-r", str(requirements))
+    run(uv, "pip", "install", "--python", str(python), "--no-deps", str(ROOT))
+    return python

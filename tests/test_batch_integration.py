@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from router_client.batch import load_items, run_batch
 from router_client.config import ClientConfig
@@ -106,3 +110,57 @@ def test_native_batch_via_gateway_routes_as_the_client_does(gw, tmp_path):
         assert line["expert"] == by_client[line["custom_id"]]["expert"]
         assert line["confidence"] == pytest.approx(by_client[line["custom_id"]]["confidence"], abs=1e-2)
         assert set(line["timings"]) == {"image_s", "route_s", "expert_s", "total_s"}
+
+
+# Run by both interpreters: route each screenshot with the Python client, client-side and through the gateway.
+CLIENT_SCRIPT = textwrap.dedent("""
+    import asyncio, json, sys
+    from router_client import ClientConfig, RouterClient
+    from lora_router.deployment import load_config
+
+    async def main(config, screens):
+        out = []
+        async with RouterClient(ClientConfig.from_deployment(load_config(config))) as client:
+            for screen in screens:
+                for result in (await client.process(screen), await client.process_via_gateway(screen)):
+                    out.append({"expert": result.decision.expert, "text": result.result.text})
+        print(json.dumps(out))
+
+    asyncio.run(main(sys.argv[1], sys.argv[2:]))
+""")
+
+
+def test_plain_install_routes_through_a_running_deployment_as_the_full_install_does(plain_python, gw, tmp_path):
+    config = tmp_path / "deployment.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": gw.config.model.path, "served_name": gw.config.model.served_name},
+        "router": {"name": gw.config.router.name, "path": str(gw.config.router.path)},
+        "experts": [{"name": e.name, "path": str(e.path), "prompt": e.prompt} for e in gw.config.experts],
+        "engine": {"port": gw.port, "api_key": gw.config.engine.api_key},
+        "client": {"router_mode": "choice"},
+    }))
+    screens = tmp_path / "screens"
+    screens.mkdir()
+    for i, kind in enumerate(EXPERTS):
+        build_example(kind, 900 + i).image.save(screens / f"{kind}.png")
+
+    def batch(python: Path, name: str) -> dict[str, tuple[str, str]]:
+        out = tmp_path / f"{name}.jsonl"
+        done = subprocess.run([python, "-m", "router_client.batch", "--config", str(config), "--input", str(screens),
+                               "--output", str(out), "--via-gateway", "true"], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(lines) == len(EXPERTS) and all(line["status"] == "ok" for line in lines), lines
+        return {line["custom_id"]: (line["expert"], line["answer"]) for line in lines}
+
+    assert batch(plain_python, "plain") == batch(Path(sys.executable), "full")
+
+    def client(python: Path) -> list[dict]:
+        done = subprocess.run([python, "-c", CLIENT_SCRIPT, str(config), *map(str, sorted(screens.iterdir()))],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    plain = client(plain_python)
+    assert len(plain) == 2 * len(EXPERTS) and plain == client(Path(sys.executable))

@@ -266,7 +266,7 @@ def test_random_model_on_a_scaled_down_shape_loads_and_passes_serving_checks(tmp
     from lora_router.deployment import load_config
 
     path = random_8b.build(tmp_path, SMALL_SHAPE, rank=4, seed=0,
-                           base_config=random_8b.REPO_ROOT / "configs" / "qwen3-vl-8b.yaml", shard_bytes=300_000)
+                           base_config=random_8b.configs_dir() / "qwen3-vl-8b.yaml", shard_bytes=300_000)
     deployment = load_config(path)  # build() already ran serving's adapter checks on it
     assert deployment.model.path == str(tmp_path / "model")
     assert [a.name for a in deployment.adapters] == ["router", "calendar", "claim-window", "provider-select"]

@@ -108,12 +108,14 @@ def test_the_admin_api_refuses_a_vision_tower_adapter_without_tower_lora(adapter
     from serving.gateway.lifecycle import AdapterLifecycle
     from serving.gateway.metrics import GatewayMetrics
     from serving.gateway.protocol import GatewayError
+    from serving.gateway.upstream import Upstream
     from serving.lifecycle import AdapterSet
 
     async def add(**engine) -> GatewayError:
         config = deployment(adapters_dir, router=None, experts=[], engine={"port": 0, "max_loras": 4, **engine},
                             gateway={"admin_api_key": "admin", "adapter_dirs": [str(tower_adapter.parent)]})
-        lifecycle = AdapterLifecycle(config, "http://127.0.0.1:9", "key", AdapterSet(None, ()), GatewayMetrics(),
+        lifecycle = AdapterLifecycle(config, Upstream("http://127.0.0.1:9", "key", 5), AdapterSet(None, ()),
+                                     GatewayMetrics(),
                                      base=None, config_adapters=[])
         with pytest.raises(GatewayError) as info:
             await lifecycle.add_adapter("tower", str(tower_adapter), "")

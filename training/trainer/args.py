@@ -23,11 +23,11 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from lora_router.configuration import ArgumentParser, ConfigError, check_types, load_yaml
+from lora_router.resources import configs_dir
 from training.inference import DEFAULT_THREADS
 from lora_router.manifest import ALL_LINEAR, LANGUAGE_MODEL_TARGETS, VISION_TOWER_TARGETS, VLLM_LORA_RANKS
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SERVING_CONFIG = PROJECT_ROOT / "configs" / "tiny-cpu.yaml"
+DEFAULT_SERVING_CONFIG = configs_dir() / "tiny-cpu.yaml"
 # Names that only the vision tower has: as targets they need lora_vision_tower.
 VISION_MODULES = (*VISION_TOWER_TARGETS, "merger", "deepstack_merger_list", "visual")
 PROG = "python -m training.train_qwen"
