@@ -274,6 +274,16 @@ def test_manifests_validate_and_agree_with_the_code():
     assert manifest_problems(KUBERNETES) == []
 
 
+def test_adapters_loader_validates_and_mounts_the_replicas_volume():
+    loader = yaml.safe_load((KUBERNETES / "tools" / "adapters-loader.yaml").read_text())
+    assert schema_problems([loader], KUBERNETES / "schemas") == []
+    pod = one(render(KUBERNETES, "qwen3-vl-8b"), "Deployment")["spec"]["template"]["spec"]
+    data = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == data["name"])
+    assert data in loader["spec"]["volumes"]
+    assert {"name": data["name"], "mountPath": mount["mountPath"]} in loader["spec"]["containers"][0]["volumeMounts"]
+
+
 def test_crd_schemas_are_valid_json_schemas():
     for name in CRD_SCHEMAS.values():
         Draft202012Validator.check_schema(json.loads((KUBERNETES / "schemas" / name).read_text()))
