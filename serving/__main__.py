@@ -2,7 +2,8 @@
 
 Checks every adapter, starts vLLM on loopback, waits until it is healthy, lists every adapter, warmed up and
 probed, starts the routing gateway on engine.host:engine.port (model "auto" routes a screenshot), then prints one
-READY line naming the gateway's URL. Ctrl-C / SIGTERM stop both cleanly. If vLLM dies, the gateway answers 503
+READY line naming the gateway's URL. `--check` runs every start-up check that needs no vLLM and exits (0, or 2
+with every problem listed; serving.check). Ctrl-C / SIGTERM stop both cleanly. If vLLM dies, the gateway answers 503
 and the launcher restarts vLLM (at most gateway.max_restarts times); past that it exits non-zero with vLLM's error.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_router.deployment import DeploymentArguments, DeploymentConfig
+from serving.check import check
 from serving.launcher import ServerError, VLLMServer, ready_line
 from lora_router.configuration import parse_command, run_command
 
@@ -26,6 +28,9 @@ class ServeArguments(DeploymentArguments):
     """The flags of `python -m serving`."""
 
     log: Path | None = field(default=None, metadata={"help": "vLLM log file (default: runs/vllm-<port>.log)."})
+    check: bool = field(default=False, metadata={
+        "help": "Run every start-up check that needs no vLLM (settings, host and key, adapters, LoRA limits, routing) "
+                "and exit: 0, or 2 with every problem listed."})
 
 
 async def serve(config: DeploymentConfig, log_path: Path | None) -> int:
@@ -48,6 +53,8 @@ async def serve(config: DeploymentConfig, log_path: Path | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_command(ServeArguments, argv, prog="python -m serving", description=__doc__, yaml_option=False)
+    if args.check:
+        return run_command(lambda: check(args))
     return run_command(lambda: asyncio.run(serve(args.deployment(), args.log)), runtime_errors=(ServerError,))
 
 

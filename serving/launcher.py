@@ -31,7 +31,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -43,7 +42,8 @@ from aiohttp import web
 from lora_router import openai_wire
 from serving.adapters import AdapterInfo, base_fingerprint
 from serving.command import ServerCommand, build_command, lora_limits
-from lora_router.deployment import EMBEDDED_MODELS, LOOPBACK_HOSTS, ConfigError, DeploymentConfig
+from lora_router.deployment import ConfigError, DeploymentConfig
+from serving.check import open_host_problem, resolve_model
 from serving.gateway.app import Gateway
 from serving.lifecycle import AdapterSet, config_adapters, load_adapters
 from serving.probe import PROBE_TEXT, ProbeAnswer, ProbeError, ask, warm_up_and_probe
@@ -64,21 +64,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def resolve_model(path: str) -> str:
-    """The base model folder model.path names. The embedded tiny model is the training package's to build (or copy
-    from the shipped base), so serving runs its command instead of importing it."""
-    if path not in EMBEDDED_MODELS:
-        return path
-    done = subprocess.run([sys.executable, "-m", "training.tiny_model", "--name", path], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        if "ModuleNotFoundError" in done.stderr:
-            raise ConfigError(f"model.path {path!r} is the embedded tiny model, which the training extra builds: "
-                              "install lora-router[train] (or serve a model folder)")
-        raise ServerError(f"building the embedded model {path!r} failed: {done.stderr.strip()[-2000:]}")
-    return done.stdout.strip().splitlines()[-1]
 
 
 class VLLMServer:
@@ -158,10 +143,9 @@ class VLLMServer:
         """Check adapters, start vLLM and the gateway; return once both are ready (or raise ServerError /
         AdapterError / ConfigError). `config` becomes the deployment as served: the state file's adapters, if
         any, and vLLM's LoRA limits."""
-        engine = self.config.engine
-        if not engine.api_key and engine.host not in LOOPBACK_HOSTS:
-            raise ConfigError(f"engine.host {engine.host!r} is reachable from other machines: set engine.api_key "
-                              "(or $LORA_ROUTER_API_KEY) so the gateway refuses requests without it")
+        refused = open_host_problem(self.config.engine)
+        if refused:
+            raise ConfigError(refused)
         self.model_path = resolve_model(self.config.model.path)
         own_adapters = config_adapters(self.config)
         served, self.adapters = load_adapters(self.config, self.model_path)  # before anything starts
