@@ -11,7 +11,6 @@ from typing import Literal
 
 from lora_router.configuration import ConfigError, check_types
 
-
 # The seed's routing-dataset flags (--train-images-calendar 27, --train-images-claim-window 3000,
 # --train-images-provider-select 3000): the class mix production traffic is assumed to have.
 SEED_CLASS_MIX = {"calendar": 27.0, "claim-window": 3000.0, "provider-select": 3000.0}

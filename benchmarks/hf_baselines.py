@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from benchmarks.pool import BenchItem
 from lora_router.deployment import DeploymentConfig
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.inference import load_model, set_threads
 from training.llava_data import collate, encode, image_kwargs
-from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.tasks import build_example
 
 TWO_STAGE_INFERENCE = "hf-two-stage-inference"

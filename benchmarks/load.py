@@ -17,9 +17,9 @@ from pathlib import Path
 from benchmarks.config import BenchConfig
 from benchmarks.report import write_report
 from benchmarks.runner import default_out_dir, run_benchmark
+from lora_router.configuration import parse_command, run_command
 from lora_router.deployment import DeploymentArguments
 from serving.launcher import ServerError
-from lora_router.configuration import parse_command, run_command
 
 
 @dataclass

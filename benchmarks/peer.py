@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.pool import BenchItem
-from lora_router.percentiles import Percentiles
-from lora_router.openai_wire import user_turn
 from lora_router.jsonl import write_jsonl
+from lora_router.openai_wire import user_turn
+from lora_router.percentiles import Percentiles
 
 RESULT_FILE = "vllm_bench_serve.json"
 GATEWAY_RESULT_FILE = "vllm_bench_serve_gateway.json"

@@ -27,23 +27,23 @@ from pathlib import Path
 
 import openai
 
+from lora_router.configuration import CommandError, ConfigError, check_types, parse_command, run_command
+from lora_router.deployment import DeploymentArguments, DeploymentConfig
+from lora_router.images import prepare_image
+from lora_router.jsonl import read_jsonl
+from lora_router.manifest import AdapterManifest, model_fingerprint
+from lora_router.resources import configs_dir
 from router_client.batch import BatchItem, run_batch
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
 from router_client.errors import RouterClientError
-from lora_router.deployment import DeploymentArguments, DeploymentConfig
-from lora_router.images import prepare_image
 from serving.launcher import ServerError, VLLMServer, ready_line
-from lora_router.configuration import CommandError, ConfigError, check_types, parse_command, run_command
 from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
-from lora_router.jsonl import read_jsonl
-from lora_router.resources import configs_dir
-from lora_router.manifest import AdapterManifest, model_fingerprint
 from training.tasks import score
 from training.tiny_model import resolve_base_model
-from training.validate_router import format_calibration, store_calibration, validate
 from training.train_qwen import main as train_cli
+from training.validate_router import format_calibration, store_calibration, validate
 
 RECIPES = configs_dir() / "training"
 log = logging.getLogger(__name__)

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import yaml
 
-from serving.adapters import check_adapters
-from lora_router.resources import configs_dir
-from lora_router.deployment import load_config
 from lora_router.configuration import ConfigError, check_types, parse_command, run_command
+from lora_router.deployment import load_config
 from lora_router.manifest import AdapterManifest, model_fingerprint
 from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from lora_router.resources import configs_dir
+from serving.adapters import check_adapters
 from training.random_adapter import LANGUAGE_MODEL_TARGETS
 from training.tasks import build_example
 from training.tiny_random import CHAT_TEMPLATE, SPECIAL_TOKENS

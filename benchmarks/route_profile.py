@@ -43,13 +43,13 @@ from benchmarks.metrics import server_ttft
 from benchmarks.pool import BenchItem, ScreenPool
 from benchmarks.runner import default_out_dir
 from benchmarks.server_metrics import TIMINGS, scrape
-from lora_router.percentiles import Percentiles, percentiles
+from lora_router.configuration import parse_command, run_command
 from lora_router.deployment import DeploymentArguments, DeploymentConfig
 from lora_router.images import PreparedImage, prepare_image
-from serving.launcher import ServerError, VLLMServer
 from lora_router.openai_wire import bearer_headers, chat_request, read_completion, user_turn
+from lora_router.percentiles import Percentiles, percentiles
 from lora_router.routing import RoutingPolicy, router_request
-from lora_router.configuration import parse_command, run_command
+from serving.launcher import ServerError, VLLMServer
 from training.inference import load_processor, pixel_limits
 from training.tasks import build_example
 from training.tiny_model import resolve_base_model

@@ -52,16 +52,26 @@ from benchmarks.peer import PeerResult
 from benchmarks.pool import BenchItem, ScreenPool
 from benchmarks.server_metrics import GATEWAY_STAGE, ServerSnapshot, scrape
 from benchmarks.targets import Agreement, Roles, Target, agreement, evaluate
-from benchmarks.workloads import (ADAPTERS_MIXED, BASE_ONLY, EXPERT_ONLY, GatewayTarget, RequestRecord, Workload,
-                                  gateway, router_only, run_request, two_stage)
+from benchmarks.workloads import (
+    ADAPTERS_MIXED,
+    BASE_ONLY,
+    EXPERT_ONLY,
+    GatewayTarget,
+    RequestRecord,
+    Workload,
+    gateway,
+    router_only,
+    run_request,
+    two_stage,
+)
+from lora_router.configuration import setup_logging
+from lora_router.deployment import DeploymentConfig
+from lora_router.openai_wire import bearer_headers
+from lora_router.routing import ROUTER_MODES
 from router_client import ClientConfig, RouterClient
 from serving.adapters import max_rank_for
 from serving.command import ServerCommand, cpu_threads
-from lora_router.deployment import DeploymentConfig
 from serving.launcher import VLLMServer
-from lora_router.openai_wire import bearer_headers
-from lora_router.routing import ROUTER_MODES
-from lora_router.configuration import setup_logging
 from training.inference import load_processor, pixel_limits
 from training.screens import KINDS
 from training.tiny_model import resolve_base_model

@@ -26,16 +26,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_router import routing
+from lora_router.configuration import ConfigError, check_types, parse_command, run_command
+from lora_router.images import prepare_image
+from lora_router.openai_wire import ResponseFormatError
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from router_client._base_client import BaseClient
 from router_client.config import ClientConfig
 from router_client.errors import RouterClientError
 from router_client.types import ClientStats
-from lora_router import routing
-from lora_router.images import prepare_image
-from lora_router.openai_wire import ResponseFormatError
-from lora_router.configuration import ConfigError, check_types, parse_command, run_command
 from training.llava_data import Conversation, DataError, split_user
-from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.validate_router import EvalSetArguments, eval_set, report_text, store_calibration, write_report
 
 # Seconds one request may take (a first request to a cold server included).

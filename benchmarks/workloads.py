@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import aiohttp
 
 from benchmarks.pool import BenchItem
-from router_client import RouterClient, RouterClientError
 from lora_router.openai_wire import ResponseFormatError, chat_request, error_message, read_completion, user_turn
+from router_client import RouterClient, RouterClientError
 
 EXPERT_TARGETS = ("routed", "oracle", "round-robin", "base")
 

@@ -41,7 +41,6 @@ from typing import Any, Literal, Union
 
 import yaml
 
-
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 

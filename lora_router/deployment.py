@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from lora_router.configuration import ConfigError, Repeated, apply_overrides, check_types, from_mapping, load_yaml
-
 from lora_router.manifest import VLLM_LORA_RANKS
 from lora_router.resources import configs_dir, is_packaged
 

@@ -3,8 +3,8 @@ between the closest ranks (numpy's default, the standard library's "inclusive" m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 

@@ -11,6 +11,7 @@ Command lines: `python -m router_client` (one screenshot), `python -m router_cli
 `python -m benchmarks.validate_served` (a served router's accuracy on a held-out set).
 """
 
+from lora_router.images import PreparedImage
 from router_client.client import RouterClient, prepare_image
 from router_client.config import ClientConfig
 from router_client.errors import (
@@ -39,7 +40,6 @@ from router_client.types import (
     StageTimings,
     ToolCall,
 )
-from lora_router.images import PreparedImage
 
 __all__ = [
     "APIConnectionError", "APIResponse", "APIResponseError", "APIStatusError", "APITimeoutError",

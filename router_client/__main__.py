@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_router.configuration import ConfigError, parse_command, run_command
 from router_client import PreparedImage, prepare_image
 from router_client.cli import ClientArguments
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
 from router_client.errors import APIConnectionError, APITimeoutError, InvalidImageError, RouterClientError
 from router_client.types import ProcessResult
-from lora_router.configuration import ConfigError, parse_command, run_command
 
 
 @dataclass

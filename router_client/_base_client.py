@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 
+from lora_router.openai_wire import ChatCompletion, ResponseFormatError, bearer_headers, error_message, read_completion
 from router_client import _constants as C
 from router_client.config import ClientConfig
 from router_client.errors import (
@@ -29,7 +30,6 @@ from router_client.errors import (
     status_error_class,
 )
 from router_client.types import APIResponse, ClientStats
-from lora_router.openai_wire import ChatCompletion, ResponseFormatError, bearer_headers, error_message, read_completion
 
 Timeout = float | aiohttp.ClientTimeout
 _RETRIED = (APIConnectionError, RateLimitError, InternalServerError)

@@ -43,16 +43,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from lora_router.configuration import ConfigError, check_types, parse_command, run_command
+from lora_router.jsonl import append_jsonl, cut_torn_line, iter_jsonl
+from lora_router.percentiles import Percentiles, percentiles
+from lora_router.progress import progress as progress_bar
 from router_client._constants import DEFAULT_BATCH_CONCURRENCY, IMAGE_SUFFIXES
 from router_client.cli import ClientArguments
 from router_client.client import RouterClient, prepare_image
 from router_client.config import ClientConfig
 from router_client.errors import APIConnectionError, APIStatusError, APITimeoutError, RouterClientError
-from lora_router.percentiles import Percentiles, percentiles
 from router_client.types import ProcessResult
-from lora_router.configuration import ConfigError, check_types, parse_command, run_command
-from lora_router.jsonl import append_jsonl, cut_torn_line, iter_jsonl
-from lora_router.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 

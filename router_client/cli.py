@@ -11,10 +11,10 @@ import errno
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lora_router.configuration import CommandError
+from lora_router.deployment import DeploymentArguments, DeploymentConfig
 from router_client.config import ClientConfig
 from router_client.errors import APIConnectionError
-from lora_router.deployment import DeploymentArguments, DeploymentConfig
-from lora_router.configuration import CommandError
 
 
 @dataclass

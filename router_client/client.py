@@ -20,6 +20,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from lora_router import images, routing
+from lora_router.images import ImageInput, PreparedImage
+from lora_router.openai_wire import ResponseFormatError, chat_request, read_completion, user_turn
 from router_client._base_client import BaseClient, Timeout
 from router_client.config import ClientConfig
 from router_client.errors import (
@@ -40,9 +43,6 @@ from router_client.types import (
     StageTimings,
     ToolCall,
 )
-from lora_router import images, routing
-from lora_router.images import ImageInput, PreparedImage
-from lora_router.openai_wire import ResponseFormatError, chat_request, read_completion, user_turn
 
 
 def prepare_image(image: ImageInput, *, max_pixels: int | None = None,

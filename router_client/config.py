@@ -12,13 +12,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from lora_router import routing
+from lora_router.configuration import check_types
+from lora_router.deployment import DeploymentConfig
+from lora_router.manifest import AdapterManifest
+from lora_router.openai_wire import root_url
 from router_client import _constants as C
 from router_client.errors import ClientConfigError
-from lora_router import routing
-from lora_router.deployment import DeploymentConfig
-from lora_router.openai_wire import root_url
-from lora_router.configuration import check_types
-from lora_router.manifest import AdapterManifest
 
 # Fields that describe the deployment itself; a `client:` section may not set them.
 _DEPLOYMENT_FIELDS = ("router_name", "base_name", "labels", "expert_prompts", "auto_model", "served_names")

@@ -15,10 +15,10 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_router.configuration import parse_command, run_command
 from lora_router.deployment import DeploymentArguments, DeploymentConfig
 from serving.check import check
 from serving.launcher import ServerError, VLLMServer, ready_line
-from lora_router.configuration import parse_command, run_command
 
 log = logging.getLogger(__name__)
 

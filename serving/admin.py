@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from lora_router.configuration import CommandError, ConfigError, check_types, parse_command, run_command
 from lora_router.deployment import DeploymentArguments, DeploymentConfig
 from lora_router.openai_wire import bearer_headers, error_message, root_url
-from lora_router.configuration import CommandError, ConfigError, check_types, parse_command, run_command
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,19 @@ import logging
 import subprocess
 import sys
 
+from lora_router.configuration import CommandError
+from lora_router.deployment import (
+    EMBEDDED_MODELS,
+    LOOPBACK_HOSTS,
+    ConfigError,
+    DeploymentArguments,
+    DeploymentConfig,
+    EngineConfig,
+)
+from lora_router.routing import RoutingConfigError, RoutingPolicy
 from serving.adapters import AdapterError
 from serving.command import lora_limits
-from lora_router.configuration import CommandError
-from lora_router.deployment import EMBEDDED_MODELS, LOOPBACK_HOSTS, ConfigError, DeploymentArguments, DeploymentConfig, EngineConfig
 from serving.lifecycle import load_adapters
-from lora_router.routing import RoutingConfigError, RoutingPolicy
 
 log = logging.getLogger(__name__)
 

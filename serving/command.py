@@ -7,8 +7,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from serving.adapters import AdapterInfo, max_rank_for
 from lora_router.deployment import DeploymentConfig, EngineConfig
+from serving.adapters import AdapterInfo, max_rank_for
 
 
 @dataclass(frozen=True)

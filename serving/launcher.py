@@ -40,10 +40,10 @@ import aiohttp
 from aiohttp import web
 
 from lora_router import openai_wire
-from serving.adapters import AdapterInfo, base_fingerprint
-from serving.command import ServerCommand, build_command, lora_limits
 from lora_router.deployment import ConfigError, DeploymentConfig
+from serving.adapters import AdapterInfo, base_fingerprint
 from serving.check import open_host_problem, resolve_model
+from serving.command import ServerCommand, build_command, lora_limits
 from serving.gateway.app import Gateway
 from serving.lifecycle import AdapterSet, config_adapters, load_adapters
 from serving.probe import PROBE_TEXT, ProbeAnswer, ProbeError, ask, warm_up_and_probe

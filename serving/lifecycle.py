@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
+from lora_router.configuration import check_types, from_mapping
+from lora_router.deployment import AdapterConfig, ConfigError, DeploymentConfig
 from serving.adapters import (
     AdapterError,
     AdapterInfo,
@@ -24,8 +26,6 @@ from serving.adapters import (
     check_adapter,
     check_adapters,
 )
-from lora_router.deployment import AdapterConfig, ConfigError, DeploymentConfig
-from lora_router.configuration import check_types, from_mapping
 
 log = logging.getLogger(__name__)
 

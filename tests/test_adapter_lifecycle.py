@@ -23,12 +23,12 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.adapters import adapter_fingerprint
 from lora_router.images import prepare_image
+from lora_router.jsonl import read_jsonl
+from serving.adapters import adapter_fingerprint
 from serving.launcher import VLLMServer
 from serving.probe import probe_image
 from tests.conftest import FOUR, THREE, deployment, start_server
-from lora_router.jsonl import read_jsonl
 from training.random_adapter import make_random_adapter
 from training.tasks import OCR_PROMPT, build_example
 

@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 import yaml
 
+from lora_router.images import prepare_image
 from router_client.batch import load_items, run_batch
 from router_client.config import ClientConfig
-from lora_router.images import prepare_image
 from tests.conftest import EXPERTS, deployment, start_server
 from training.tasks import build_example
 

@@ -9,9 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from router_client.config import ClientConfig
 from lora_router.deployment import load_config
+from lora_router.manifest import AdapterManifest
 from lora_router.routing import RoutingConfigError, RoutingPolicy, calibrated_settings, decide
+from router_client.config import ClientConfig
 from tests.test_routing import FIRST, LABELS, one_token_completion
 from training.calibration import (
     calibrate,
@@ -22,7 +23,6 @@ from training.calibration import (
     reliability_bins,
     routed_at,
 )
-from lora_router.manifest import AdapterManifest
 from training.validate_router import OTHER, calibration_section, classification_report
 
 

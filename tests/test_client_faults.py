@@ -9,6 +9,8 @@ import re
 import pytest
 from PIL import Image
 
+from lora_router.deployment import load_config
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from router_client import _constants
 from router_client.client import RouterClient, prepare_image
 from router_client.config import ClientConfig
@@ -27,9 +29,7 @@ from router_client.errors import (
     UnknownExpertError,
 )
 from router_client.types import ToolCall
-from lora_router.deployment import load_config
 from tests.fake_vllm import LABELS, FakeVLLM, Fault, fake_vllm  # noqa: F401  (fixture)
-from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lora_router.deployment import load_config
 from serving.adapters import AdapterInfo
 from serving.command import build_command, cpu_threads, lora_limits
-from lora_router.deployment import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

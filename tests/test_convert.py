@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.convert_routing_to_classification import ConversionError, convert_dataset, main
 from lora_router.jsonl import read_jsonl
+from training.convert_routing_to_classification import ConversionError, convert_dataset, main
 
 CLASSES = ["calendar", "claim-window", "provider-select", "chandra-ocr"]
 SYSTEM_4 = (

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from lora_router.manifest import AdapterManifest
 from training.evaluate_expert import evaluate
 from training.expert_datasets import write_dataset
-from lora_router.manifest import AdapterManifest
 from training.screens import KINDS
 from training.train_qwen import main as train_main
 

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from lora_router.images import prepare_image
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
-from lora_router.images import prepare_image
 from tests.conftest import EXPERTS, deployment, start_server
 from training.tasks import build_example
 

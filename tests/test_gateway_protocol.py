@@ -8,6 +8,7 @@ import io
 import pytest
 from PIL import Image
 
+from lora_router.images import prepare_image
 from serving.gateway.protocol import (
     GatewayError,
     check_remote_url,
@@ -17,7 +18,6 @@ from serving.gateway.protocol import (
     parse_json_object,
     png_as_sent,
 )
-from lora_router.images import prepare_image
 
 URL = "data:image/png;base64," + base64.b64encode(b"png bytes").decode()
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.generate_dataset import RoutingDatasetConfig, main, parse_config
 from lora_router.jsonl import read_jsonl
+from training.generate_dataset import RoutingDatasetConfig, main, parse_config
 
 # N per class with --train-val-split 0.5 and --eval-images 1: train keeps floor(N/2), eval gets the rest + 1.
 SMALL = {"calendar": 4, "claim-window": 3, "provider-select": 2, "chandra-ocr": 1}

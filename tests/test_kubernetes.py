@@ -15,18 +15,18 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from unittest import mock
 
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 from jsonschema import Draft202012Validator
 
+from lora_router.deployment import from_dict
 from serving.__main__ import main as serve_main
 from serving.check import open_host_problem
-from lora_router.deployment import from_dict
 from serving.gateway.app import Gateway
 from serving.gateway.metrics import GatewayMetrics
 from serving.lifecycle import AdapterSet

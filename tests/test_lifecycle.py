@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from lora_router.deployment import ConfigError, from_dict, load_config
 from serving.adapters import AdapterError, AdapterInfo, adapter_fingerprint, versioned_name
 from serving.admin import AdminArguments, admin_request
-from lora_router.deployment import ConfigError, from_dict, load_config
 from serving.gateway.protocol import GatewayError, is_lora_route, named_model, parse_add_adapter, parse_candidate
 from serving.lifecycle import (
     AdapterRecord,

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 
-from training.pretrain import LAYOUTS, PROMPTS, PretrainSpec, caption, caption_example, kind_sentence, layout_id
 from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from training.pretrain import LAYOUTS, PROMPTS, PretrainSpec, caption, caption_example, kind_sentence, layout_id
 from training.screens import KINDS, generate
 
 SCREENS = [(kind, seed) for kind in KINDS for seed in range(6)]

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from lora_router.openai_wire import ChatCompletion, ResponseFormatError, TokenLogprob
+from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from lora_router.routing import (
     FirstToken,
     RouteDecision,
@@ -25,7 +26,6 @@ from lora_router.routing import (
     router_request,
     tokenize_request,
 )
-from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 
 LABELS = ("calendar", "claim-window", "provider-select")
 FIRST = {"calendar": FirstToken(11, "cal"), "claim-window": FirstToken(12, "claim"),

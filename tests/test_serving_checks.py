@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 
-from serving.adapters import AdapterError, check_adapters
 from lora_router.deployment import ConfigError, from_dict, load_config
+from lora_router.manifest import MANIFEST_NAME, AdapterManifest
+from serving.adapters import AdapterError, check_adapters
 from serving.launcher import VLLMServer
 from tests.conftest import EXPERTS, deployment
-from lora_router.manifest import MANIFEST_NAME, AdapterManifest
 from training.random_adapter import make_random_adapter
 from training.tiny_random import TinyModelSpec, build_tiny_model
 
@@ -194,8 +194,8 @@ def test_value_types_are_checked_in_one_place_and_every_problem_is_listed(tmp_pa
 
 
 def test_client_and_serving_config_errors_are_one_kind():
-    from router_client.errors import ClientConfigError, RouterClientError
     from lora_router.configuration import ConfigError as SharedConfigError
+    from router_client.errors import ClientConfigError, RouterClientError
 
     assert ConfigError is SharedConfigError
     assert issubclass(ClientConfigError, SharedConfigError) and issubclass(ClientConfigError, RouterClientError)

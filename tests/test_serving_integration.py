@@ -9,9 +9,9 @@ import time
 import aiohttp
 import pytest
 
+from lora_router.openai_wire import chat_request, user_turn
 from serving.launcher import ServerError, VLLMServer
 from serving.probe import probe_image
-from lora_router.openai_wire import chat_request, user_turn
 from tests.conftest import EXPERTS, deployment, start_server
 
 pytestmark = pytest.mark.integration

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from training import pretrain
 from lora_router.manifest import model_fingerprint
+from training import pretrain
 from training.pretrain import (
     DONE_MARKER,
     SHIPPED_RECORD,

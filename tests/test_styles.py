@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from lora_router.configuration import CommandError, ConfigError
+from lora_router.jsonl import write_jsonl
 from training.family_accuracy import accuracy_by_family
 from training.family_accuracy import main as family_main
-from lora_router.jsonl import write_jsonl
 from training.screens import FAMILIES, HELD_OUT, IN_DISTRIBUTION, KINDS, generate
 from training.screens.sheet import contact_sheet
 from training.screens.styles import StyleFamily

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from lora_router.jsonl import read_jsonl
 from training.evaluate_expert import format_report, mean_scores, scores_by_task
 from training.expert_datasets import main, sample_seed, score_file, write_examples
-from lora_router.jsonl import read_jsonl
 from training.screens import KINDS, Box, generate
 from training.tasks import HIGHLIGHT_PROMPTS, ORDINALS, build_example, click_call, parse_tool_call, score
 

@@ -7,10 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from training.llava_data import (
-    IGNORE_INDEX, DataError, collate, describe, encode, load_images, read_conversations, router_labels, split_user,
-)
 from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from training.llava_data import (
+    IGNORE_INDEX,
+    DataError,
+    collate,
+    describe,
+    encode,
+    load_images,
+    read_conversations,
+    router_labels,
+    split_user,
+)
 from training.tiny_random import build_tiny_model
 
 LABELS = ["calendar", "claim-window", "provider-select"]

@@ -13,8 +13,8 @@ import pytest
 from transformers import TrainerCallback
 
 from lora_router.configuration import ConfigError
-from training.llava_data import DataError
 from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from training.llava_data import DataError
 from training.train_qwen import main
 from training.trainer.args import ModelArguments, parse_args, resolve_precision
 from training.trainer.run import train
@@ -136,9 +136,9 @@ def test_every_bad_model_setting_is_listed_at_once():
 
 def _lora_modules(model_args: ModelArguments, tmp_path: Path) -> set[str]:
     """The module names the trainer's PEFT model puts LoRA on (the tiny random base: seconds)."""
+    from training.tiny_model import resolve_base_model
     from training.trainer.args import TrainArguments
     from training.trainer.run import build_model
-    from training.tiny_model import resolve_base_model
 
     model = build_model(resolve_base_model("tiny-random"), model_args, TrainArguments(output_dir=str(tmp_path)))
     return {n.split(".lora_A.")[0].removeprefix("base_model.model.model.") for n, _ in model.named_parameters()
@@ -276,9 +276,9 @@ def test_a_recipe_with_learning_rate_2e_3_trains(straight_run):
 
 
 def test_a_tiny_run_writes_a_servable_adapter_with_its_manifest(straight_run, tiny_data):
-    from serving.adapters import check_adapters
     from lora_router.deployment import from_dict
     from lora_router.manifest import AdapterManifest, file_sha256
+    from serving.adapters import check_adapters
     from training.tiny_model import resolve_base_model
 
     out, metrics, logged = straight_run

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from benchmarks.validate_served import main, validate_served
-from tests.fake_vllm import LABELS, FakeVLLM, Fault, fake_vllm  # noqa: F401  (fixture)
 from lora_router.manifest import AdapterManifest
-from training.llava_data import DataError
 from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
+from tests.fake_vllm import LABELS, FakeVLLM, Fault, fake_vllm  # noqa: F401  (fixture)
+from training.llava_data import DataError
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -17,10 +17,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_router.jsonl import write_jsonl
 from lora_router.configuration import ConfigError, check_types, parse_command, run_command
-from training.llava_data import DataError, read_conversations
+from lora_router.jsonl import write_jsonl
 from lora_router.progress import progress
+from training.llava_data import DataError, read_conversations
 from training.tasks import score
 
 
@@ -50,8 +50,8 @@ def scores_by_task(conversations, answers) -> dict[str, dict[str, float]]:
 def evaluate(adapter: Path, data: Path, out: Path | None = None, base: str | None = None, limit: int | None = None,
              max_new_tokens: int | None = None, batch_size: int = 8, quiet: bool = False) -> dict:
     """Greedy answers of base and base + adapter on `data`, scored with training.tasks.score."""
-    from training.inference import greedy_generate, load_model, load_processor
     from lora_router.manifest import AdapterManifest, model_fingerprint
+    from training.inference import greedy_generate, load_model, load_processor
     from training.validate_router import trained_pixels
 
     conversations = read_conversations(data)[:limit] if limit else read_conversations(data)

@@ -54,10 +54,10 @@ from datetime import datetime
 from pathlib import Path
 
 from lora_router.configuration import ArgumentParser, ConfigError, check_types, run_command
-from training.convert_routing_to_classification import format_count_table
-from training.expert_datasets import write_examples
 from lora_router.jsonl import iter_jsonl, write_jsonl
 from lora_router.progress import progress
+from training.convert_routing_to_classification import format_count_table
+from training.expert_datasets import write_examples
 from training.screens import FAMILIES, HELD_OUT, IN_DISTRIBUTION, KINDS
 
 DEFAULT_CLASSES = ("calendar", "claim-window", "provider-select")

@@ -48,8 +48,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lora_router.configuration import ConfigError, check_types, parse_command, run_command
-from training.expert_datasets import sample_seed
 from lora_router.progress import progress
+from training.expert_datasets import sample_seed
 from training.screens import KINDS, generate
 from training.tiny_random import CacheArguments, TinyModelSpec, build_tiny_model, default_cache_dir
 

@@ -17,7 +17,6 @@ from typing import Literal
 
 from lora_router.configuration import check_types, parse_command, run_command
 from lora_router.deployment import EMBEDDED_MODELS
-
 from training.tiny_random import CacheArguments, TinyModelSpec, build_tiny_model
 
 # Names configs use for the embedded model: the pre-trained base ("tiny", alias "tiny-pretrained", the default

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from training import calibration as cal
 from lora_router.configuration import ConfigError, check_types, parse_command, run_command
 from lora_router.jsonl import write_jsonl
-from training.llava_data import Conversation, DataError, describe, read_conversations
 from lora_router.progress import progress
+from training import calibration as cal
+from training.llava_data import Conversation, DataError, describe, read_conversations
 
 OTHER = "(other)"
 # Accuracy the chosen threshold keeps on the routed screenshots, unless --target_accuracy says otherwise.
@@ -161,8 +161,8 @@ def in_process_answers(conversations: Sequence[Conversation], adapter: Path, lab
                        quiet: bool = False) -> tuple[list[str], list[list[float]] | None]:
     """Greedy answers of base + adapter with transformers/PEFT, rendered and sized as in training, and each line's
     label scores (None when two labels share a first token: one-token scores cannot tell them apart)."""
-    from training.inference import greedy_generate_scored, load_model, load_processor
     from lora_router.manifest import AdapterManifest, model_fingerprint
+    from training.inference import greedy_generate_scored, load_model, load_processor
 
     manifest = AdapterManifest.read(adapter)
     base_path = base or manifest.base_model

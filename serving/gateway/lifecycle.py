@@ -24,15 +24,15 @@ from typing import Any
 
 import aiohttp
 
-from serving.adapters import AdapterInfo, check_adapter, router_label_problems
 from lora_router.deployment import AdapterConfig, ConfigError, DeploymentConfig
+from lora_router.routing import RoutingConfigError, RoutingPolicy
+from serving.adapters import AdapterInfo, check_adapter, router_label_problems
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import GatewayError
 from serving.gateway.shadow import ShadowRouter
 from serving.gateway.upstream import Upstream, UpstreamError
 from serving.lifecycle import AdapterSet, PathRefused, ServedNames, resolve_adapter_path, write_state
 from serving.probe import ProbeError, warm_up_and_probe
-from lora_router.routing import RoutingConfigError, RoutingPolicy
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,19 @@ from datetime import date, timedelta
 from PIL import Image, ImageDraw
 
 from training.screens import words
-from training.screens.common import (Box, Fonts, Palette, Screen, blend, draw_button, draw_input, draw_shadowed_panel,
-                                     draw_text, text_size, wrap)
+from training.screens.common import (
+    Box,
+    Fonts,
+    Palette,
+    Screen,
+    blend,
+    draw_button,
+    draw_input,
+    draw_shadowed_panel,
+    draw_text,
+    text_size,
+    wrap,
+)
 from training.screens.styles import MIXED, Look
 
 MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont
 
 from training.screens import words
-from training.screens.common import (RGB, Box, Fonts, Palette, Screen, apply_noise, random_size, text_size,
-                                     wrap)
+from training.screens.common import RGB, Box, Fonts, Palette, Screen, apply_noise, random_size, text_size, wrap
 from training.screens.styles import MIXED, Look
 
 TABLE_HEADERS = (("Item", "Qty", "Price"), ("Name", "Role", "Phone"), ("Date", "Event", "Location"),

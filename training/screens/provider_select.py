@@ -10,8 +10,18 @@ import random
 from PIL import Image, ImageDraw
 
 from training.screens import words
-from training.screens.common import (Box, Fonts, Palette, Screen, blend, draw_search_icon, draw_shadowed_panel,
-                                     draw_text, text_size, truncate)
+from training.screens.common import (
+    Box,
+    Fonts,
+    Palette,
+    Screen,
+    blend,
+    draw_search_icon,
+    draw_shadowed_panel,
+    draw_text,
+    text_size,
+    truncate,
+)
 from training.screens.styles import MIXED, Look
 
 AVATAR_COLORS = ((96, 125, 139), (121, 85, 72), (0, 137, 123), (92, 107, 192), (171, 71, 188), (239, 108, 0),

@@ -28,10 +28,29 @@ from typing import Protocol
 from PIL import Image, ImageDraw
 
 from lora_router.configuration import ConfigError
-from training.screens.common import (ACCENTS, CHROME_STYLES, FONT_FILES, RGB, THEMES, Box, Fonts, Palette,
-                                     apply_noise, blend, draw_chrome, draw_chrome_style, draw_input,
-                                     draw_search_icon, draw_shadowed_panel, random_fonts, random_palette,
-                                     random_size, text_size, theme_palette, truncate)
+from training.screens.common import (
+    ACCENTS,
+    CHROME_STYLES,
+    FONT_FILES,
+    RGB,
+    THEMES,
+    Box,
+    Fonts,
+    Palette,
+    apply_noise,
+    blend,
+    draw_chrome,
+    draw_chrome_style,
+    draw_input,
+    draw_search_icon,
+    draw_shadowed_panel,
+    random_fonts,
+    random_palette,
+    random_size,
+    text_size,
+    theme_palette,
+    truncate,
+)
 
 WHITE: RGB = (255, 255, 255)
 BLACK: RGB = (0, 0, 0)

@@ -23,9 +23,9 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
 from lora_router.configuration import ArgumentParser, ConfigError, check_types, load_yaml
+from lora_router.manifest import ALL_LINEAR, LANGUAGE_MODEL_TARGETS, VISION_TOWER_TARGETS, VLLM_LORA_RANKS
 from lora_router.resources import configs_dir
 from training.inference import DEFAULT_THREADS
-from lora_router.manifest import ALL_LINEAR, LANGUAGE_MODEL_TARGETS, VISION_TOWER_TARGETS, VLLM_LORA_RANKS
 
 DEFAULT_SERVING_CONFIG = configs_dir() / "tiny-cpu.yaml"
 # Names that only the vision tower has: as targets they need lora_vision_tower.

@@ -158,9 +158,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Tr
     from transformers.integrations import TensorBoardCallback
     from transformers.trainer_callback import PrinterCallback
 
+    from lora_router.manifest import model_fingerprint
     from training.inference import pixel_limits
     from training.llava_data import Collator, ConversationDataset, image_kwargs
-    from lora_router.manifest import model_fingerprint
     from training.tiny_model import resolve_base_model
 
     base_path = resolve_base_model(model_args.model_name_or_path)
@@ -198,9 +198,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
     """Train as the settings say; returns the metrics also written to output_dir/metrics.json."""
     from transformers.utils.logging import disable_progress_bar
 
+    from lora_router.manifest import AdapterManifest, file_sha256
     from training.inference import set_threads
     from training.llava_data import describe, read_conversations
-    from lora_router.manifest import AdapterManifest, file_sha256
 
     set_threads(args.num_threads)
     if args.disable_tqdm:
