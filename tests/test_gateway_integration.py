@@ -313,6 +313,7 @@ def test_two_data_parallel_engines_get_both_stages_of_a_screenshot_on_one_engine
 
     queries, hits = per_engine("vllm:mm_cache_queries_total"), per_engine("vllm:mm_cache_hits_total")
     assert sorted(queries) == ["0", "1"], queries
-    # Round robin: each engine gets half the screenshots, both of a screenshot's requests; the expert's is a hit.
+    # One at a time, idle engines take turns: each gets half the screenshots, both of a screenshot's requests; the
+    # expert's is a hit.
     assert queries == {"0": screenshots, "1": screenshots}, queries
     assert hits == {"0": screenshots / 2, "1": screenshots / 2}, hits
