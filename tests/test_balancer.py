@@ -1,0 +1,211 @@
+"""The fleet's balancer (configs/balancer/Caddyfile), a real Caddy, in front of two stand-in replicas.
+
+The stand-ins answer what a replica's gateway answers in each state (200 while up; /health 503 and 503
+`upstream_unavailable` while its vLLM is dead or restarting, 502 `upstream_failed` for an answer vLLM broke off; a
+closed port when the whole replica is gone), on cue,
+so each failover case takes seconds instead of a vLLM restart. What is tested is the balancer's configuration:
+ejection, retries to the other replica, rejoining, least connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from serving.launcher import free_port
+
+CADDYFILE = Path(__file__).resolve().parents[1] / "configs" / "balancer" / "Caddyfile"
+# Seconds: the most a replica whose vLLM died may keep getting new requests (issue 22's bar).
+EJECT_WITHIN_S = 3.0
+
+
+class StandIn:
+    """A replica's gateway as the balancer sees it: `up` decides /health and the answer; `delay_s` how long an
+    answer takes; `served` counts the requests it answered 200."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.up = True
+        self.delay_s = 0.02
+        self.served = 0
+        self.port = free_port()
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok" if self.up else "vllm down"}, status=200 if self.up else 503)
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        if not self.up:
+            return web.json_response({"error": {"message": "vLLM is down", "type": "server_error",
+                                                 "code": "upstream_unavailable"}}, status=503)
+        await asyncio.sleep(self.delay_s)
+        if not self.up:  # died while answering: the gateway's answer when vLLM broke off
+            return web.json_response({"error": {"message": "vLLM broke off the answer", "type": "server_error",
+                                                 "code": "upstream_failed"}}, status=502)
+        self.served += 1
+        return web.json_response({"replica": self.name, "echo": body["n"]})
+
+
+@contextlib.asynccontextmanager
+async def fleet():
+    """Two stand-in replicas behind a Caddy started from the shipped Caddyfile; yields (a, b, balancer URL)."""
+    a, b = StandIn("a"), StandIn("b")
+    await a.start()
+    await b.start()
+    port = free_port()
+    env = {**os.environ, "LORA_ROUTER_REPLICAS": f"127.0.0.1:{a.port} 127.0.0.1:{b.port}",
+           "LORA_ROUTER_BALANCER_LISTEN": f"127.0.0.1:{port}", "LORA_ROUTER_HEALTH_INTERVAL": "500ms"}
+    caddy = subprocess.Popen([Path(sys.executable).with_name("caddy"), "run", "--adapter", "caddyfile", "--config",
+                              str(CADDYFILE)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until(lambda: _answers(session, url), what="Caddy to listen", process=caddy)
+            yield a, b, url, session
+    finally:
+        caddy.terminate()
+        caddy.wait(timeout=10)
+        await a.stop()
+        await b.stop()
+
+
+async def _answers(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.post(url + "/v1/chat/completions", json={"n": -1}) as r:
+            return r.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
+async def until(condition, what: str, deadline_s: float = 20.0, process: subprocess.Popen | None = None) -> float:
+    """Seconds until `condition()` (a bool, or an awaitable of one) holds; fails naming `what` at the deadline."""
+    start = time.monotonic()
+    while not await _holds(condition):
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"Caddy exited: {process.stderr.read().decode()[-2000:]}")
+        if time.monotonic() - start > deadline_s:
+            pytest.fail(f"waited {deadline_s:g} s for {what}")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+async def _holds(condition) -> bool:
+    result = condition()
+    return await result if inspect.isawaitable(result) else result
+
+
+async def post(session: aiohttp.ClientSession, url: str, n: int) -> tuple[int, str]:
+    async with session.post(url + "/v1/chat/completions", json={"n": n, "pad": "x" * 50_000}) as r:
+        body = await r.json()
+        return r.status, body.get("replica", "")
+
+
+class Load:
+    """A steady load of `concurrency` requests in flight; records (start time, status, replica) per request."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, concurrency: int = 4) -> None:
+        self.session, self.url, self.concurrency = session, url, concurrency
+        self.results: list[tuple[float, int, str]] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def _worker(self, first: int) -> None:
+        n = first
+        while not self._stop.is_set():
+            started = time.monotonic()
+            status, replica = await post(self.session, self.url, n)
+            self.results.append((started, status, replica))
+            n += self.concurrency
+
+    def __enter__(self) -> Load:
+        self._tasks = [asyncio.ensure_future(self._worker(i)) for i in range(self.concurrency)]
+        return self
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    def since(self, t: float) -> list[tuple[float, int, str]]:
+        return [r for r in self.results if r[0] >= t]
+
+
+async def test_least_connections_spreads_concurrent_requests_over_both_replicas():
+    async with fleet() as (a, b, url, session):
+        a.delay_s = b.delay_s = 0.2
+        answers = await asyncio.gather(*(post(session, url, n) for n in range(8)))
+    assert all(status == 200 for status, _ in answers)
+    assert Counter(replica for _, replica in answers) == {"a": 4, "b": 4}
+
+
+async def test_a_replica_whose_vllm_died_is_ejected_in_seconds_and_no_request_fails():
+    async with fleet() as (a, b, url, session):
+        with Load(session, url) as load:
+            await until(lambda: a.served > 5 and b.served > 5, what="traffic on both replicas")
+            a.up = False  # vLLM died: the replica answers 503 and so does its /health
+            died = time.monotonic()
+            served_by_a = a.served
+            await until(lambda: len(load.since(died + EJECT_WITHIN_S)) >= 20,
+                        what="requests after the ejection")
+            await load.stop()
+    assert all(status == 200 for _, status, _ in load.results), Counter(s for _, s, _ in load.results)
+    assert a.served == served_by_a  # nothing was answered by the dead replica
+    assert {replica for _, _, replica in load.since(died)} == {"b"}
+
+
+async def test_a_replica_that_comes_back_rejoins_and_takes_traffic_again():
+    async with fleet() as (a, b, url, session):
+        a.up = False
+        await until(lambda: _only(session, url, "b"), what="a to be ejected")
+        with Load(session, url) as load:
+            back = time.monotonic()
+            a.up = True  # restarted and warm: /health is 200 again
+            rejoined_s = await until(lambda: any(r == "a" for _, _, r in load.since(back)),
+                                     what="a to take traffic again")
+            await load.stop()
+    assert rejoined_s < EJECT_WITHIN_S
+    assert all(status == 200 for _, status, _ in load.results)
+
+
+async def test_a_replica_that_is_gone_costs_no_request():
+    async with fleet() as (a, b, url, session):
+        with Load(session, url) as load:
+            await until(lambda: a.served > 5, what="traffic on a")
+            gone = time.monotonic()
+            await a.stop()  # the whole replica: its port refuses connections
+            await until(lambda: len(load.since(gone + EJECT_WITHIN_S)) >= 20, what="requests after a went")
+            await load.stop()
+    assert all(status == 200 for _, status, _ in load.results)
+    assert {replica for _, _, replica in load.since(gone + EJECT_WITHIN_S)} == {"b"}
+
+
+async def _only(session: aiohttp.ClientSession, url: str, replica: str) -> bool:
+    answers = await asyncio.gather(*(post(session, url, n) for n in range(4)))
+    return all(status == 200 and name == replica for status, name in answers)
