@@ -175,7 +175,11 @@ class GatewayConfig:
                 "anyway."})
     state_file: str | None = field(default=None, metadata={
         "help": "Where the admin API keeps the live adapters and router versions, read back at start (relative: "
-                "against the config file's folder); None: <config name>.state.json next to the config file."})
+                "against the config file's folder); None: <config name>.state.json next to the config file. "
+                "Replicas that name one file on a shared folder share one desired state."})
+    sync_interval_s: float = field(default=5.0, metadata={
+        "help": "Seconds between checks of the state file for a change another replica made (then this replica "
+                "loads, swaps and unloads to match it); 0: never (a single replica needs none)."})
 
     def __post_init__(self) -> None:
         check_types(self, "gateway")
@@ -193,6 +197,8 @@ class GatewayConfig:
                 raise ConfigError(f"gateway.{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.shadow_fraction <= 1:
             raise ConfigError(f"gateway.shadow_fraction must be in [0, 1], got {self.shadow_fraction}")
+        if self.sync_interval_s < 0:
+            raise ConfigError(f"gateway.sync_interval_s must be >= 0, got {self.sync_interval_s}")
 
     @property
     def admin_enabled(self) -> bool:

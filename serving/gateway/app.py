@@ -68,16 +68,23 @@ class Gateway:
         self.auto = AutoRoute(config, self.upstream, self.lifecycle, self.metrics)
         self.admin = AdminRoutes(self.settings, self.lifecycle, self._check_ready)
         self.ready = False
+        self._sync: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(self.settings.max_in_flight)
         self._waiting = 0
 
     # -- lifecycle
 
     async def open(self) -> None:
-        """Open the upstream session (idempotent)."""
+        """Open the upstream session and start following the fleet's state file (idempotent)."""
         await self.upstream.open()
+        if self._sync is None and self.config.state_path and self.settings.sync_interval_s > 0:
+            self._sync = asyncio.get_running_loop().create_task(self.lifecycle.sync_forever())
 
     async def close(self) -> None:
+        if self._sync is not None:
+            self._sync.cancel()
+            await asyncio.gather(self._sync, return_exceptions=True)
+            self._sync = None
         await self.lifecycle.close()
         await self.upstream.close()
 

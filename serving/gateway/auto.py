@@ -10,6 +10,7 @@ encoded once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -143,8 +144,9 @@ class AutoRoute:
         if isinstance(outcome, RouteRefused):
             raise GatewayError(422, f"route refused: {outcome.message} (fallback is 'error')", type="routing_error",
                                code=outcome.reason, headers={"x-route-fallback": outcome.reason,
-                                                             "x-route-confidence": f"{outcome.confidence:.4f}"})
-        return outcome
+                                                             "x-route-confidence": f"{outcome.confidence:.4f}",
+                                                             "x-route-router": policy.router_name})
+        return dataclasses.replace(outcome, router=policy.router_name)
 
     async def _stream(self, request: web.Request, body: dict[str, Any], headers: dict[str, str],
                       rank: int | None) -> web.StreamResponse:
