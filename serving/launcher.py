@@ -155,7 +155,8 @@ class VLLMServer:
                                                                              max_lora_rank=max_rank))
         await self._launch_vllm(self.adapters.all(), warm_up=self.warm_up, probe=self.probe)
         self.gateway = Gateway(self.config, self.upstream_root, self.upstream_key, self.adapters,
-                               base=base_fingerprint(self.model_path), config_adapters=own_adapters)
+                               base=base_fingerprint(self.model_path), config_adapters=own_adapters,
+                               replica=f"{socket.gethostname()}:{self.port}")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gateway", daemon=True)
         self._thread.start()

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import os
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,9 +21,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from serving.balancer import Balancer
 from serving.launcher import free_port
 
-CADDYFILE = Path(__file__).resolve().parents[1] / "configs" / "balancer" / "Caddyfile"
 # Seconds: the most a replica whose vLLM died may keep getting new requests (issue 22's bar).
 EJECT_WITHIN_S = 3.0
 STAND_INS: dict[str, StandIn] = {}
@@ -73,25 +71,20 @@ class StandIn:
 
 
 @contextlib.asynccontextmanager
-async def fleet():
-    """Two stand-in replicas behind a Caddy started from the shipped Caddyfile; yields (a, b, balancer URL)."""
+async def fleet(log_dir: Path):
+    """Two stand-in replicas behind Caddy on the shipped Caddyfile; yields (a, b, balancer URL, session)."""
     a, b = StandIn("a"), StandIn("b")
     STAND_INS.update(a=a, b=b)
     await a.start()
     await b.start()
-    port = free_port()
-    env = {**os.environ, "LORA_ROUTER_REPLICAS": f"127.0.0.1:{a.port} 127.0.0.1:{b.port}",
-           "LORA_ROUTER_BALANCER_LISTEN": f"127.0.0.1:{port}", "LORA_ROUTER_HEALTH_INTERVAL": "500ms"}
-    caddy = subprocess.Popen([Path(sys.executable).with_name("caddy"), "run", "--adapter", "caddyfile", "--config",
-                              str(CADDYFILE)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    balancer = Balancer([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], f"127.0.0.1:{free_port()}",
+                        log_dir / "caddy.log", health_interval_s=0.5)
     try:
-        async with aiohttp.ClientSession() as session:
-            await until(lambda: _answers(session, url), what="Caddy to listen", process=caddy)
-            yield a, b, url, session
+        with balancer:
+            async with aiohttp.ClientSession() as session:
+                await until(lambda: _answers(session, balancer.url), what="Caddy to listen", process=balancer.process)
+                yield a, b, balancer.url, session
     finally:
-        caddy.terminate()
-        caddy.wait(timeout=10)
         await a.stop()
         await b.stop()
 
@@ -109,7 +102,7 @@ async def until(condition, what: str, deadline_s: float = 20.0, process: subproc
     start = time.monotonic()
     while not await _holds(condition):
         if process is not None and process.poll() is not None:
-            pytest.fail(f"Caddy exited: {process.stderr.read().decode()[-2000:]}")
+            pytest.fail(f"Caddy exited with status {process.returncode}")
         if time.monotonic() - start > deadline_s:
             pytest.fail(f"waited {deadline_s:g} s for {what}")
         await asyncio.sleep(0.05)
@@ -162,16 +155,16 @@ class Load:
         return [r for r in self.results if r[0] >= t]
 
 
-async def test_least_connections_spreads_concurrent_requests_over_both_replicas():
-    async with fleet() as (a, b, url, session):
+async def test_least_connections_spreads_concurrent_requests_over_both_replicas(tmp_path):
+    async with fleet(tmp_path) as (a, b, url, session):
         a.delay_s = b.delay_s = 0.2
         answers = await asyncio.gather(*(post(session, url, n) for n in range(8)))
     assert all(status == 200 for status, _ in answers)
     assert Counter(replica for _, replica in answers) == {"a": 4, "b": 4}
 
 
-async def test_a_replica_whose_vllm_died_is_ejected_in_seconds_and_no_request_fails():
-    async with fleet() as (a, b, url, session):
+async def test_a_replica_whose_vllm_died_is_ejected_in_seconds_and_no_request_fails(tmp_path):
+    async with fleet(tmp_path) as (a, b, url, session):
         with Load(session, url) as load:
             await until(lambda: a.served > 5 and b.served > 5, what="traffic on both replicas")
             a.up = False  # vLLM died: the replica answers 503 and so does its /health
@@ -185,8 +178,8 @@ async def test_a_replica_whose_vllm_died_is_ejected_in_seconds_and_no_request_fa
     assert {replica for _, _, replica in load.since(died)} == {"b"}
 
 
-async def test_a_replica_that_comes_back_rejoins_and_takes_traffic_again():
-    async with fleet() as (a, b, url, session):
+async def test_a_replica_that_comes_back_rejoins_and_takes_traffic_again(tmp_path):
+    async with fleet(tmp_path) as (a, b, url, session):
         a.up = False
         await until(lambda: _only(session, url, "b"), what="a to be ejected")
         with Load(session, url) as load:
@@ -199,8 +192,8 @@ async def test_a_replica_that_comes_back_rejoins_and_takes_traffic_again():
     assert all(status == 200 for _, status, _ in load.results)
 
 
-async def test_a_replica_that_is_gone_fails_at_most_what_it_held():
-    async with fleet() as (a, b, url, session):
+async def test_a_replica_that_is_gone_fails_at_most_what_it_held(tmp_path):
+    async with fleet(tmp_path) as (a, b, url, session):
         a.delay_s = b.delay_s = 0.2
         with Load(session, url) as load:
             await until(lambda: a.served > 5, what="traffic on a")

@@ -57,13 +57,13 @@ class Gateway:
     """
 
     def __init__(self, config: DeploymentConfig, upstream_root: str, upstream_key: str, adapters: AdapterSet, *,
-                 base: str | None, config_adapters: list[str]) -> None:
+                 base: str | None, config_adapters: list[str], replica: str) -> None:
         self.config = config
         self.settings = config.gateway
         self.metrics = GatewayMetrics()
         self.upstream = Upstream(upstream_root, upstream_key, self.settings.upstream_timeout_s)
         self.lifecycle = AdapterLifecycle(config, self.upstream, adapters, self.metrics, base=base,
-                                          config_adapters=config_adapters)
+                                          config_adapters=config_adapters, replica=replica)
         self.names = self.lifecycle.names
         self.auto = AutoRoute(config, self.upstream, self.lifecycle, self.metrics)
         self.admin = AdminRoutes(self.settings, self.lifecycle, self._check_ready)

@@ -23,7 +23,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import socket
 import time
 from pathlib import Path
@@ -73,11 +72,11 @@ class AdapterLifecycle:
     `config` is the deployment as served, its engine.max_loras and engine.max_lora_rank those vLLM runs with (the
     launcher sets them); `upstream` the vLLM it changes; `adapters` is what vLLM serves at start; `base` the base
     model's fingerprint (adapter manifests must name it); `config_adapters` the config's own router and experts as
-    the state file records them.
+    the state file records them; `replica` names this replica (host:port) in what the admin API answers.
     """
 
     def __init__(self, config: DeploymentConfig, upstream: Upstream, adapters: AdapterSet, metrics: GatewayMetrics,
-                 *, base: str | None, config_adapters: list[str]) -> None:
+                 *, base: str | None, config_adapters: list[str], replica: str = socket.gethostname()) -> None:
         self.config = config
         self.upstream = upstream
         self.adapters = adapters
@@ -92,7 +91,7 @@ class AdapterLifecycle:
         # The state file version this replica serves; a candidate in the file is loaded by the first sync.
         state = read_state(config.state_path) if config.state_path else None
         self.version = state.version if state and state.candidate is None else -1 if state else 0
-        self.replica = f"{socket.gethostname()}/{os.getpid()}"
+        self.replica = replica
         self._lock = asyncio.Lock()
 
     # -- what requests read
