@@ -5,11 +5,14 @@ vLLM's API server starts a `VLLM::EngineCore` process, which starts a `VLLM::Wor
 alone leaves both running as orphans, holding their memory (3.4 GB on the tiny default; on a GPU, the GPU's memory,
 so the next vLLM fails to start). So vLLM runs in its own session, whose process group every child inherits, and
 is ended as that whole group: SIGTERM, SIGKILL after a grace period, then a wait until no process of it is left.
-Processes are found by their group in /proc (Linux: vLLM runs nowhere else).
+Processes are found by their group in /proc (Linux: vLLM runs nowhere else). Python's multiprocessing resource
+tracker, one of vLLM's processes, ignores SIGTERM by design and, once the processes it tracks are gone, removes the
+shared memory they left in /dev/shm (250 MB on the tiny default); so SIGKILL spares it while it can.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -90,6 +93,13 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        return b"multiprocessing.resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 class ProcessGroup:
     """One command started in its own session and process group, with its output appended to `log_path`; every
     process it starts is in the group too, and end() ends them all."""
@@ -136,6 +146,13 @@ class ProcessGroup:
             return
         log.warning("vLLM's processes %s did not end within %.0f s of SIGTERM; sending SIGKILL", self.members(),
                     grace_s)
+        for pid in self.members():
+            if not _is_resource_tracker(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        if self._wait_empty(_KILL_WAIT_S):
+            return
+        # A resource tracker that did not exit by itself, or a process stuck in the kernel.
         if self._signal(signal.SIGKILL) and not self._wait_empty(_KILL_WAIT_S):
             raise GroupSurvived(f"vLLM's processes {self.members()} (process group {self.pgid}) are still there "
                                 f"{_KILL_WAIT_S:.0f} s after SIGKILL")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +59,25 @@ def test_a_group_that_stops_on_sigterm_is_not_killed(tmp_path):
     group.end(grace_s=20)
     assert group.members() == [] and group.returncode() == 0  # its own exit, not SIGKILL's
     assert time.monotonic() - start < 10
+
+
+def test_killing_a_group_spares_the_resource_tracker_which_then_removes_the_shared_memory_left(tmp_path):
+    script = ("import signal, time\n"
+              "from multiprocessing import shared_memory\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "print(shared_memory.SharedMemory(create=True, size=1 << 20).name, flush=True)\n"
+              "time.sleep(600)\n")
+    group = ProcessGroup([sys.executable, "-c", script], dict(os.environ), tmp_path / "log")
+    _wait_members(group, 2)  # the script and the resource tracker it started
+    deadline = time.monotonic() + 10
+    while not (name := group.log().strip()):
+        assert time.monotonic() < deadline, "the script did not name its shared memory"
+        time.sleep(0.02)
+    segment = Path("/dev/shm") / name
+    assert segment.is_file()
+    group.end(grace_s=0.5)
+    assert group.members() == [] and group.returncode() == -signal.SIGKILL
+    assert not segment.exists(), "SIGKILL of the resource tracker left the shared memory in /dev/shm"
 
 
 def test_the_log_of_one_instance_is_its_own(tmp_path):
