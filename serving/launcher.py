@@ -54,6 +54,7 @@ from serving.supervisor import (
     ProcessGroup,
     check_unchanged,
     describe_exit,
+    last_error,
     permanent_cause,
     restart_delay,
 )
@@ -248,8 +249,13 @@ class VLLMServer:
                     return
                 except Exception as exc:  # whatever failed, the restart failed: counted, and the supervisor goes on
                     failed += 1
-                    reason = f"failed to restart (restart {self.restarts}: {str(exc).splitlines()[0].rstrip(':')})"
-                    cause = permanent_cause(self.group.log()) if self.group else None
+                    vllm_log = self.group.log() if self.group else ""
+                    # The exception's first line, without the log tail it may carry: the failure message ends with it.
+                    summary = str(exc).splitlines()[0].partition("; last lines of")[0]
+                    error = last_error(vllm_log)
+                    reason = (f"failed to restart (restart {self.restarts}: {summary}"
+                              f"{f'; its log ends with {error}' if error else ''})")
+                    cause = permanent_cause(vllm_log)
                     if cause:
                         await self._give_up(f"vLLM {reason}; its log shows {cause}, which a retry will not change")
                         return

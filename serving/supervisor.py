@@ -54,10 +54,20 @@ def restart_delay(failed: int, base_s: float, cap_s: float) -> float:
     return min(cap_s, base_s * 2 ** failed)
 
 
+def _error_lines(log_text: str) -> list[str]:
+    return [line.strip() for line in log_text.splitlines() if re.search(r"Error|error|ERROR|Exception", line)]
+
+
+def last_error(log_text: str) -> str | None:
+    """The last error line of vLLM's log (its traceback ends with the exception), None if it has none."""
+    lines = _error_lines(log_text)
+    return lines[-1] if lines else None
+
+
 def permanent_cause(log_text: str) -> str | None:
-    """What makes a start-up failure one a restart cannot fix (out of memory, a bad adapter, an unservable model),
-    read from the error lines of vLLM's log; None when nothing says so."""
-    errors = "\n".join(line for line in log_text.splitlines() if re.search(r"Error|error|ERROR|Exception", line))
+    """What makes a start-up failure one a restart cannot fix (out of memory, an adapter vLLM cannot load), read
+    from the error lines of vLLM's log; None when nothing says so."""
+    errors = "\n".join(_error_lines(log_text))
     return next((meaning for pattern, meaning in PERMANENT_CAUSES if pattern.search(errors)), None)
 
 

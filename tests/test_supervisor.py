@@ -14,7 +14,7 @@ import pytest
 
 from serving.adapters import AdapterError, AdapterInfo, adapter_fingerprint
 from serving.config import ConfigError, GatewayConfig
-from serving.supervisor import ProcessGroup, check_unchanged, permanent_cause, restart_delay
+from serving.supervisor import ProcessGroup, check_unchanged, last_error, permanent_cause, restart_delay
 
 # A leader with two children, all of which ignore SIGTERM (as vLLM's orphaned engine core did): only SIGKILL ends them.
 STUBBORN = ["sh", "-c", "trap '' TERM; sleep 600 & sleep 600 & wait"]
@@ -103,6 +103,12 @@ def test_restarts_back_off_exponentially_up_to_the_cap():
 ])
 def test_a_start_up_failure_a_restart_cannot_fix_is_told_from_the_log(log_text, cause):
     assert permanent_cause(f"INFO starting\n{log_text}\nINFO done") == cause
+
+
+def test_the_last_error_line_of_the_log_names_what_failed():
+    text = "INFO starting\nTraceback (most recent call last):\n  File \"x.py\"\nOSError: [Errno 98] Address already in use\n"
+    assert last_error(text) == "OSError: [Errno 98] Address already in use"
+    assert last_error("INFO all well\n") is None
 
 
 def test_adapters_gone_or_changed_since_loaded_are_all_named(tmp_path):
