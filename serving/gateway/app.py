@@ -4,7 +4,7 @@
                                own request to the chosen expert with the identical image bytes; any other
                                model is forwarded to vLLM unchanged (streaming included)
     GET  /v1/models            "auto" plus everything vLLM serves
-    GET  /health               200 only while vLLM is up and warmed
+    GET  /health               200 only while vLLM is up and warmed, and the gateway is not draining
     GET  /metrics              the gateway's Prometheus metrics, then vLLM's
     /admin/...                 the admin API (serving.gateway.admin), when gateway.admin_api_key is set
     anything else              forwarded to vLLM (e.g. /tokenize), but never vLLM's own adapter loading
@@ -50,7 +50,8 @@ _HOP_HEADERS = {"connection", "content-length", "transfer-encoding", "keep-alive
 
 
 class Gateway:
-    """The gateway of one deployment; `ready` is set by the launcher once vLLM is up and warmed.
+    """The gateway of one deployment; `ready` is set by the launcher once vLLM is up and warmed, `draining` once
+    the service is stopping (it refuses new requests then, and /health says so, so that a balancer looks elsewhere).
 
     `adapters` is what vLLM serves at start, under versioned names; `config`, `base` and `config_adapters` as for
     AdapterLifecycle.
@@ -69,6 +70,7 @@ class Gateway:
         self.admin = AdminRoutes(self.settings, self.lifecycle, self._check_ready)
         self.ready = False
         self._sync: asyncio.Task | None = None
+        self.draining = False
         self._slots = asyncio.Semaphore(self.settings.max_in_flight)
         self._waiting = 0
 
@@ -134,6 +136,8 @@ class Gateway:
     # -- routes
 
     async def health(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503, headers=retry_after())
         if not self.ready:
             return web.json_response({"status": "starting"}, status=503, headers=retry_after())
         if not await self.upstream.healthy():
@@ -181,6 +185,9 @@ class Gateway:
     # -- admission and relaying
 
     def _check_ready(self) -> None:
+        if self.draining:
+            raise GatewayError(503, "the service is stopping; retry on another replica", type="server_error",
+                               code="shutting_down", headers=retry_after())
         if not self.ready:
             raise GatewayError(503, "vLLM is not ready (starting or restarting); retry shortly",
                                type="server_error", code="upstream_unavailable", headers=retry_after())
