@@ -180,7 +180,7 @@ def test_value_types_are_checked_in_one_place_and_every_problem_is_listed(tmp_pa
     path.write_text("engine:\n  kv_cache_gib: 1e0\n  gpu_memory_utilization: 9e-1\nclient:\n  min_confidence: 5e-1\n")
     cfg = load_config(path)
     assert (cfg.engine.kv_cache_gib, cfg.engine.gpu_memory_utilization) == (1.0, 0.9)
-    assert cfg.client == {"min_confidence": "5e-1"}  # typed by ClientConfig, which checks it the same way
+    assert cfg.client.min_confidence == 0.5
     path.write_text("model: {served_name: 7}\nengine: {max_pixels: abc, port: http, gpus: 2}\n"
                     "experts: [{name: a}]\n")
     with pytest.raises(ConfigError) as info:
@@ -199,3 +199,28 @@ def test_client_and_serving_config_errors_are_one_kind():
 
     assert ConfigError is SharedConfigError
     assert issubclass(ClientConfigError, SharedConfigError) and issubclass(ClientConfigError, RouterClientError)
+
+
+@pytest.mark.parametrize("command", ["serving", "serving --check", "router_client", "router_client.batch",
+                                     "serving.admin"])
+def test_a_typo_in_the_routing_section_is_refused_by_every_command_before_anything_starts(command, tmp_path, capsys):
+    import router_client.__main__
+    import router_client.batch
+    import serving.__main__
+    import serving.admin
+
+    mains = {"serving": serving.__main__.main, "router_client": router_client.__main__.main,
+             "router_client.batch": router_client.batch.main, "serving.admin": serving.admin.main}
+    module, *flags = command.split()
+    path = tmp_path / "configs" / "d.yaml"
+    path.parent.mkdir()
+    path.write_text(load_config("configs/tiny-cpu.yaml").source.read_text().replace(
+        "  fallback: error", "  fallback: expert:weather\n  min_confidense: 0.5\n  temperature: -1"))
+    extra = {"router_client": [str(tmp_path / "screen.png")], "serving.admin": ["state"],
+             "router_client.batch": ["--input", str(tmp_path), "--output", str(tmp_path / "out.jsonl")]}
+    code = mains[module](["--config", str(path), *flags, *extra.get(module, [])])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"error: {path}: ") and len(err.strip().splitlines()) == 1
+    for part in ("unknown key(s) in client: min_confidense", "client.temperature must be > 0"):
+        assert part in err

@@ -134,7 +134,7 @@ class AdapterLifecycle:
                     raise GatewayError(409, f"{name} is a label of the {role} router {router.served_as}: it would "
                                             "route requests to nothing; promote or roll back to a router without "
                                             "it first", code="adapter_in_use")
-            if self.config.client.get("fallback") == f"expert:{name}":
+            if self.config.client.fallback == f"expert:{name}":
                 raise GatewayError(409, f"{name} is the fallback (client.fallback): it cannot be removed",
                                    code="adapter_in_use")
             adapters = dataclasses.replace(self.adapters, experts=tuple(e for e in self.adapters.experts
