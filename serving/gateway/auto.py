@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from lora_router.deployment import DeploymentConfig
-from lora_router.images import InvalidImageError, PreparedImage, prepare_image
+from lora_router.images import InvalidImageError, PreparedImage, TooManyPixelsError, prepare_image
 from lora_router.openai_wire import ResponseFormatError, read_completion
 from lora_router.routing import RouteDecision, RouteRefused
 from serving.gateway.lifecycle import AdapterLifecycle
@@ -103,6 +103,10 @@ class AutoRoute:
             # Decoding and PNG encoding take CPU time; off the event loop, other requests keep flowing.
             return await asyncio.to_thread(prepare_image, data, max_pixels=self.config.engine.max_pixels,
                                            max_image_pixels=self.settings.max_image_pixels)
+        except TooManyPixelsError as exc:
+            raise GatewayError(400, f"image has too many pixels ({exc.width}x{exc.height} = "
+                                    f"{exc.width * exc.height:,}), over gateway.max_image_pixels ({exc.limit:,}); "
+                                    "send a smaller screenshot", param="messages", code="image_too_large") from None
         except InvalidImageError as exc:
             raise GatewayError(400, f"image: {exc}", param="messages", code="invalid_image") from None
 

@@ -8,16 +8,14 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import io
 import json
 import posixpath
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from PIL import Image
 
-from lora_router.images import PreparedImage
+from lora_router.images import PreparedImage, open_header
 from lora_router.openai_wire import error_body
 from lora_router.routing import RouteDecision
 
@@ -144,7 +142,7 @@ def png_as_sent(data: bytes, *, max_pixels: int | None, max_image_pixels: int,
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
         return None
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_header(data)
         width, height = image.size
         fits = width * height <= min(max_pixels or max_image_pixels, max_image_pixels)
         if image.mode != "RGB" or "transparency" in image.info or not fits:
