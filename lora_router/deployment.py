@@ -180,6 +180,12 @@ class GatewayConfig:
     drain_timeout_s: float = field(default=60.0, metadata={
         "help": "Seconds an adapter being removed may take to finish its in-flight requests before it is unloaded "
                 "anyway."})
+    public_metrics: bool = field(default=False, metadata={
+        "help": "Serve /metrics without the service key even when engine.host is not loopback (on loopback it is "
+                "always open); off, a scraper sends 'Authorization: Bearer <engine.api_key>'."})
+    log_format: Literal["text", "json"] = field(default="text", metadata={
+        "help": "Access-log lines (one per request: id, method, path, model, expert, router version, status, route "
+                "and total ms): 'text' key=value pairs, or 'json' one JSON object a line."})
     state_file: str | None = field(default=None, metadata={
         "help": "Where the admin API keeps the live adapters and router versions, read back at start (relative: "
                 "against the config file's folder); None: <config name>.state.json next to the config file."})

@@ -218,6 +218,10 @@ class ServedNames:
             if not self._in_flight[served]:
                 del self._in_flight[served]
 
+    def is_public(self, name: str) -> bool:
+        """Whether `name` is a published adapter name (the live router or an expert)."""
+        return name in self._names
+
     def in_flight(self, served: str) -> int:
         return self._in_flight[served]
 

@@ -25,6 +25,7 @@ from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import (
     AutoRequest,
     GatewayError,
+    RequestRecord,
     check_remote_url,
     decode_data_url,
     expert_body,
@@ -50,40 +51,35 @@ class AutoRoute:
         self.metrics = metrics
         self._ranks = itertools.cycle(range(config.engine.data_parallel_size))
 
-    async def answer(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    async def answer(self, request: web.Request, body: dict[str, Any], record: RequestRecord) -> web.StreamResponse:
+        """The expert's answer to an auto request; `record` gets the route (expert, router version, route time) for
+        the access log and the metrics, and names both stages in vLLM (`<request id>-router`, `-expert`)."""
         start = time.perf_counter()
-        outcome, expert = "error", ""
-        try:
-            auto = parse_auto_request(body)
-            image = await self._prepare(auto)
-            image_s = time.perf_counter() - start
-            rank = next(self._ranks) if self.config.engine.data_parallel_size > 1 else None
-            decision = await self._route(image, rank)
-            expert = decision.expert
-            headers = routing_headers(decision)
-            self.lifecycle.shadow.submit(image.data_url, decision, rank)
-            prompt = self.lifecycle.prompts.get(expert) or self.lifecycle.policy.base_prompt
-            expert_start = time.perf_counter()
-            with self.lifecycle.names.hold(expert) as served:
-                sent = expert_body(auto, served, image.data_url, prompt)
-                if auto.stream:
-                    response = await self._stream(request, sent, headers, rank)
-                else:
-                    answer = await self.upstream.json("POST", "/v1/chat/completions", sent, rank)
-                    answer["model"] = expert
-                    answer["routing"] = decision.to_wire()
-                    response = web.json_response(answer, headers=headers)
-            for stage, seconds in (("image", image_s), ("route", decision.latency_s),
-                                   ("expert", time.perf_counter() - expert_start),
-                                   ("total", time.perf_counter() - start)):
-                self.metrics.latency.labels(stage).observe(seconds)
-            outcome = "ok"
-            return response
-        except GatewayError as exc:
-            outcome = "refused" if exc.status == 422 else "bad_request" if exc.status < 500 else "error"
-            raise
-        finally:
-            self.metrics.requests.labels(self.settings.auto_model, expert, outcome).inc()
+        auto = parse_auto_request(body)
+        image = await self._prepare(auto)
+        image_s = time.perf_counter() - start
+        rank = next(self._ranks) if self.config.engine.data_parallel_size > 1 else None
+        decision = await self._route(image, rank, record)
+        expert = decision.expert
+        headers = routing_headers(decision)
+        self.lifecycle.shadow.submit(image.data_url, decision, rank, f"{record.request_id}-shadow")
+        prompt = self.lifecycle.prompts.get(expert) or self.lifecycle.policy.base_prompt
+        expert_start = time.perf_counter()
+        expert_id = f"{record.request_id}-expert"
+        with self.lifecycle.names.hold(expert) as served:
+            sent = expert_body(auto, served, image.data_url, prompt)
+            if auto.stream:
+                response = await self._stream(request, sent, headers, rank, expert_id)
+            else:
+                answer = await self.upstream.json("POST", "/v1/chat/completions", sent, rank, expert_id)
+                answer["model"] = expert
+                answer["routing"] = decision.to_wire()
+                response = web.json_response(answer, headers=headers)
+        for stage, seconds in (("image", image_s), ("route", decision.latency_s),
+                               ("expert", time.perf_counter() - expert_start),
+                               ("total", time.perf_counter() - start)):
+            self.metrics.latency.labels(stage).observe(seconds)
+        return response
 
     async def _prepare(self, auto: AutoRequest) -> PreparedImage:
         url = auto.image.url
@@ -126,13 +122,16 @@ class AutoRoute:
             raise GatewayError(413, f"image at URL is over {self.settings.max_body_mb:g} MB", code="body_too_large")
         return data
 
-    async def _route(self, image: PreparedImage, rank: int | None) -> RouteDecision:
+    async def _route(self, image: PreparedImage, rank: int | None, record: RequestRecord) -> RouteDecision:
         policy = self.lifecycle.policy  # a request that started routing on one policy finishes on it
+        record.router = policy.router_name
         start = time.perf_counter()
         with self.lifecycle.names.hold(policy.router_name):
-            answer = await self.upstream.json("POST", "/v1/chat/completions", policy.request(image.data_url), rank)
+            answer = await self.upstream.json("POST", "/v1/chat/completions", policy.request(image.data_url), rank,
+                                              f"{record.request_id}-router")
+        record.route_s = time.perf_counter() - start
         try:
-            outcome = policy.decide(read_completion(answer), latency_s=time.perf_counter() - start)
+            outcome = policy.decide(read_completion(answer), latency_s=record.route_s)
         except ResponseFormatError as exc:
             raise GatewayError(502, f"the router's answer is unusable: {exc}", type="server_error",
                                code="upstream_failed") from None
@@ -144,11 +143,13 @@ class AutoRoute:
             raise GatewayError(422, f"route refused: {outcome.message} (fallback is 'error')", type="routing_error",
                                code=outcome.reason, headers={"x-route-fallback": outcome.reason,
                                                              "x-route-confidence": f"{outcome.confidence:.4f}"})
+        record.expert = outcome.expert
         return outcome
 
     async def _stream(self, request: web.Request, body: dict[str, Any], headers: dict[str, str],
-                      rank: int | None) -> web.StreamResponse:
-        async with self.upstream.call("POST", "/v1/chat/completions", body, rank=rank) as upstream:
+                      rank: int | None, request_id: str) -> web.StreamResponse:
+        async with self.upstream.call("POST", "/v1/chat/completions", body, rank=rank,
+                                      request_id=request_id) as upstream:
             if upstream.status != 200:
                 raise upstream_error(upstream.status, await upstream.read(), "/v1/chat/completions")
             response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",

@@ -354,8 +354,8 @@ class AdapterLifecycle:
         try:
             return await self.upstream.read("POST", path, body)
         except UpstreamError as exc:
-            raise GatewayError(502, f"vLLM answered {path} with {exc.status}: {exc.message}", type="server_error",
-                               code="upstream_failed") from None
+            raise GatewayError(502, f"vLLM answered {path} with {exc.upstream_status}: {exc.upstream_message}",
+                               type="server_error", code="upstream_failed") from None
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> Any:
         try:
