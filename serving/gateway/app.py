@@ -54,6 +54,8 @@ access_log = logging.getLogger("serving.gateway.access")
 RECORD = web.RequestKey("record", RequestRecord)
 # Paths a prober or scraper calls every few seconds: no access-log line, or they would drown the others.
 _QUIET_PATHS = ("/health", "/metrics")
+# aiohttp's own refusals (no such route, a method the route does not take) by code; any other 4xx: invalid_request.
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
 # The caller's status for a request it gave up on before the answer (nginx's convention).
 _CLIENT_CLOSED = 499
 # Access-log values written as they are; any other is quoted (a caller's model name must not forge a field).
@@ -158,7 +160,7 @@ class Gateway:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "invalid_request")
+            code = HTTP_ERROR_CODES.get(exc.status, "invalid_request")
             return _error_response(GatewayError(exc.status, exc.text or exc.reason, code=code))
         except Exception:
             # A bug, not the caller's fault: said in OpenAI's shape all the same, and logged whole.
