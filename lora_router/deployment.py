@@ -118,6 +118,10 @@ class EngineConfig:
     lora_headroom: int = field(default=2, metadata={
         "help": "With the admin API on and max_loras derived: adapter slots kept free beyond the served ones, for "
                 "experts and router candidates added at runtime."})
+    accept_pixel_mismatch: bool = field(default=False, metadata={
+        "help": "Serve adapters whose manifest says they were trained at other min/max pixels than the engine "
+                "serves (engine.min_pixels / max_pixels, else the model processor's defaults); off, they are "
+                "refused, naming both: a router's accuracy depends on the image size it sees."})
     api_key: str | None = field(default=None, metadata={
         "help": "Bearer key the server requires; None reads $LORA_ROUTER_API_KEY, unset means no auth."})
     startup_timeout_s: float = field(default=600.0, metadata={"help": "Deadline for the server to become ready."})

@@ -25,6 +25,7 @@ from serving.adapters import (
     base_fingerprint,
     check_adapter,
     check_adapters,
+    served_pixel_limits,
 )
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,8 @@ def load_adapters(config: DeploymentConfig, base_model_dir: str | None) -> tuple
     if previous is not None:
         # Its labels may name an expert removed since: rollback refuses then, the restart need not.
         problems, previous_info = check_adapter(previous.config(), Path(previous.path),
-                                                base_fingerprint(base_model_dir), config.engine)
+                                                base_fingerprint(base_model_dir), config.engine,
+                                                served_pixel_limits(config.engine, base_model_dir))
     records = ([state.router] if state.router else []) + state.experts
     for record, info in [*zip(records, infos), *([(previous, previous_info)] if previous else [])]:
         if info.fingerprint != record.fingerprint:

@@ -195,6 +195,16 @@ async def test_an_adapter_that_answers_as_the_base_model_is_refused_as_noop_and_
         assert r.status == 200 and (await r.json())["added"]["name"] == "weather"
 
 
+async def test_an_adapter_trained_at_other_pixel_limits_is_refused_by_the_admin_api(fake_vllm, tmp_path):
+    async with gateway_on(fake_vllm, tmp_path, engine={"max_pixels": 32768}) as (gw, client):
+        stand_in_adapter(tmp_path / "checkpoints" / "weather", max_pixels=65536)
+        r = await admin(client, "POST", "/admin/adapters", json={"name": "weather", "path": "checkpoints/weather"})
+        error = await error_of(r)
+        assert (r.status, error["code"]) == (400, "adapter_refused")
+        assert "trained at max_pixels=65536, but the engine serves max_pixels=32768 (engine.max_pixels)" in error["message"]
+        assert not [s for s in fake_vllm.requests if s.path.endswith("load_lora_adapter")]  # refused before loading
+
+
 async def test_a_state_file_that_cannot_be_written_changes_nothing(fake_vllm, tmp_path):
     (tmp_path / "not-a-folder").write_text("")
     state_file = str(tmp_path / "not-a-folder" / "state.json")
