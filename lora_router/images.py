@@ -93,12 +93,11 @@ def open_header(data: bytes) -> Image.Image:
     Image.init()
     for name in Image.ID:
         factory, accept = Image.OPEN[name]
-        if accept is not None and accept(data[:16]) is not True:
-            continue
         try:
-            return factory(io.BytesIO(data), "")
+            if accept is None or accept(data[:16]) is True:
+                return factory(io.BytesIO(data), "")
         except (SyntaxError, IndexError, TypeError, struct.error):
-            continue  # as Image.open: that format's reader does not take it; the next may
+            continue  # as Image.open: that format's reader does not take it (a short prefix too); the next may
     raise UnidentifiedImageError("cannot identify image data")
 
 

@@ -174,7 +174,7 @@ class FakeVLLM:
     async def _chat(self, request: web.Request) -> web.Response:
         body = request[BODY]
         requested = body.get("model")
-        if requested in self.fail_models:
+        if isinstance(requested, str) and requested in self.fail_models:
             return _error(self.fail_models[requested], f"scripted failure of {requested}", {})
         model = requested.split("@")[0] if isinstance(requested, str) else requested
         if model not in self.models and model != self.auto_model:

@@ -121,3 +121,9 @@ def test_router_client_prepare_image_raises_the_clients_error_and_servings():
         router_client.prepare_image(b"")
     assert isinstance(caught.value, router_client.RouterClientError) and isinstance(caught.value, InvalidImageError)
     assert router_client.PreparedImage is PreparedImage
+
+
+@pytest.mark.parametrize("data", [b"\x00", b"BM", b"\x89PN", b"GIF8"])
+def test_a_few_bytes_are_no_image(data):
+    with pytest.raises(InvalidImageError, match="not an image"):
+        prepare_image(data)
