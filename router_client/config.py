@@ -20,6 +20,7 @@ from lora_router.openai_wire import root_url
 from router_client import _constants as C
 from router_client.errors import ClientConfigError
 
+
 @dataclass
 class ClientConfig:
     """Settings of one RouterClient."""

@@ -53,8 +53,8 @@ async def gateway_on(fake: FakeVLLM, root: Path, **sections: dict[str, Any]) -> 
         "router": {"name": "router", "path": str(router)},
         "experts": [{"name": n, "path": str(p), "prompt": f"Do the {n} task."} for n, p in zip(LABELS, experts)],
         "engine": {"port": 0, "api_key": KEY, "max_loras": 8, "max_lora_rank": 8, **sections.get("engine", {})},
-        "gateway": {"admin_api_key": ADMIN_KEY, "adapter_dirs": [str(checkpoints)], "state_file": str(root / "state.json"),
-                    **sections.get("gateway", {})},
+        "gateway": {"admin_api_key": ADMIN_KEY, "adapter_dirs": [str(checkpoints)],
+                    "state_file": str(root / "state.json"), **sections.get("gateway", {})},
         "client": {"router_mode": "choice", **sections.get("client", {})},
     }
     config = from_dict(data, root=root)

@@ -365,10 +365,11 @@ def test_a_bad_client_section_is_refused_when_the_deployment_loads(setting, mess
 
 
 def test_the_client_section_reaches_the_client_config():
-    dep = load_config("configs/tiny-cpu.yaml", ["client.timeout_s=7", "client.max_pixels=1000", "engine.max_pixels=5000"])
-    cfg = ClientConfig.from_deployment(dep)
+    engine = "engine.max_pixels=5000"
+    cfg = ClientConfig.from_deployment(load_config("configs/tiny-cpu.yaml", [engine, "client.timeout_s=7",
+                                                                             "client.max_pixels=1000"]))
     assert (cfg.timeout_s, cfg.max_pixels) == (7.0, 1000)  # the section wins over what the engine section implies
-    assert ClientConfig.from_deployment(load_config("configs/tiny-cpu.yaml", ["engine.max_pixels=5000"])).max_pixels == 5000
+    assert ClientConfig.from_deployment(load_config("configs/tiny-cpu.yaml", [engine])).max_pixels == 5000
 
 
 def test_port_zero_needs_base_url():

@@ -137,7 +137,8 @@ async def test_a_request_id_is_followed_through_both_stages_and_logged(fake_vllm
         for headers in ({}, {"x-request-id": "two words forged=1"}):
             r = await client.post("/v1/chat/completions", json=auto_body(), headers=headers)
             generated = r.headers["x-request-id"]
-            assert len(generated) == 32 and fake_vllm.chat_requests()[-1].headers["X-Request-Id"] == f"{generated}-expert"
+            assert len(generated) == 32
+            assert fake_vllm.chat_requests()[-1].headers["X-Request-Id"] == f"{generated}-expert"
 
 
 async def test_json_access_log_lines_and_every_error_names_its_request(fake_vllm, tmp_path, capsys, caplog):
@@ -201,7 +202,8 @@ async def test_an_adapter_trained_at_other_pixel_limits_is_refused_by_the_admin_
         r = await admin(client, "POST", "/admin/adapters", json={"name": "weather", "path": "checkpoints/weather"})
         error = await error_of(r)
         assert (r.status, error["code"]) == (400, "adapter_refused")
-        assert "trained at max_pixels=65536, but the engine serves max_pixels=32768 (engine.max_pixels)" in error["message"]
+        assert ("trained at max_pixels=65536, but the engine serves max_pixels=32768 (engine.max_pixels)"
+                in error["message"])
         assert not [s for s in fake_vllm.requests if s.path.endswith("load_lora_adapter")]  # refused before loading
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-
 from lora_router.images import PreparedImage, open_header
 from lora_router.openai_wire import error_body
 from lora_router.routing import RouteDecision
