@@ -27,12 +27,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import multiprocessing
 import os
 import random
 import resource
-import signal
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -50,6 +47,7 @@ from benchmarks.hf_baselines import BaselineResult
 from benchmarks.metrics import PhaseMetrics, server_ttft, summarise
 from benchmarks.peer import PeerResult
 from benchmarks.pool import BenchItem, ScreenPool
+from benchmarks.server import Served, ServerProcess
 from benchmarks.server_metrics import GATEWAY_STAGE, ServerSnapshot, scrape
 from benchmarks.targets import Agreement, Roles, Target, agreement, evaluate
 from benchmarks.workloads import (
@@ -64,14 +62,12 @@ from benchmarks.workloads import (
     run_request,
     two_stage,
 )
-from lora_router.configuration import setup_logging
 from lora_router.deployment import DeploymentConfig
 from lora_router.openai_wire import bearer_headers
 from lora_router.routing import ROUTER_MODES
 from router_client import ClientConfig, RouterClient
 from serving.adapters import max_rank_for
-from serving.command import ServerCommand, cpu_threads
-from serving.launcher import VLLMServer
+from serving.command import cpu_threads
 from training.inference import load_processor, pixel_limits
 from training.screens import KINDS
 from training.tiny_model import resolve_base_model
@@ -368,71 +364,6 @@ class _Run:
                           output_len=output_len, returncode=code, result=result, server=server.counters,
                           server_ttft_s=server_ttft(server), server_means_s=server.means(), client_cpu_s=cpu,
                           log_tail=tail)
-
-
-@dataclass(frozen=True)
-class Served:
-    """What the benchmark needs of the server it started: the gateway's API root, vLLM's own and its key, and the
-    command that started vLLM."""
-
-    base_url: str
-    upstream_url: str
-    upstream_key: str
-    command: ServerCommand
-    served_names: dict[str, str]  # public adapter name -> the versioned name vLLM serves it under
-
-
-class ServerProcess:
-    """serving.launcher.VLLMServer (vLLM and the gateway) in a child process, the shape `python -m serving` has:
-    run in this process, the gateway's event loop shared an interpreter, and so the GIL, with the load generator's,
-    and its throughput at c=16 was 16% below the client-side path's on twins of the same screenshots."""
-
-    def __init__(self, deployment: DeploymentConfig, log_path: Path) -> None:
-        context = multiprocessing.get_context("spawn")  # a clean interpreter: no fork of this one's threads
-        self._conn, self._child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(deployment, log_path, self._child), name="vllm-server",
-                                        daemon=True)
-
-    async def start(self) -> Served:
-        """Start the child and wait until the server is ready; its start-up error is raised here."""
-        self._process.start()
-        self._child.close()  # the child's end lives in the child now: its exit reads as EOF here
-        answer = await asyncio.to_thread(self._conn.recv)
-        if isinstance(answer, BaseException):
-            self._process.join()
-            raise answer
-        return answer
-
-    def stop(self) -> None:
-        """Ask the child to stop the server and wait for it."""
-        if self._process.is_alive():
-            self._conn.send("stop")
-            self._process.join(timeout=120)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join()
-
-
-def _serve(deployment: DeploymentConfig, log_path: Path, conn) -> None:
-    """The child: start the server, send Served (or the start-up error), serve until told to stop."""
-    # multiprocessing's terminate() sends SIGTERM: leave through `finally`, so vLLM is stopped too.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    setup_logging()
-    server = VLLMServer(deployment, log_path=log_path)
-    try:
-        try:
-            asyncio.run(server.start())
-        except Exception as exc:  # any start-up failure goes to the parent, which raises it
-            conn.send(exc)
-            return
-        conn.send(Served(server.base_url, server.upstream_url, server.upstream_key, server.command,
-                         server.adapters.public_names()))
-        try:
-            conn.recv()
-        except EOFError:  # the parent is gone
-            pass
-    finally:
-        server.stop()
 
 
 def _cpu_s(who: int) -> float:

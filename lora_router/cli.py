@@ -4,6 +4,7 @@
     lora-router route      python -m router_client           (plain install)
     lora-router batch      python -m router_client.batch     (plain install)
     lora-router admin      python -m serving.admin           (plain install)
+    lora-router balance    python -m serving.balancer        (extra: fleet)
     lora-router train      python -m training.train_qwen     (extra: train)
     lora-router bench      python -m benchmarks.load         (extras: cpu or gpu, and train)
     lora-router quickstart python -m benchmarks.quickstart   (extras: cpu or gpu, and train)
@@ -25,6 +26,7 @@ COMMANDS = {
     "route": ("router_client", "route one screenshot and run the chosen expert"),
     "batch": ("router_client.batch", "route a folder of screenshots or an OpenAI Batch file"),
     "admin": ("serving.admin", "add or remove experts, shadow and promote routers on a running deployment"),
+    "balance": ("serving.balancer", "run the balancer (Caddy) in front of a fleet of replicas"),
     "train": ("training.train_qwen", "train a router or expert LoRA with the project's trainer"),
     "bench": ("benchmarks.load", "load-test a deployment (latency, throughput, baselines)"),
     "quickstart": ("benchmarks.quickstart", "the main job: train, serve and route end to end on the tiny default"),

@@ -170,7 +170,17 @@ class GatewayConfig:
     image_url_hosts: list[str] = field(default_factory=list, metadata={
         "help": "Hosts whose http(s) image URLs the gateway may fetch; empty: data URLs only (no SSRF)."})
     max_restarts: int = field(default=3, metadata={
-        "help": "Times vLLM is restarted after it dies before the launcher gives up."})
+        "help": "Restarts of vLLM allowed over the service's life, failed ones (start-up timeout included) counted "
+                "too; once they are spent and vLLM dies or fails to start again, the service exits non-zero with the "
+                "reason."})
+    restart_backoff_s: float = field(default=1.0, metadata={
+        "help": "Seconds before restarting vLLM after it died; each failed restart of the same outage waits twice "
+                "as long as the one before, up to restart_backoff_max_s."})
+    restart_backoff_max_s: float = field(default=30.0, metadata={
+        "help": "Longest wait between two restarts of vLLM."})
+    drain_grace_s: float = field(default=30.0, metadata={
+        "help": "On SIGTERM or Ctrl-C: seconds the requests in flight may take to finish, with /health already "
+                "answering 503 and new requests refused, before the gateway and vLLM are stopped anyway."})
     admin_api_key: str | None = field(default=None, metadata={
         "help": "Bearer key of the admin API (/admin/...: add and remove adapters, shadow and promote routers); "
                 "None reads $LORA_ROUTER_ADMIN_KEY; unset: the admin API is off and vLLM cannot load adapters at "
@@ -192,7 +202,11 @@ class GatewayConfig:
                 "and total ms): 'text' key=value pairs, or 'json' one JSON object a line."})
     state_file: str | None = field(default=None, metadata={
         "help": "Where the admin API keeps the live adapters and router versions, read back at start (relative: "
-                "against the config file's folder); None: <config name>.state.json next to the config file."})
+                "against the config file's folder); None: <config name>.state.json next to the config file. "
+                "Replicas that name one file on a shared folder share one desired state."})
+    sync_interval_s: float = field(default=5.0, metadata={
+        "help": "Seconds between checks of the state file for a change another replica made (then this replica "
+                "loads, swaps and unloads to match it); 0: never (a single replica needs none)."})
 
     def __post_init__(self) -> None:
         check_types(self, "gateway")
@@ -205,11 +219,19 @@ class GatewayConfig:
         for name in ("max_queue", "max_restarts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"gateway.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_body_mb", "upstream_timeout_s", "drain_timeout_s"):
+        for name in ("max_body_mb", "upstream_timeout_s", "drain_timeout_s", "restart_backoff_max_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"gateway.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("restart_backoff_s", "drain_grace_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"gateway.{name} must be >= 0, got {getattr(self, name)}")
+        if self.restart_backoff_s > self.restart_backoff_max_s:
+            raise ConfigError(f"gateway.restart_backoff_s ({self.restart_backoff_s:g}) must not exceed "
+                              f"gateway.restart_backoff_max_s ({self.restart_backoff_max_s:g})")
         if not 0 <= self.shadow_fraction <= 1:
             raise ConfigError(f"gateway.shadow_fraction must be in [0, 1], got {self.shadow_fraction}")
+        if self.sync_interval_s < 0:
+            raise ConfigError(f"gateway.sync_interval_s must be >= 0, got {self.sync_interval_s}")
 
     @property
     def admin_enabled(self) -> bool:

@@ -86,13 +86,16 @@ class RouteDecision:
     prompt_tokens: int
     completion_tokens: int
     fallback_reason: FallbackReason | None = None
+    router: str | None = None
+    """The router version that routed (its versioned name, e.g. router@3f2a9c01b7de), when the gateway routed."""
 
     def to_wire(self) -> dict[str, Any]:
         """The `routing` object of the gateway's answer to model `auto`."""
         return {"expert": self.expert, "confidence": self.confidence, "probabilities": self.probabilities,
                 "mode": self.mode, "router_latency_ms": round(self.latency_s * 1000, 2),
                 "fallback_reason": self.fallback_reason, "router_text": self.raw,
-                "router_prompt_tokens": self.prompt_tokens, "router_completion_tokens": self.completion_tokens}
+                "router_prompt_tokens": self.prompt_tokens, "router_completion_tokens": self.completion_tokens,
+                "router": self.router}
 
     @classmethod
     def from_wire(cls, obj: Any) -> RouteDecision:
@@ -102,7 +105,8 @@ class RouteDecision:
                        probabilities={str(k): float(v) for k, v in obj["probabilities"].items()},
                        mode=obj["mode"], latency_s=float(obj["router_latency_ms"]) / 1000, raw=str(obj["router_text"]),
                        prompt_tokens=int(obj["router_prompt_tokens"]),
-                       completion_tokens=int(obj["router_completion_tokens"]), fallback_reason=obj["fallback_reason"])
+                       completion_tokens=int(obj["router_completion_tokens"]), fallback_reason=obj["fallback_reason"],
+                       router=obj.get("router"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ResponseFormatError(f"no usable routing object ({type(exc).__name__}: {exc})") from None
 

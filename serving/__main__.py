@@ -3,13 +3,19 @@
 Checks every adapter, starts vLLM on loopback, waits until it is healthy, lists every adapter, warmed up and
 probed, starts the routing gateway on engine.host:engine.port (model "auto" routes a screenshot), then prints one
 READY line naming the gateway's URL. `--check` runs every start-up check that needs no vLLM and exits (0, or 2
-with every problem listed; serving.check). Ctrl-C / SIGTERM stop both cleanly. If vLLM dies, the gateway answers 503
-and the launcher restarts vLLM (at most gateway.max_restarts times); past that it exits non-zero with vLLM's error.
+with every problem listed; serving.check). If vLLM dies, the gateway answers 503 and the launcher ends what is left
+of it and restarts it (at most gateway.max_restarts times, backing off exponentially); past that, or when a restart
+fails for a reason a retry cannot fix, it exits 1 with the reason and vLLM's error.
+
+SIGTERM or Ctrl-C drains: /health answers 503 at once and new requests are refused, the requests in flight finish
+(at most gateway.drain_grace_s), then the gateway and vLLM stop and the exit status is 0. During start-up they stop
+vLLM at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -34,20 +40,34 @@ class ServeArguments(DeploymentArguments):
 
 
 async def serve(config: DeploymentConfig, log_path: Path | None) -> int:
-    """Run the server until a signal arrives (exit 0) or vLLM dies (exit 1)."""
+    """Run the server until a signal arrives (drain, stop, exit 0) or vLLM dies past its restarts (exit 1)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with VLLMServer(config, log_path=log_path) as server:
+    server = VLLMServer(config, log_path=log_path)
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            log.info("stopped while starting; stopping vLLM")
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return 0
+        starting.result()  # a start-up failure ends here
         print(ready_line(server, [a.name for a in server.config.adapters]), flush=True)
         while not stop.is_set():
             server.check_alive()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
+        log.info("draining: /health answers 503; the requests in flight have %g s to finish",
+                 server.config.gateway.drain_grace_s)
+        await server.drain()
         log.info("stopping the gateway and vLLM")
+    finally:
+        stopping.cancel()
+        server.stop()
     return 0
 
 

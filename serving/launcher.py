@@ -11,8 +11,12 @@ vLLM serves each under a versioned name; its LoRA slots and rank limit are fixed
 engine.max_lora_rank, engine.lora_headroom) and kept through restarts.
 
 vLLM itself listens on loopback, on an internal port, with an internally generated key: only the gateway
-reaches it. If vLLM dies, the gateway answers 503 at once and the launcher restarts vLLM (at most
-gateway.max_restarts times), warms it up and serves again.
+reaches it. It runs in its own process group, which every way out ends whole and waits for (serving.supervisor).
+If vLLM dies (its API server exits, or its engine core dies and /health says so), the gateway answers 503 at once;
+the launcher ends what is left of the old instance, restarts vLLM after an exponential back-off
+(gateway.restart_backoff_s), warms it up and serves again. Past gateway.max_restarts restarts (failed ones count),
+or on a restart that failed for a reason a retry cannot fix, `failure` says why and `python -m serving` exits 1.
+drain() stops taking requests and waits for those in flight, as `python -m serving` does on SIGTERM.
 
 Use as a library (tests, benchmarks):
 
@@ -28,7 +32,6 @@ import dataclasses
 import logging
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import threading
@@ -41,18 +44,32 @@ from aiohttp import web
 
 from lora_router import openai_wire
 from lora_router.deployment import ConfigError, DeploymentConfig
-from serving.adapters import AdapterInfo, base_fingerprint
+from serving.adapters import AdapterError, AdapterInfo, base_fingerprint
 from serving.check import open_host_problem, resolve_model
 from serving.command import ServerCommand, build_command, lora_limits
 from serving.gateway.app import Gateway
+from serving.gateway.metrics import PREFIX
 from serving.lifecycle import AdapterSet, config_adapters, load_adapters
 from serving.probe import PROBE_TEXT, ProbeAnswer, ProbeError, ask, warm_up_and_probe
+from serving.supervisor import (
+    GroupSurvived,
+    ProcessGroup,
+    check_unchanged,
+    describe_exit,
+    last_error,
+    permanent_cause,
+    restart_delay,
+)
 
 log = logging.getLogger(__name__)
 
-# Seconds between readiness polls, and the grace period between SIGTERM and SIGKILL on stop.
+# Seconds between readiness and liveness polls, between two looks at the requests in flight while draining, and
+# the grace periods between SIGTERM and SIGKILL when vLLM is ended: with its API server alive, and without it (the
+# orphans have nothing left to finish; an orphaned engine core was seen to take over 30 s to honour SIGTERM).
 _POLL_S = 1.0
+_DRAIN_POLL_S = 0.1
 _STOP_GRACE_S = 30.0
+_ORPHAN_GRACE_S = 5.0
 
 
 class ServerError(RuntimeError):
@@ -82,7 +99,7 @@ class VLLMServer:
         self.log_path = Path(log_path) if log_path else Path("runs") / f"vllm-{self.port}.log"
         self.warm_up = warm_up
         self.probe = probe
-        self.process: subprocess.Popen | None = None
+        self.group: ProcessGroup | None = None
         self.model_path: str | None = None
         self.adapters: AdapterSet | None = None
         self.command: ServerCommand | None = None
@@ -93,6 +110,11 @@ class VLLMServer:
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
         self._supervisor: asyncio.Task | None = None
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """vLLM's API server, the leader of its process group."""
+        return self.group.process if self.group else None
 
     @property
     def root_url(self) -> str:
@@ -155,7 +177,8 @@ class VLLMServer:
                                                                              max_lora_rank=max_rank))
         await self._launch_vllm(self.adapters.all(), warm_up=self.warm_up, probe=self.probe)
         self.gateway = Gateway(self.config, self.upstream_root, self.upstream_key, self.adapters,
-                               base=base_fingerprint(self.model_path), config_adapters=own_adapters)
+                               base=base_fingerprint(self.model_path), config_adapters=own_adapters,
+                               replica=f"{socket.gethostname()}:{self.port}")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="gateway", daemon=True)
         self._thread.start()
@@ -165,11 +188,7 @@ class VLLMServer:
         assert self.model_path is not None
         self.command = build_command(self.config, self.model_path, adapters, self.upstream_port, host="127.0.0.1",
                                      api_key=self.upstream_key)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log_file:
-            # Own process group, so stop() also ends vLLM's engine-core children.
-            self.process = subprocess.Popen(self.command.argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                            env={**os.environ, **self.command.env}, start_new_session=True)
+        self.group = ProcessGroup(self.command.argv, {**os.environ, **self.command.env}, self.log_path)
         timeout = aiohttp.ClientTimeout(total=120)
         async with aiohttp.ClientSession(timeout=timeout, headers=self.upstream_headers) as session:
             await self._wait_healthy(session)
@@ -188,88 +207,163 @@ class VLLMServer:
         await web.TCPSite(self._runner, self.config.engine.host, self.port).start()
         self.gateway.ready = True
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+        self._supervisor.add_done_callback(self._supervisor_ended)
+
+    def _supervisor_ended(self, task: asyncio.Task) -> None:
+        # A supervisor that broke down would leave the service answering 503 for ever: it ends the service instead.
+        if not task.cancelled() and task.exception() is not None:
+            self.failure = f"the supervisor of vLLM failed: {task.exception()}"
+            log.error("%s", self.failure, exc_info=task.exception())
 
     async def _supervise(self) -> None:
-        """Restart vLLM when it dies (at most gateway.max_restarts times); 503 meanwhile."""
+        """Watch vLLM; when it dies, end what is left of it and restart it (the gateway answers 503 meanwhile), until
+        the restarts are spent or one fails for a reason a retry cannot fix: then `failure` says why."""
         assert self.gateway is not None
+        settings = self.config.gateway
         while True:
-            await asyncio.sleep(_POLL_S)
-            if self.process is None or self.process.poll() is None:
-                continue
+            reason = await self._wait_dead()
             self.gateway.ready = False
-            code = self.process.returncode
-            if self.restarts >= self.config.gateway.max_restarts:
-                self.failure = (f"vLLM exited with code {code} and was restarted {self.restarts} times already; "
-                                f"giving up. Last lines of {self.log_path}:\n{self.log_tail()}")
-                log.error("%s", self.failure)
-                return
-            self.restarts += 1
-            self.gateway.metrics.upstream_restarts.inc()
-            log.warning("vLLM exited with code %s; restarting it (%d of %d). Last lines of %s:\n%s", code,
-                        self.restarts, self.config.gateway.max_restarts, self.log_path, self.log_tail(10))
-            try:
-                self._stop_vllm()
-                # What the gateway serves now: adapters added, promoted or removed at runtime included.
-                await self._launch_vllm(self.gateway.lifecycle.served(), warm_up=True, probe=False)
-                await self.gateway.resolve_policy()
-            except (ServerError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                log.error("restarting vLLM failed: %s", exc)
-                continue
+            log.warning("vLLM %s. Last lines of %s:\n%s", reason, self.log_path, self.log_tail(10))
+            failed = 0
+            while True:
+                # Nothing of the old instance may be left when the new one starts: it holds memory (a GPU's too).
+                await asyncio.to_thread(self._end_vllm)
+                if self.restarts >= settings.max_restarts:
+                    await self._give_up(f"vLLM {reason}, and its restarts are spent ({self.restarts} of "
+                                        f"gateway.max_restarts={settings.max_restarts})")
+                    return
+                delay = restart_delay(failed, settings.restart_backoff_s, settings.restart_backoff_max_s)
+                self.restarts += 1
+                self.gateway.metrics.upstream_restarts.inc()
+                log.warning("restarting vLLM in %.1f s (restart %d of %d)", delay, self.restarts,
+                            settings.max_restarts)
+                await asyncio.sleep(delay)
+                try:
+                    # What the gateway serves now: adapters added, promoted or removed at runtime included.
+                    adapters = self.gateway.lifecycle.served()
+                    check_unchanged(adapters)
+                    await self._launch_vllm(adapters, warm_up=True, probe=False)
+                    await self.gateway.resolve_policy()
+                    break
+                except AdapterError as exc:
+                    await self._give_up(f"restart {self.restarts} of vLLM failed, and every retry would: {exc}")
+                    return
+                except Exception as exc:  # whatever failed, the restart failed: counted, and the supervisor goes on
+                    failed += 1
+                    vllm_log = self.group.log() if self.group else ""
+                    # The exception's first line, without the log tail it may carry: the failure message ends with it.
+                    summary = str(exc).splitlines()[0].partition("; last lines of")[0]
+                    error = last_error(vllm_log)
+                    reason = (f"failed to restart (restart {self.restarts}: {summary}"
+                              f"{f'; its log ends with {error}' if error else ''})")
+                    cause = permanent_cause(vllm_log)
+                    if cause:
+                        await self._give_up(f"vLLM {reason}; its log shows {cause}, which a retry will not change")
+                        return
+                    log.error("vLLM %s", reason)
             self.gateway.ready = True
             log.info("vLLM is back after restart %d", self.restarts)
 
+    async def _wait_dead(self) -> str:
+        """Return once vLLM counts as dead, saying why: its API server exited, or it answered /health with an error,
+        which is vLLM's own verdict once its engine core died (its API server exits only seconds later)."""
+        timeout = aiohttp.ClientTimeout(total=5)
+        async with aiohttp.ClientSession(timeout=timeout, headers=self.upstream_headers) as session:
+            while True:
+                await asyncio.sleep(_POLL_S)
+                assert self.group is not None
+                code = self.group.returncode()
+                if code is not None:
+                    return f"died: its API server exited ({describe_exit(code)})"
+                try:
+                    async with session.get(self.upstream_root + "/health") as r:
+                        if r.status != 200:
+                            return f"died: it answered /health with {r.status} (its engine core is gone)"
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass  # busy, or its API server is exiting: the next look tells
+
+    async def _give_up(self, reason: str) -> None:
+        await asyncio.to_thread(self._end_vllm)
+        self.failure = f"{reason}; giving up. Last lines of {self.log_path}:\n{self.log_tail()}"
+        log.error("%s", self.failure)
+
+    async def drain(self) -> None:
+        """Stop taking requests (/health answers 503, new requests get 503, vLLM is no longer restarted) and return
+        once the requests in flight are answered, or after gateway.drain_grace_s."""
+        if self._loop is not None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._drain(), self._loop))
+
+    async def _drain(self) -> None:
+        assert self.gateway is not None
+        self.gateway.draining = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        grace = self.config.gateway.drain_grace_s
+        deadline = time.monotonic() + grace
+        while (busy := self._busy()) and time.monotonic() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        if busy:
+            log.warning("%d request(s) still in flight after gateway.drain_grace_s=%g s; stopping anyway", busy, grace)
+
+    def _busy(self) -> int:
+        """Chat requests the gateway is answering or holding in its queue."""
+        assert self.gateway is not None
+        registry = self.gateway.metrics.registry
+        return int(sum(registry.get_sample_value(name) or 0
+                       for name in (f"{PREFIX}_requests_in_flight", f"{PREFIX}_requests_queued")))
+
+    def kill_vllm(self) -> None:
+        """SIGKILL vLLM's API server, as a crash would: the fault the fleet test and the failover benchmark inject;
+        the supervisor ends the rest of its group and restarts it."""
+        if self.process is not None:
+            self.process.kill()
+
     def stop(self) -> None:
-        """Stop the gateway and vLLM. Safe to call twice, and from any thread or loop."""
+        """Stop the gateway and vLLM (its whole process group, waited for). Safe to call twice, and from any thread
+        or loop."""
         loop, self._loop = self._loop, None
         if loop is not None and loop.is_running():
             asyncio.run_coroutine_threadsafe(self._stop_gateway(), loop).result(timeout=_STOP_GRACE_S)
             loop.call_soon_threadsafe(loop.stop)
             if self._thread is not None:
                 self._thread.join(timeout=_STOP_GRACE_S)
-        self._stop_vllm()
+        self._end_vllm()
 
     async def _stop_gateway(self) -> None:
         if self._supervisor is not None:
             self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
         if self.gateway is not None:
             self.gateway.ready = False
             await self.gateway.close()
 
-    def _stop_vllm(self) -> None:
-        """SIGTERM to vLLM's process group, SIGKILL after a grace period."""
-        proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+    def _end_vllm(self) -> None:
+        """End vLLM's whole process group: SIGTERM, SIGKILL after a grace period; return once none of it is left."""
+        if self.group is None:
             return
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
-
-    def kill_vllm(self) -> None:
-        """SIGKILL vLLM's process group, as a crash would (fault tests); the supervisor then restarts it."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            self.group.end(_STOP_GRACE_S if self.group.returncode() is None else _ORPHAN_GRACE_S)
+        except GroupSurvived as exc:
+            raise ServerError(str(exc)) from None
 
     def check_alive(self) -> None:
-        """Raise ServerError once vLLM died and could not be restarted, with its own last words."""
+        """Raise ServerError once vLLM died and could not be restarted, with the reason and vLLM's own last words."""
         if self.failure:
             raise ServerError(self.failure)
-        if self.gateway is None and self.process is not None and self.process.poll() is not None:
-            code = self.process.returncode
-            raise ServerError(f"vLLM exited with code {code}; last lines of {self.log_path}:\n{self.log_tail()}")
+        code = self.group.returncode() if self.group else None
+        if self.gateway is None and code is not None:
+            raise ServerError(f"vLLM exited with {describe_exit(code)}; last lines of {self.log_path}:\n"
+                              f"{self.log_tail()}")
 
     async def _wait_healthy(self, session: aiohttp.ClientSession) -> None:
         deadline = time.monotonic() + self.config.engine.startup_timeout_s
         while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise ServerError(f"vLLM exited with code {self.process.returncode}; last lines of "
-                                  f"{self.log_path}:\n{self.log_tail()}")
+            code = self.group.returncode() if self.group else None
+            if code is not None:
+                raise ServerError(f"vLLM exited with {describe_exit(code)}; last lines of {self.log_path}:\n"
+                                  f"{self.log_tail()}")
             try:
                 async with session.get(self.upstream_root + "/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
                     if r.status == 200:

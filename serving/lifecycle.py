@@ -1,6 +1,11 @@
 """The adapter lifecycle's plain parts: what vLLM serves (AdapterSet), which folders the admin API may load from,
 the state file a restart comes back from, and the public-to-versioned name table that lets an adapter drain.
 
+The state file is also the fleet's one desired state when every replica's gateway.state_file names the same file
+on a shared folder: each change is written as the next version only if the file is still at the version the
+writer started from (update_state), so of two conflicting changes made at once on two replicas one is applied and
+the other refused; every replica converges to the file (serving.gateway.lifecycle).
+
 No HTTP here; the gateway (serving.gateway.lifecycle) does the loading and swapping.
 """
 
@@ -8,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
+import secrets
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +89,11 @@ class DeploymentState:
     previous_router: AdapterRecord | None = field(metadata={"help": "The router version rollback goes back to."})
     experts: list[AdapterRecord] = field(metadata={"help": "Every expert, in order."})
     format: int = field(default=STATE_FORMAT, metadata={"help": "State file format."})
+    candidate: AdapterRecord | None = field(default=None, metadata={
+        "help": "A router version loaded beside the live one and shadowed, if any."})
+    shadow_fraction: float | None = field(default=None, metadata={
+        "help": "The share of auto requests the candidate also routes (None: gateway.shadow_fraction)."})
+    version: int = field(default=0, metadata={"help": "Raised by one with every change; 0 before the first."})
 
     def __post_init__(self) -> None:
         check_types(self, "state")
@@ -99,10 +111,38 @@ def config_adapters(config: DeploymentConfig) -> list[str]:
     return [f"{a.name}={config.adapter_path(a)}" for a in config.adapters]
 
 
+class StateConflict(Exception):
+    """The state file moved on since a change started from it: another replica changed the fleet first."""
+
+    def __init__(self, expected: int, found: int) -> None:
+        super().__init__(f"the fleet's state is at version {found}, not {expected} as when this change started")
+        self.expected, self.found = expected, found
+
+
+def update_state(path: Path, expected_version: int, state: DeploymentState) -> DeploymentState:
+    """Write `state` as version `expected_version` + 1, if the file is still at `expected_version` (0: no file);
+    StateConflict otherwise, and nothing is written. One writer at a time, across processes and machines sharing
+    the folder: an exclusive lock on a lock file beside it, held only while comparing and writing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_name(f"{path.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            current = read_state(path)
+            found = current.version if current else 0
+            if found != expected_version:
+                raise StateConflict(expected_version, found)
+            written = dataclasses.replace(state, version=expected_version + 1)
+            write_state(path, written)
+            return written
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def write_state(path: Path, state: DeploymentState) -> None:
     """Write the state file atomically (a temporary file renamed over it): a crash leaves the old one or the new."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # The process id is not unique on a folder that replicas on several machines share.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with temporary.open("w") as f:
             f.write(json.dumps(dataclasses.asdict(state), indent=2) + "\n")

@@ -59,6 +59,11 @@ def adapters_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 def deployment(adapters_dir: Path, **sections) -> DeploymentConfig:
     """A tiny-model deployment of the adapters in `adapters_dir`, on a free port; sections override."""
+    return from_dict(deployment_data(adapters_dir, **sections))
+
+
+def deployment_data(adapters_dir: Path, **sections) -> dict:
+    """deployment()'s settings as plain data, as a YAML file holds them."""
     data = {
         "model": {"path": "tiny-random", "served_name": "base"},
         "router": {"name": "router", "path": str(adapters_dir / "router")},
@@ -66,7 +71,7 @@ def deployment(adapters_dir: Path, **sections) -> DeploymentConfig:
         "engine": {"port": 0, "kv_cache_gib": 1, "startup_timeout_s": 600},
     }
     data.update(sections)
-    return from_dict(data)
+    return data
 
 
 def start_server(config: DeploymentConfig, log_path: Path, **kwargs) -> VLLMServer:

@@ -61,7 +61,8 @@ async def gateway_on(fake: FakeVLLM, root: Path, **sections: dict[str, Any]) -> 
     adapters = AdapterSet(router=AdapterInfo("router", router, 8, "r1", labels=LABELS),
                           experts=tuple(AdapterInfo(n, p, 8, f"e{i}", prompt=f"Do the {n} task.")
                                         for i, (n, p) in enumerate(zip(LABELS, experts))))
-    gateway = Gateway(config, f"http://127.0.0.1:{fake.port}", "internal", adapters, base=None, config_adapters=[])
+    gateway = Gateway(config, f"http://127.0.0.1:{fake.port}", "internal", adapters, base=None, config_adapters=[],
+                      replica="test-replica")
     await gateway.open()
     await gateway.resolve_policy()
     gateway.ready = True

@@ -359,3 +359,22 @@ def test_smoke_run_accounts_for_every_request(served, tmp_path):
     for kind in ("latency", "throughput"):
         assert paths[kind].read_bytes()[:4] == b"\x89PNG"
     assert Path(tmp_path / peer.RESULT_FILE).exists() and Path(tmp_path / peer.GATEWAY_RESULT_FILE).exists()
+
+
+def test_the_failover_windows_count_each_request_once_by_when_it_started(tmp_path):
+    from benchmarks.failover import FailoverMetrics, _window, markdown, plot
+
+    requests = [{"start_s": s, "e2e_s": 0.5, "status": status, "replica": replica}
+                for s, status, replica in [(0.1, 200, "a"), (0.6, 200, "b"), (1.2, 502, None), (1.5, 200, "a"),
+                                           (3.1, 200, "b"), (3.4, 200, "a")]]
+    windows = [_window("before", 0.0, 1.0, requests), _window("during", 1.0, 3.0, requests),
+               _window("after", 3.0, 5.0, requests)]
+    assert [(w.requests, w.failed) for w in windows] == [(2, 0), (2, 1), (2, 0)]
+    assert [w.screenshots_per_s for w in windows] == [2.0, 0.5, 1.0]
+    metrics = FailoverMetrics(concurrency=2, killed_at=1.0, marked_down_at=1.4, restarted_at=2.5, marked_up_at=3.0,
+                              windows=windows, requests=requests)
+    assert metrics.failed == 1
+    table = markdown(metrics)
+    assert "| during | 2.0 | 2 | 1 | 0.50 |" in table and "marked B down 0.4 s later" in table
+    plot(metrics, tmp_path / "failover.png")
+    assert (tmp_path / "failover.png").stat().st_size > 10_000

@@ -208,9 +208,8 @@ async def test_an_adapter_trained_at_other_pixel_limits_is_refused_by_the_admin_
 
 
 async def test_a_state_file_that_cannot_be_written_changes_nothing(fake_vllm, tmp_path):
-    (tmp_path / "not-a-folder").write_text("")
-    state_file = str(tmp_path / "not-a-folder" / "state.json")
-    async with gateway_on(fake_vllm, tmp_path, gateway={"state_file": state_file}) as (gw, client):
+    (tmp_path / "state.json.lock").mkdir()  # the state file reads (there is none yet), but its lock cannot be taken
+    async with gateway_on(fake_vllm, tmp_path) as (gw, client):
         stand_in_adapter(tmp_path / "checkpoints" / "weather")
         fake_vllm.answers["weather"] = "a different answer"
         r = await admin(client, "POST", "/admin/adapters", json={"name": "weather", "path": "checkpoints/weather"})
@@ -254,37 +253,49 @@ async def test_a_failed_shadow_request_counts_and_never_reaches_the_caller(fake_
 # --------------------------------------------------------------------------------------------- a failed restart
 
 
-async def test_a_restart_that_fails_leaves_503_then_the_launcher_gives_up(fake_vllm, tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
+async def test_restarts_that_fail_leave_503_then_the_launcher_gives_up(fake_vllm, tmp_path, monkeypatch):
     from serving import launcher
     from serving.launcher import ServerError, VLLMServer
 
-    async with gateway_on(fake_vllm, tmp_path, gateway={"max_restarts": 2}) as (gw, client):
+    gateway = {"max_restarts": 2, "restart_backoff_s": 0.01, "restart_backoff_max_s": 0.01}
+    async with gateway_on(fake_vllm, tmp_path, gateway=gateway) as (gw, client):
         server = VLLMServer(gw.config, log_path=tmp_path / "vllm.log")
         server.gateway = gw
-        def dying_vllm() -> subprocess.Popen:
-            return subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], start_new_session=True)
+        attempts, answers = [], []
 
-        # vLLM "dies" at once, and each restart exits during start-up as a vLLM that cannot start does.
-        server.process = dying_vllm()
-        attempts = []
+        async def died() -> str:
+            return "died: its API server exited (code 3)"
 
         async def launch(adapters, warm_up, probe):
+            # While vLLM is being restarted, callers are told so.
+            answers.append(await client.post("/v1/chat/completions", json=auto_body()))
             attempts.append([a.served_as for a in adapters])
-            server.process = dying_vllm()
-            server.process.wait()
             raise ServerError("vLLM exited with code 3")
 
+        # No vLLM process here: its death, its end and its start are the launcher's to script.
+        monkeypatch.setattr(server, "_wait_dead", died)
+        monkeypatch.setattr(server, "_end_vllm", lambda: None)
         monkeypatch.setattr(server, "_launch_vllm", launch)
-        monkeypatch.setattr(launcher, "_POLL_S", 0.01)
+        monkeypatch.setattr(launcher, "check_unchanged", lambda adapters: None)
         await server._supervise()
         assert not gw.ready and server.restarts == 2 and len(attempts) == 2
-        assert "exited with code 3 and was restarted 2 times already; giving up" in server.failure
+        assert "its restarts are spent (2 of gateway.max_restarts=2); giving up" in server.failure
         assert attempts[0] == ["router@r1", "calendar@e0", "claim-window@e1", "provider-select@e2"]
-        r = await client.post("/v1/chat/completions", json=auto_body())
-        error = await error_of(r)
-        assert (r.status, error["code"], r.headers["Retry-After"]) == (503, "upstream_unavailable", "5")
+        for r in answers:
+            error = await error_of(r)
+            assert (r.status, error["code"], r.headers["Retry-After"]) == (503, "upstream_unavailable", "5")
         with pytest.raises(ServerError, match="giving up"):
             server.check_alive()
+
+
+async def test_the_drain_waits_on_the_requests_the_gateway_holds(fake_vllm, tmp_path):
+    from serving.launcher import VLLMServer
+
+    async with gateway_on(fake_vllm, tmp_path) as (gw, client):
+        server = VLLMServer(gw.config, log_path=tmp_path / "vllm.log")
+        server.gateway = gw
+        fake_vllm.faults.append(Fault(stall_s=30))
+        call = asyncio.create_task(client.post("/v1/chat/completions", json=auto_body()))
+        await eventually(lambda: server._busy() == 1, "the request held counted")
+        call.cancel()
+        await eventually(lambda: server._busy() == 0, "the request's end counted")

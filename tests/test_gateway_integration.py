@@ -238,50 +238,6 @@ def test_a_caller_leaving_mid_stream_cancels_the_upstream_request(gw):
     assert stopped, "vLLM still runs the request of a caller that left"
 
 
-def test_vllm_killed_under_load_gives_502_or_503_then_serves_again(tmp_path, adapters_dir):
-    config = deployment(adapters_dir, engine={"port": 0, "kv_cache_gib": 1},
-                        gateway={"upstream_timeout_s": 60, "max_restarts": 1}, client={"router_mode": "choice"})
-    server = start_server(config, tmp_path / "vllm.log", probe=False)
-    body = {"model": "auto", "messages": _messages(GOOD), "max_tokens": 400, "temperature": 0, "ignore_eos": True}
-    try:
-        async def under_load():
-            async with aiohttp.ClientSession() as session:
-                async def one():
-                    start = time.monotonic()
-                    async with session.post(server.base_url + "/chat/completions", json=body) as r:
-                        await r.read()
-                        return r.status, time.monotonic() - start
-                flying = [asyncio.create_task(one()) for _ in range(6)]
-                await asyncio.sleep(2)
-                server.kill_vllm()
-                done = await asyncio.gather(*flying)
-                await asyncio.sleep(1.5)  # the supervisor notices within a poll
-                async with session.post(server.base_url + "/chat/completions", json=body) as r:
-                    fresh = r.status, r.headers.get("Retry-After")
-                return done, fresh
-
-        done, fresh = asyncio.run(under_load())
-        assert all(status in (200, 502, 503) and seconds < 60 for status, seconds in done), done
-        assert any(status in (502, 503) for status, _ in done), done
-        assert fresh[0] == 503 and fresh[1], fresh
-
-        async def back():
-            deadline = time.monotonic() + 400
-            async with aiohttp.ClientSession() as session:
-                while time.monotonic() < deadline:
-                    async with session.post(server.base_url + "/chat/completions",
-                                            json={**body, "max_tokens": 2}) as r:
-                        if r.status == 200:
-                            return True
-                    await asyncio.sleep(2)
-            return False
-
-        assert asyncio.run(back()), server.log_tail()
-        assert server.restarts == 1
-    finally:
-        server.stop()
-
-
 def test_two_data_parallel_engines_get_both_stages_of_a_screenshot_on_one_engine(tmp_path, adapters_dir):
     config = deployment(adapters_dir, engine={"port": 0, "kv_cache_gib": 1, "data_parallel_size": 2,
                                               "cpu_threads": 1},
@@ -313,6 +269,7 @@ def test_two_data_parallel_engines_get_both_stages_of_a_screenshot_on_one_engine
 
     queries, hits = per_engine("vllm:mm_cache_queries_total"), per_engine("vllm:mm_cache_hits_total")
     assert sorted(queries) == ["0", "1"], queries
-    # Round robin: each engine gets half the screenshots, both of a screenshot's requests; the expert's is a hit.
+    # One at a time, idle engines take turns: each gets half the screenshots, both of a screenshot's requests; the
+    # expert's is a hit.
     assert queries == {"0": screenshots, "1": screenshots}, queries
     assert hits == {"0": screenshots / 2, "1": screenshots / 2}, hits

@@ -51,7 +51,7 @@ SERIES_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_co
 def gateway_routes() -> tuple[str, str]:
     """The paths of the gateway's health route and metrics route, from the gateway's own application."""
     gateway = Gateway(from_dict({}), "http://127.0.0.1:9", "key", AdapterSet(router=None, experts=()), base=None,
-                      config_adapters=[])
+                      config_adapters=[], replica="test")
     routes = [r for r in gateway.app().router.routes() if r.method == "GET"]
     health = next(r.resource.canonical for r in routes if r.handler == gateway.health)
     metrics = next(r.resource.canonical for r in routes if r.handler == gateway.prometheus)

@@ -4,7 +4,7 @@
                                own request to the chosen expert with the identical image bytes; any other
                                model is forwarded to vLLM unchanged (streaming included)
     GET  /v1/models            "auto" plus everything vLLM serves
-    GET  /health               200 only while vLLM is up and warmed
+    GET  /health               200 only while vLLM is up and warmed, and the gateway is not draining
     GET  /metrics              the gateway's Prometheus metrics, then vLLM's
     /admin/...                 the admin API (serving.gateway.admin), when gateway.admin_api_key is set
     anything else              forwarded to vLLM (e.g. /tokenize), but never vLLM's own adapter loading
@@ -67,24 +67,27 @@ _HOP_HEADERS = {"connection", "content-length", "transfer-encoding", "keep-alive
 
 
 class Gateway:
-    """The gateway of one deployment; `ready` is set by the launcher once vLLM is up and warmed.
+    """The gateway of one deployment; `ready` is set by the launcher once vLLM is up and warmed, `draining` once
+    the service is stopping (it refuses new requests then, and /health says so, so that a balancer looks elsewhere).
 
     `adapters` is what vLLM serves at start, under versioned names; `config`, `base` and `config_adapters` as for
     AdapterLifecycle.
     """
 
     def __init__(self, config: DeploymentConfig, upstream_root: str, upstream_key: str, adapters: AdapterSet, *,
-                 base: str | None, config_adapters: list[str]) -> None:
+                 base: str | None, config_adapters: list[str], replica: str) -> None:
         self.config = config
         self.settings = config.gateway
         self.metrics = GatewayMetrics()
         self.upstream = Upstream(upstream_root, upstream_key, self.settings.upstream_timeout_s)
         self.lifecycle = AdapterLifecycle(config, self.upstream, adapters, self.metrics, base=base,
-                                          config_adapters=config_adapters)
+                                          config_adapters=config_adapters, replica=replica)
         self.names = self.lifecycle.names
         self.auto = AutoRoute(config, self.upstream, self.lifecycle, self.metrics)
         self.admin = AdminRoutes(self.settings, self.lifecycle, self._check_ready)
         self.ready = False
+        self._sync: asyncio.Task | None = None
+        self.draining = False
         self._slots = asyncio.Semaphore(self.settings.max_in_flight)
         self._waiting = 0
         # The scrape shows which adapters and load each replica has: behind the service key on a public address.
@@ -100,10 +103,16 @@ class Gateway:
     # -- lifecycle
 
     async def open(self) -> None:
-        """Open the upstream session (idempotent)."""
+        """Open the upstream session and start following the fleet's state file (idempotent)."""
         await self.upstream.open()
+        if self._sync is None and self.config.state_path and self.settings.sync_interval_s > 0:
+            self._sync = asyncio.get_running_loop().create_task(self.lifecycle.sync_forever())
 
     async def close(self) -> None:
+        if self._sync is not None:
+            self._sync.cancel()
+            await asyncio.gather(self._sync, return_exceptions=True)
+            self._sync = None
         await self.lifecycle.close()
         await self.upstream.close()
         if self._json_log is not None:
@@ -200,6 +209,8 @@ class Gateway:
     # -- routes
 
     async def health(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"status": "draining"}, status=503, headers=retry_after())
         if not self.ready:
             return web.json_response({"status": "starting"}, status=503, headers=retry_after())
         if not await self.upstream.healthy():
@@ -251,6 +262,9 @@ class Gateway:
     # -- admission and relaying
 
     def _check_ready(self) -> None:
+        if self.draining:
+            raise GatewayError(503, "the service is stopping; retry on another replica", type="server_error",
+                               code="shutting_down", headers=retry_after())
         if not self.ready:
             raise GatewayError(503, "vLLM is not ready (starting or restarting); retry shortly",
                                type="server_error", code="upstream_unavailable", headers=retry_after())

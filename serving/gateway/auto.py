@@ -3,13 +3,14 @@ with the identical image bytes, and answer with the expert's completion and a `r
 (lora_router.routing.RouteDecision.to_wire) plus `x-route-*` headers.
 
 A request reads the live routing policy once, so a request that started routing on one router version finishes on
-it; the two stages go to one data-parallel engine, so the image is encoded once.
+it; the two stages go to one data-parallel engine, the least loaded (serving.gateway.engines), so the image is
+encoded once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import dataclasses
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from lora_router.deployment import DeploymentConfig
 from lora_router.images import InvalidImageError, PreparedImage, TooManyPixelsError, prepare_image
 from lora_router.openai_wire import ResponseFormatError, read_completion
 from lora_router.routing import RouteDecision, RouteRefused
+from serving.gateway.engines import EnginePicker
 from serving.gateway.lifecycle import AdapterLifecycle
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import (
@@ -49,16 +51,20 @@ class AutoRoute:
         self.upstream = upstream
         self.lifecycle = lifecycle
         self.metrics = metrics
-        self._ranks = itertools.cycle(range(config.engine.data_parallel_size))
+        self.engines = EnginePicker(config.engine.data_parallel_size)
 
     async def answer(self, request: web.Request, body: dict[str, Any], record: RequestRecord) -> web.StreamResponse:
         """The expert's answer to an auto request; `record` gets the route (expert, router version, route time) for
         the access log and the metrics, and names both stages in vLLM (`<request id>-router`, `-expert`)."""
+        with self.engines.pinned() as rank:
+            return await self._answer(request, body, rank, record)
+
+    async def _answer(self, request: web.Request, body: dict[str, Any], rank: int | None,
+                      record: RequestRecord) -> web.StreamResponse:
         start = time.perf_counter()
         auto = parse_auto_request(body)
         image = await self._prepare(auto)
         image_s = time.perf_counter() - start
-        rank = next(self._ranks) if self.config.engine.data_parallel_size > 1 else None
         decision = await self._route(image, rank, record)
         expert = decision.expert
         headers = routing_headers(decision)
@@ -142,9 +148,10 @@ class AutoRoute:
         if isinstance(outcome, RouteRefused):
             raise GatewayError(422, f"route refused: {outcome.message} (fallback is 'error')", type="routing_error",
                                code=outcome.reason, headers={"x-route-fallback": outcome.reason,
-                                                             "x-route-confidence": f"{outcome.confidence:.4f}"})
+                                                             "x-route-confidence": f"{outcome.confidence:.4f}",
+                                                             "x-route-router": policy.router_name})
         record.expert = outcome.expert
-        return outcome
+        return dataclasses.replace(outcome, router=policy.router_name)
 
     async def _stream(self, request: web.Request, body: dict[str, Any], headers: dict[str, str],
                       rank: int | None, request_id: str) -> web.StreamResponse:

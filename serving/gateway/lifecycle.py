@@ -10,6 +10,11 @@ operations that change it without dropping a request.
 Every operation checks everything before it changes anything, writes the state file before it swaps the live
 state (a failed write changes nothing), and swaps in one step of the event loop. A request reads the live policy
 once, so a request that started routing on one router version finishes on it. Operations run one at a time.
+
+The state file is the fleet's desired state when the replicas share it (gateway.state_file on a shared folder):
+an operation first syncs to it, then writes its change as the next version only if no other replica wrote one
+meanwhile (else 409 state_conflict, and what it loaded is unloaded again); every gateway.sync_interval_s each
+replica syncs: it loads what the file adds, swaps routers as it says, and drains and unloads what it removes.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +37,16 @@ from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import GatewayError
 from serving.gateway.shadow import ShadowRouter
 from serving.gateway.upstream import Upstream, UpstreamError
-from serving.lifecycle import AdapterSet, PathRefused, ServedNames, resolve_adapter_path, write_state
+from serving.lifecycle import (
+    AdapterRecord,
+    AdapterSet,
+    PathRefused,
+    ServedNames,
+    StateConflict,
+    read_state,
+    resolve_adapter_path,
+    update_state,
+)
 from serving.probe import ProbeError, warm_up_and_probe
 
 log = logging.getLogger(__name__)
@@ -57,11 +72,11 @@ class AdapterLifecycle:
     `config` is the deployment as served, its engine.max_loras and engine.max_lora_rank those vLLM runs with (the
     launcher sets them); `upstream` the vLLM it changes; `adapters` is what vLLM serves at start; `base` the base
     model's fingerprint (adapter manifests must name it); `config_adapters` the config's own router and experts as
-    the state file records them.
+    the state file records them; `replica` names this replica (host:port) in what the admin API answers.
     """
 
     def __init__(self, config: DeploymentConfig, upstream: Upstream, adapters: AdapterSet, metrics: GatewayMetrics,
-                 *, base: str | None, config_adapters: list[str]) -> None:
+                 *, base: str | None, config_adapters: list[str], replica: str = socket.gethostname()) -> None:
         self.config = config
         self.upstream = upstream
         self.adapters = adapters
@@ -73,6 +88,10 @@ class AdapterLifecycle:
         self.prompts = {e.name: e.prompt for e in adapters.experts}
         # Every loaded router version's policy, by versioned name: live, previous and candidate.
         self.policies = {r.served_as: self._policy(r) for r in (adapters.router, adapters.previous_router) if r}
+        # The state file version this replica serves; a candidate in the file is loaded by the first sync.
+        state = read_state(config.state_path) if config.state_path else None
+        self.version = state.version if state and state.candidate is None else -1 if state else 0
+        self.replica = replica
         self._lock = asyncio.Lock()
 
     # -- what requests read
@@ -94,6 +113,17 @@ class AdapterLifecycle:
     async def close(self) -> None:
         await self.shadow.cancel()
 
+    async def sync_forever(self) -> None:
+        """Converge to the state file every gateway.sync_interval_s (a task the gateway runs while open)."""
+        while True:
+            await asyncio.sleep(self.config.gateway.sync_interval_s)
+            try:
+                async with self._lock:
+                    await self._sync()
+            except (GatewayError, ConfigError) as exc:  # vLLM restarting, a file not there yet: the next round retries
+                log.warning("syncing to the fleet's state failed, retrying in %g s: %s",
+                            self.config.gateway.sync_interval_s, getattr(exc, "message", exc))
+
     async def resolve(self) -> None:
         """Resolve every router version's policy (one-token routing needs the labels' first tokens); after each
         (re)start of vLLM."""
@@ -105,6 +135,7 @@ class AdapterLifecycle:
     async def add_adapter(self, name: str, path: str, prompt: str) -> dict[str, Any]:
         """Load an expert and make it visible in /v1/models and routable."""
         async with self._lock:
+            await self._sync()
             adapter = self._new_expert(name, path, prompt)
             folder = self._resolve_path(path)
             info = self._checked(dataclasses.replace(adapter, path=str(folder)), folder)
@@ -114,7 +145,7 @@ class AdapterLifecycle:
             self._check_free_slot()
             await self._load(info)
             adapters = dataclasses.replace(self.adapters, experts=self.adapters.experts + (info,))
-            await self._save_or_unload(adapters, info)
+            await self._commit_or_unload(adapters, self.candidate, info)
             self.adapters = adapters
             self.prompts[name] = prompt
             self.names.publish(name, info.served_as)
@@ -124,6 +155,7 @@ class AdapterLifecycle:
     async def remove_adapter(self, name: str) -> dict[str, Any]:
         """Withdraw an expert, let its in-flight requests finish, then unload it."""
         async with self._lock:
+            await self._sync()
             info = self.adapters.expert(name)
             if info is None:
                 raise GatewayError(404, f"no expert named {name!r} is loaded (experts: "
@@ -137,20 +169,15 @@ class AdapterLifecycle:
             if self.config.client.fallback == f"expert:{name}":
                 raise GatewayError(409, f"{name} is the fallback (client.fallback): it cannot be removed",
                                    code="adapter_in_use")
-            adapters = dataclasses.replace(self.adapters, experts=tuple(e for e in self.adapters.experts
-                                                                        if e.name != name))
-            self._save(adapters)
-            self.adapters = adapters
-            self.names.withdraw(name)
-            self.prompts.pop(name, None)
-            drained = await self._drain(info.served_as)
-            await self._unload(info.served_as)
+            self._commit(self._without_expert(name), self.candidate)
+            drained = await self._withdraw_expert(info)
             log.info("removed expert %s (%s)", name, info.served_as)
             return {"removed": _describe(info), "drained": drained, **self.state()}
 
     async def load_candidate(self, path: str) -> dict[str, Any]:
         """Load a router version beside the live one and start shadowing auto traffic to it."""
         async with self._lock:
+            await self._sync()
             live = self.adapters.router
             if live is None:
                 raise GatewayError(409, "the deployment has no live router to compare a candidate with",
@@ -173,6 +200,7 @@ class AdapterLifecycle:
             await self._load(info)
             try:
                 policy = await self._resolved(policy)
+                self._commit(self.adapters, info)
             except GatewayError:
                 await self._unload(info.served_as)
                 raise
@@ -186,7 +214,9 @@ class AdapterLifecycle:
     async def discard_candidate(self) -> dict[str, Any]:
         """Stop shadowing and unload the candidate router."""
         async with self._lock:
+            await self._sync()
             candidate = self._candidate()
+            self._commit(self.adapters, None)
             self.candidate = None
             await self.shadow.cancel()
             await self._unload(candidate.served_as)
@@ -196,10 +226,11 @@ class AdapterLifecycle:
     async def promote(self) -> dict[str, Any]:
         """The candidate becomes the live router; the live one stays loaded as the previous version."""
         async with self._lock:
+            await self._sync()
             candidate = self._candidate()
             retired = self.adapters.previous_router
             adapters = dataclasses.replace(self.adapters, router=candidate, previous_router=self.adapters.router)
-            self._save(adapters)
+            self._commit(adapters, None)
             self._go_live(adapters)
             self.candidate = None
             self.shadow.end()
@@ -214,6 +245,7 @@ class AdapterLifecycle:
     async def rollback(self) -> dict[str, Any]:
         """The previous router version becomes live again; the live one becomes the previous."""
         async with self._lock:
+            await self._sync()
             previous = self.adapters.previous_router
             if previous is None:
                 raise GatewayError(409, "there is no previous router version to roll back to", code="no_previous")
@@ -222,7 +254,7 @@ class AdapterLifecycle:
                 raise GatewayError(409, f"the previous router {previous.served_as} routes to {missing}, which are "
                                         "no longer loaded: add them back first", code="adapter_missing")
             adapters = dataclasses.replace(self.adapters, router=previous, previous_router=self.adapters.router)
-            self._save(adapters)
+            self._commit(adapters, self.candidate)
             self._go_live(adapters)
             log.info("rolled back to router %s", previous.served_as)
             return {"live": _describe(previous), **self.state()}
@@ -232,11 +264,13 @@ class AdapterLifecycle:
         version = (lambda info: _describe(info) if info else None)
         return {"router": version(self.adapters.router), "previous_router": version(self.adapters.previous_router),
                 "candidate": version(self.candidate), "experts": [_describe(e) for e in self.adapters.experts],
-                "slots": {"used": len(self.served()), "total": self.config.engine.max_loras}}
+                "slots": {"used": len(self.served()), "total": self.config.engine.max_loras},
+                "state_version": self.version, "replica": self.replica}
 
     def shadow_report(self) -> dict[str, Any]:
         """The candidate's (or the last candidate's) comparison with the live router."""
-        return {**self.shadow.report(), "live": self.adapters.router.served_as if self.adapters.router else None}
+        return {**self.shadow.report(), "live": self.adapters.router.served_as if self.adapters.router else None,
+                "replica": self.replica}
 
     # -- steps
 
@@ -256,7 +290,73 @@ class AdapterLifecycle:
     def _go_live(self, adapters: AdapterSet) -> None:
         """Swap in a new live router: one step, so every request sees the old set or the new one."""
         self.adapters = adapters
-        self.names.publish(adapters.router.name, adapters.router.served_as)
+        if adapters.router is not None:
+            self.names.publish(adapters.router.name, adapters.router.served_as)
+
+    def _without_expert(self, name: str) -> AdapterSet:
+        return dataclasses.replace(self.adapters, experts=tuple(e for e in self.adapters.experts if e.name != name))
+
+    async def _withdraw_expert(self, info: AdapterInfo) -> bool:
+        """Withdraw an expert's public name, let its in-flight requests finish, unload it; whether it drained."""
+        self.adapters = self._without_expert(info.name)
+        self.names.withdraw(info.name)
+        self.prompts.pop(info.name, None)
+        drained = await self._drain(info.served_as)
+        await self._unload(info.served_as)
+        return drained
+
+    async def _sync(self) -> None:
+        """Serve what the state file says, if another replica moved it on: experts first (a router's labels name
+        them), then router versions, each loaded once whatever its role, then unload what no role keeps."""
+        path = self.config.state_path
+        desired = read_state(path) if path else None
+        if desired is None or desired.version == self.version:
+            return
+        log.info("syncing to the fleet's state version %d (this replica served %d)", desired.version, self.version)
+        wanted = {record.name: record for record in desired.experts}
+        for info in self.adapters.experts:
+            record = wanted.get(info.name)
+            if record is None or record.fingerprint != info.fingerprint:
+                await self._withdraw_expert(info)
+        for record in desired.experts:
+            if self.adapters.expert(record.name) is None:
+                info = self._checked(record.config(), Path(record.path))
+                await self._load(info)
+                self.adapters = dataclasses.replace(self.adapters, experts=self.adapters.experts + (info,))
+                self.prompts[info.name] = info.prompt
+                self.names.publish(info.name, info.served_as)
+        order = [record.name for record in desired.experts]
+        experts = tuple(sorted(self.adapters.experts, key=lambda e: order.index(e.name)))
+        loaded = {i.fingerprint: i for i in (self.adapters.router, self.adapters.previous_router, self.candidate) if i}
+        roles: dict[str, AdapterInfo | None] = {}
+        for role, record in (("router", desired.router), ("previous", desired.previous_router),
+                             ("candidate", desired.candidate)):
+            info = loaded.get(record.fingerprint) if record else None
+            if record is not None and info is None:
+                # Rollback checks the previous version's labels; a restart and a sync need not.
+                info = self._checked(record.config(), Path(record.path),
+                                     None if role == "previous" else [e.name for e in experts])
+                await self._load(info)
+                self.policies[info.served_as] = await self._resolved(self._policy(info))
+                loaded[record.fingerprint] = info
+            roles[role] = info
+        kept = {i.served_as for i in roles.values() if i}
+        retired = [i for i in loaded.values() if i.served_as not in kept]
+        self._go_live(dataclasses.replace(self.adapters, router=roles["router"], previous_router=roles["previous"],
+                                          experts=experts))
+        candidate = roles["candidate"]
+        if candidate is None:
+            self.shadow.end()
+        elif self.candidate is None or self.candidate.served_as != candidate.served_as:
+            self.shadow.start(candidate.served_as, self.policies[candidate.served_as], desired.shadow_fraction)
+        self.candidate = candidate
+        for info in retired:
+            await self._drain(info.served_as)
+            await self._unload(info.served_as)
+            self.policies.pop(info.served_as, None)
+        self.version = desired.version
+        log.info("serving the fleet's state version %d: router %s, experts %s", self.version,
+                 roles["router"].served_as if roles["router"] else None, ", ".join(order) or "none")
 
     def _new_expert(self, name: str, path: str, prompt: str) -> AdapterConfig:
         """The expert an add call describes, its name valid and free."""
@@ -329,20 +429,28 @@ class AdapterLifecycle:
             await asyncio.sleep(_DRAIN_POLL_S)
         return True
 
-    def _save(self, adapters: AdapterSet) -> None:
-        """Write the state a restart comes back to; a failure is an error that changes nothing."""
+    def _commit(self, adapters: AdapterSet, candidate: AdapterInfo | None) -> None:
+        """Write the state a restart (and, on a shared folder, every replica) comes back to, as the next version;
+        a failure is an error that changes nothing."""
         path = self.config.state_path
         if path is None:
             return
+        state = dataclasses.replace(adapters.state(self.config_adapters),
+                                    candidate=AdapterRecord.of(candidate) if candidate else None,
+                                    shadow_fraction=self.shadow.fraction if candidate else None)
         try:
-            write_state(path, adapters.state(self.config_adapters))
+            self.version = update_state(path, max(self.version, 0), state).version
+        except StateConflict as exc:
+            raise GatewayError(409, f"{exc}: another replica changed the fleet at the same time; nothing changed "
+                                    "here, retry", code="state_conflict") from None
         except OSError as exc:
             raise GatewayError(500, f"the state file {path} could not be written ({exc}); nothing changed",
                                type="server_error", code="state_not_saved") from None
 
-    async def _save_or_unload(self, adapters: AdapterSet, loaded: AdapterInfo) -> None:
+    async def _commit_or_unload(self, adapters: AdapterSet, candidate: AdapterInfo | None,
+                                loaded: AdapterInfo) -> None:
         try:
-            self._save(adapters)
+            self._commit(adapters, candidate)
         except GatewayError:
             await self._unload(loaded.served_as)
             raise

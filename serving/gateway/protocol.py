@@ -70,6 +70,8 @@ def routing_headers(decision: RouteDecision) -> dict[str, str]:
                "x-route-ms": f"{decision.latency_s * 1000:.1f}", "x-route-mode": decision.mode}
     if decision.fallback_reason:
         headers["x-route-fallback"] = decision.fallback_reason
+    if decision.router:
+        headers["x-route-router"] = decision.router
     return headers
 
 

@@ -36,8 +36,10 @@ class ShadowRouter:
     def active(self) -> bool:
         return self._policy is not None
 
-    def start(self, candidate: str, policy: RoutingPolicy) -> None:
-        """Shadow to the candidate router served as `candidate`, with fresh statistics."""
+    def start(self, candidate: str, policy: RoutingPolicy, fraction: float | None = None) -> None:
+        """Shadow `fraction` (default: the configured one) to the candidate router served as `candidate`, with fresh
+        statistics."""
+        self.fraction = self.fraction if fraction is None else fraction
         self.stats = ShadowStats(candidate=candidate)
         self._sampler = ShadowSampler(self.fraction)
         self._policy = policy
