@@ -27,14 +27,15 @@ COUNTERS = (
 TTFT = "vllm:time_to_first_token_seconds"
 # Per-request timings whose means split a request's time: vLLM's, from arrival in its engine to the answer (queued,
 # prefill: scheduled to first token, decode: first to last token, e2e: all of it), and the gateway's stages
-# (image preparation, the router request, the expert request, total), labelled "gateway_stage_seconds[stage]".
+# (image preparation, the router request, the expert request, total), labelled
+# "lora_router_gateway_stage_seconds[stage]".
 TIMINGS = (
     "vllm:e2e_request_latency_seconds",
     "vllm:request_queue_time_seconds",
     "vllm:request_prefill_time_seconds",
     "vllm:request_decode_time_seconds",
 )
-GATEWAY_STAGE = "gateway_stage_seconds"
+GATEWAY_STAGE = "lora_router_gateway_stage_seconds"
 
 
 @dataclass

@@ -13,6 +13,7 @@ import numpy as np
 
 from benchmarks.hf_baselines import SINGLE_LOAD, TWO_STAGE_INFERENCE, BaselineResult
 from benchmarks.metrics import PhaseMetrics
+from benchmarks.server_metrics import GATEWAY_STAGE
 from benchmarks.workloads import RequestRecord
 
 # The issue's thresholds for routing and the gateway.
@@ -106,7 +107,7 @@ def paired_difference(records: Sequence[RequestRecord], first: str, second: str)
 def gateway_stages_ms(phase: PhaseMetrics | None) -> str:
     """The gateway's mean stage times over a phase, and what is left of its total beside the two vLLM calls."""
     means = phase.server_means_s if phase else {}
-    stages = {stage: means.get(f"gateway_stage_seconds[{stage}]") for stage in ("image", "route", "expert", "total")}
+    stages = {stage: means.get(f"{GATEWAY_STAGE}[{stage}]") for stage in ("image", "route", "expert", "total")}
     if None in stages.values():
         return "gateway stage timings n/a"
     own = stages["total"] - stages["route"] - stages["expert"]

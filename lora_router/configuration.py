@@ -160,15 +160,22 @@ def from_mapping(cls: type, data: Any, where: str = "") -> Any:
                and f.default_factory is dataclasses.MISSING]
     if missing:
         problems.append(f"{where or 'config'}: missing required key(s): {', '.join(missing)}")
-    values = {}
+    values, bad_values = {}, False
     for name in [n for n in data if n in fields]:
         try:
             values[name] = _nested(data[name], hints[name], f"{where}.{name}" if where else name)
         except ConfigError as exc:
             problems.append(str(exc))
+            bad_values = True
+    if not missing and not bad_values:
+        # Beside unknown keys, the class's own checks on the known ones: every problem in one message.
+        try:
+            built = cls(**values)
+        except ConfigError as exc:
+            problems.append(str(exc))
     if problems:
         raise ConfigError("; ".join(problems))
-    return cls(**values)
+    return built
 
 
 def _nested(value: Any, hint: Any, where: str) -> Any:

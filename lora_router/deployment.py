@@ -10,11 +10,12 @@ This module must stay light (no vLLM or torch import): the client imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lora_router.configuration import ConfigError, Repeated, apply_overrides, check_types, from_mapping, load_yaml
 from lora_router.manifest import VLLM_LORA_RANKS
@@ -24,6 +25,12 @@ from lora_router.resources import configs_dir, is_packaged
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFAULT_CONFIG = Path("configs/tiny-cpu.yaml")
+# The `client:` settings that decide a route, and their defaults (the client and the gateway share them; the routing
+# arithmetic in lora_router.routing reads them).
+DEFAULT_ROUTER_MODE = "auto"
+DEFAULT_FALLBACK = "error"
+# Task prompt for the base model when a route falls back to it and the caller gave none.
+DEFAULT_BASE_PROMPT = "Do the task shown on this screen."
 
 
 def default_config() -> Path:
@@ -111,6 +118,10 @@ class EngineConfig:
     lora_headroom: int = field(default=2, metadata={
         "help": "With the admin API on and max_loras derived: adapter slots kept free beyond the served ones, for "
                 "experts and router candidates added at runtime."})
+    accept_pixel_mismatch: bool = field(default=False, metadata={
+        "help": "Serve adapters whose manifest says they were trained at other min/max pixels than the engine "
+                "serves (engine.min_pixels / max_pixels, else the model processor's defaults); off, they are "
+                "refused, naming both: a router's accuracy depends on the image size it sees."})
     api_key: str | None = field(default=None, metadata={
         "help": "Bearer key the server requires; None reads $LORA_ROUTER_API_KEY, unset means no auth."})
     startup_timeout_s: float = field(default=600.0, metadata={"help": "Deadline for the server to become ready."})
@@ -183,6 +194,12 @@ class GatewayConfig:
     drain_timeout_s: float = field(default=60.0, metadata={
         "help": "Seconds an adapter being removed may take to finish its in-flight requests before it is unloaded "
                 "anyway."})
+    public_metrics: bool = field(default=False, metadata={
+        "help": "Serve /metrics without the service key even when engine.host is not loopback (on loopback it is "
+                "always open); off, a scraper sends 'Authorization: Bearer <engine.api_key>'."})
+    log_format: Literal["text", "json"] = field(default="text", metadata={
+        "help": "Access-log lines (one per request: id, method, path, model, expert, router version, status, route "
+                "and total ms): 'text' key=value pairs, or 'json' one JSON object a line."})
     state_file: str | None = field(default=None, metadata={
         "help": "Where the admin API keeps the live adapters and router versions, read back at start (relative: "
                 "against the config file's folder); None: <config name>.state.json next to the config file. "
@@ -223,6 +240,69 @@ class GatewayConfig:
 
 
 @dataclass
+class ClientSettings:
+    """The `client:` section: how a screenshot is routed (the gateway's `auto` model and router_client alike) and
+    the client's connection settings. A field left unset (None) takes the client's default, or for min_confidence
+    and temperature the router manifest's calibration."""
+
+    router_mode: Literal["auto", "choice", "one-token"] = field(default=DEFAULT_ROUTER_MODE, metadata={
+        "help": "'choice' (answer constrained to the labels), 'one-token' (one unconstrained token scored over the "
+                "labels' first tokens; needs labels whose first tokens differ) or 'auto' (one-token when valid)."})
+    fallback: str = field(default=DEFAULT_FALLBACK, metadata={
+        "help": "For an answer that is no label or below min_confidence: 'error' (refuse: 422 from the gateway), "
+                "'base' (the base model does the task) or 'expert:<name>' (that expert does)."})
+    min_confidence: float | None = field(default=None, metadata={
+        "help": "Routes below this confidence (0-1) take the fallback; None: the router manifest's calibrated "
+                "threshold, else 0."})
+    temperature: float | None = field(default=None, metadata={
+        "help": "One-token label scores are divided by it before the softmax; None: the router manifest's "
+                "calibrated temperature, else 1."})
+    base_prompt: str = field(default=DEFAULT_BASE_PROMPT, metadata={
+        "help": "Task prompt for the base model when a route falls back to it and the caller gave none."})
+    base_url: str | None = field(default=None, metadata={
+        "help": "Client only: API root to talk to; None: engine.host and engine.port."})
+    api_key: str | None = field(default=None, repr=False, metadata={
+        "help": "Client only: bearer key to send; None: engine.api_key."})
+    expert_max_tokens: int | None = field(default=None, metadata={"help": "Client only: longest expert answer."})
+    max_pixels: int | None = field(default=None, metadata={
+        "help": "Client only: images with more pixels are downscaled before sending; None: engine.max_pixels."})
+    max_image_pixels: int | None = field(default=None, metadata={
+        "help": "Client only: images with more pixels are refused before decoding."})
+    timeout_s: float | None = field(default=None, metadata={"help": "Client only: seconds for one HTTP attempt."})
+    connect_timeout_s: float | None = field(default=None, metadata={
+        "help": "Client only: seconds to get a connection."})
+    read_timeout_s: float | None = field(default=None, metadata={
+        "help": "Client only: seconds without data from the server before an attempt fails."})
+    max_retries: int | None = field(default=None, metadata={
+        "help": "Client only: retries after connection errors, timeouts, 429 and 5xx."})
+    max_connections: int | None = field(default=None, metadata={"help": "Client only: open connections at most."})
+
+    def __post_init__(self) -> None:
+        check_types(self, "client")
+        problems = []
+        kind, _, name = self.fallback.partition(":")
+        if self.fallback not in ("error", "base") and (kind != "expert" or not name):
+            problems.append(f"client.fallback must be 'error', 'base' or 'expert:<name>', got {self.fallback!r}")
+        if self.min_confidence is not None and not 0.0 <= self.min_confidence <= 1.0:
+            problems.append(f"client.min_confidence must be within 0-1, got {self.min_confidence}")
+        for name in ("temperature", "timeout_s", "connect_timeout_s", "read_timeout_s"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                problems.append(f"client.{name} must be > 0, got {getattr(self, name)}")
+        for name, least in (("max_retries", 0), ("max_connections", 1), ("expert_max_tokens", 1), ("max_pixels", 1),
+                            ("max_image_pixels", 1)):
+            if getattr(self, name) is not None and getattr(self, name) < least:
+                problems.append(f"client.{name} must be >= {least}, got {getattr(self, name)}")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            problems.append(f"client.base_url must start with http:// or https://, got {self.base_url!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def given(self) -> dict[str, Any]:
+        """The settings the section gives (unset ones left out), by field name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
 class DeploymentConfig:
     """A whole deployment: base model, router adapter, expert adapters, engine, and client settings."""
 
@@ -232,8 +312,9 @@ class DeploymentConfig:
     experts: list[AdapterConfig] = field(default_factory=list, metadata={"help": "Expert adapters."})
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "vLLM settings."})
     gateway: GatewayConfig = field(default_factory=GatewayConfig, metadata={"help": "Routing gateway settings."})
-    client: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "Client settings, typed and checked by router_client.config.ClientConfig."})
+    client: ClientSettings = field(default_factory=ClientSettings, metadata={
+        "help": "Routing and client settings: router mode, fallback, threshold (the gateway and the client route "
+                "by them), and the client's own connection settings."})
     root: Path = field(default_factory=Path.cwd, metadata={
         "help": "Folder relative adapter paths are resolved against (set by load_config, not by the YAML)."})
     source: Path | None = field(default=None, metadata={
@@ -250,6 +331,10 @@ class DeploymentConfig:
             raise ConfigError(f"model.served_name {self.model.served_name!r} clashes with an adapter name")
         if self.gateway.auto_model in names + [self.model.served_name]:
             raise ConfigError(f"gateway.auto_model {self.gateway.auto_model!r} clashes with a served model name")
+        kind, _, fallback_expert = self.client.fallback.partition(":")
+        if kind == "expert" and fallback_expert not in self.labels:
+            raise ConfigError(f"client.fallback {self.client.fallback!r} names no expert (experts: "
+                              f"{', '.join(self.labels) or 'none'})")
         if self.gateway.admin_enabled and self.gateway.admin_api_key == self.engine.api_key:
             raise ConfigError("gateway.admin_api_key must differ from engine.api_key: a caller of the service must "
                               "not be able to change what it serves")

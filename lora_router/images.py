@@ -12,7 +12,7 @@ import base64
 import io
 import math
 import os
-import warnings
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,14 @@ PNG_COMPRESS_LEVEL = 1
 
 class InvalidImageError(ValueError):
     """An image that cannot be sent: the message names the file and the problem."""
+
+
+class TooManyPixelsError(InvalidImageError):
+    """An image over the pixel cap, found from its header before a pixel was decoded."""
+
+    def __init__(self, source: str, width: int, height: int, limit: int) -> None:
+        super().__init__(f"{source}: too many pixels ({width}x{height} = {width * height:,}, limit {limit:,})")
+        self.width, self.height, self.limit = width, height, limit
 
 
 @dataclass(frozen=True)
@@ -75,30 +83,39 @@ def prepare_image(image: ImageInput, *, max_pixels: int | None = None,
 def _check_pixels(source: str, size: tuple[int, int], cap: int) -> None:
     width, height = size
     if width * height > cap:
-        raise InvalidImageError(f"{source}: too many pixels ({width}x{height} = {width * height:,}, "
-                                f"limit {cap:,})")
+        raise TooManyPixelsError(source, width, height, cap)
+
+
+def open_header(data: bytes) -> Image.Image:
+    """The image `data` holds, its header read and no pixel decoded: what Image.open does, without PIL's own
+    decompression-bomb refusal, so that the caller's pixel cap, checked on the size before decoding, is the one that
+    answers (with its own name and limit). Raises UnidentifiedImageError when no format reads it."""
+    Image.init()
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        try:
+            if accept is None or accept(data[:16]) is True:
+                return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # as Image.open: that format's reader does not take it (a short prefix too); the next may
+    raise UnidentifiedImageError("cannot identify image data")
 
 
 def _decode(source: str, data: bytes, max_image_pixels: int) -> Image.Image:
     """Decode fully checked image bytes: header, pixel cap, structure (verify) and pixel data (load)."""
     if not data:
         raise InvalidImageError(f"{source}: empty file")
-    # The cap is checked below; PIL's own, looser bomb warning would only add noise.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            header = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as exc:
-            raise InvalidImageError(f"{source}: too many pixels ({exc})") from None
-        except (UnidentifiedImageError, SyntaxError, ValueError, OSError):
-            raise InvalidImageError(f"{source}: not an image (unrecognised format)") from None
-        _check_pixels(source, header.size, max_image_pixels)
-        try:
-            header.verify()
-            image = Image.open(io.BytesIO(data))
-            image.load()
-        except Exception as exc:  # PIL raises many exception types on corrupt data
-            raise InvalidImageError(f"{source}: truncated or corrupt image data ({exc})") from None
+    try:
+        header = open_header(data)
+    except (UnidentifiedImageError, ValueError, OSError):
+        raise InvalidImageError(f"{source}: not an image (unrecognised format)") from None
+    _check_pixels(source, header.size, max_image_pixels)
+    try:
+        header.verify()
+        image = open_header(data)
+        image.load()
+    except Exception as exc:  # PIL raises many exception types on corrupt data
+        raise InvalidImageError(f"{source}: truncated or corrupt image data ({exc})") from None
     return image
 
 

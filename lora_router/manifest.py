@@ -92,6 +92,12 @@ class AdapterManifest:
     calibration: dict[str, Any] | None = field(default=None, metadata={
         "help": "Router only: training.calibration.Calibration fitted on held-out data (temperature, threshold); "
                 "serving routes with it unless the deployment's client: section says otherwise."})
+    min_pixels: int | None = field(default=None, metadata={
+        "help": "Smallest image area the processor resized training images to (the trainer's flag, else the model "
+                "processor's default); serving refuses an engine that serves other limits. None: not recorded "
+                "(manifests before this field, stand-in adapters)."})
+    max_pixels: int | None = field(default=None, metadata={
+        "help": "Largest image area the processor resized training images to; as min_pixels."})
     vision_tower: bool = field(default=False, metadata={
         "help": "Whether LoRA is also on the vision tower and its mergers (served only with engine.tower_lora); "
                 "manifests written before this field read as False."})

@@ -101,6 +101,16 @@ def error_message(text: str) -> str:
     return text[:500] or "(empty body)"
 
 
+def error_param(text: str) -> str | None:
+    """The `param` of an error answer's body in OpenAI's shape (the field at fault, e.g. "model"), or None."""
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return None
+    param = error.get("param") if isinstance(error, dict) else None
+    return param if isinstance(param, str) else None
+
+
 def error_body(message: str, error_type: str, *, param: str | None = None,
                code: str | int | None = None) -> dict[str, Any]:
     """An error answer in OpenAI's shape, e.g. error_body("no expert 'x'", "invalid_request_error", param="model")."""

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lora_router.deployment import DeploymentConfig
+from lora_router.deployment import DEFAULT_BASE_PROMPT, DEFAULT_ROUTER_MODE, DeploymentConfig
 from lora_router.openai_wire import ChatCompletion, ResponseFormatError, chat_request, user_turn
 from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 
@@ -36,12 +36,10 @@ FallbackReason = Literal["unknown_label", "low_confidence"]
 ROUTER_MODES: tuple[RouterMode, ...] = ("choice", "one-token")
 # What a caller may ask for: a router mode, or 'auto'.
 MODE_SETTINGS = ("auto", *ROUTER_MODES)
-# The deployment's `client:` settings that decide a route, and their defaults (the client and the gateway share them).
-DEFAULT_ROUTER_MODE = "auto"
-DEFAULT_FALLBACK = "error"
+# The deployment's `client:` settings that decide a route default as lora_router.deployment.ClientSettings says;
+# min_confidence and temperature, unset there and in the manifest, to these.
 DEFAULT_MIN_CONFIDENCE = 0.0
-# Task prompt for the base model when a route falls back to it and the caller gave none.
-DEFAULT_BASE_PROMPT = "Do the task shown on this screen."
+DEFAULT_TEMPERATURE = 1.0
 
 
 class RoutingConfigError(ValueError):
@@ -288,7 +286,7 @@ class RoutingPolicy:
     mode_setting: str = DEFAULT_ROUTER_MODE
     fallback_target: str | None = None
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
-    temperature: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
     base_prompt: str = DEFAULT_BASE_PROMPT
     first_tokens: Mapping[str, FirstToken] = field(default_factory=dict)
     mode: RouterMode = "choice"
@@ -304,14 +302,11 @@ class RoutingPolicy:
         router_name = router_name or config.router.name
         labels = list(config.labels if labels is None else labels)
         client = config.client
-        setting = str(client.get("router_mode", DEFAULT_ROUTER_MODE))
-        needs_first_tokens(setting)  # refuses an unknown setting
-        settings = calibrated_settings(client, calibration)
-        return cls(router_name=router_name, labels=tuple(labels), mode_setting=setting,
-                   fallback_target=fallback_target(str(client.get("fallback", DEFAULT_FALLBACK)), labels,
-                                                   config.model.served_name),
+        settings = calibrated_settings(client.min_confidence, client.temperature, calibration)
+        return cls(router_name=router_name, labels=tuple(labels), mode_setting=client.router_mode,
+                   fallback_target=fallback_target(client.fallback, labels, config.model.served_name),
                    min_confidence=settings["min_confidence"], temperature=settings["temperature"],
-                   base_prompt=str(client.get("base_prompt", DEFAULT_BASE_PROMPT)))
+                   base_prompt=client.base_prompt)
 
     async def resolved(self, tokenize: Callable[[dict[str, Any]], Awaitable[Any]]) -> RoutingPolicy:
         """This policy with its mode resolved; `tokenize(body)` answers a /tokenize request (one-token needs it)."""
@@ -332,20 +327,21 @@ class RoutingPolicy:
                       temperature=self.temperature)
 
 
-def calibrated_settings(client: Mapping[str, Any], calibration: Mapping[str, Any] | None) -> dict[str, float]:
-    """min_confidence and temperature for a deployment's `client:` section and its router manifest's calibration:
-    a value the section sets wins; else the manifest's threshold and temperature (the validators'
+def calibrated_settings(min_confidence: float | None, temperature: float | None,
+                        calibration: Mapping[str, Any] | None) -> dict[str, float]:
+    """min_confidence and temperature from a deployment's `client:` section (None: unset) and its router manifest's
+    calibration: a value the section sets wins; else the manifest's threshold and temperature (the validators'
     --write-calibration fits them on held-out data); else 0 and 1. RoutingConfigError names every bad value."""
     calibration = calibration or {}
-    defaults = {"min_confidence": (calibration.get("threshold"), DEFAULT_MIN_CONFIDENCE),
-                "temperature": (calibration.get("temperature"), 1.0)}
+    given = {"min_confidence": (min_confidence, calibration.get("threshold"), DEFAULT_MIN_CONFIDENCE),
+             "temperature": (temperature, calibration.get("temperature"), DEFAULT_TEMPERATURE)}
     values, problems = {}, []
-    for key, (calibrated, default) in defaults.items():
-        value = client.get(key, calibrated)
+    for key, (setting, calibrated, default) in given.items():
+        value = next((v for v in (setting, calibrated) if v is not None), default)
         try:
-            values[key] = float(default if value is None else value)
+            values[key] = float(value)
         except (TypeError, ValueError):
-            problems.append(f"client.{key} must be a number, got {value!r}")
+            problems.append(f"the router manifest's calibration gives {key} {value!r}, which is no number")
     if not problems and not 0.0 <= values["min_confidence"] <= 1.0:
         problems.append(f"min_confidence must be within 0-1, got {values['min_confidence']}")
     if not problems and values["temperature"] <= 0:

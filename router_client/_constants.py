@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lora_router import images, routing
+from lora_router import deployment, images, routing
 
 # Timeouts in seconds. vLLM sends nothing until a non-streamed answer is complete, so the read timeout
 # bounds queueing plus generation of one request.
@@ -22,14 +22,14 @@ MAX_RETRY_AFTER_S = 60.0
 DEFAULT_MAX_CONNECTIONS = 64
 
 # Router mode setting (lora_router.routing.MODE_SETTINGS) and fallback policy.
-DEFAULT_ROUTER_MODE = routing.DEFAULT_ROUTER_MODE
-DEFAULT_FALLBACK = routing.DEFAULT_FALLBACK
+DEFAULT_ROUTER_MODE = deployment.DEFAULT_ROUTER_MODE
+DEFAULT_FALLBACK = deployment.DEFAULT_FALLBACK
 DEFAULT_MIN_CONFIDENCE = routing.DEFAULT_MIN_CONFIDENCE
 
 # Longest expert answer in tokens.
 DEFAULT_EXPERT_MAX_TOKENS = 512
 # Task prompt for the base model when a route falls back to it and the caller gave none.
-DEFAULT_BASE_PROMPT = routing.DEFAULT_BASE_PROMPT
+DEFAULT_BASE_PROMPT = deployment.DEFAULT_BASE_PROMPT
 
 # Images: refuse more pixels than this before decoding (decompression bombs); the one image preparation's cap.
 DEFAULT_MAX_IMAGE_PIXELS = images.DEFAULT_MAX_IMAGE_PIXELS

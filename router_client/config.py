@@ -20,9 +20,6 @@ from lora_router.openai_wire import root_url
 from router_client import _constants as C
 from router_client.errors import ClientConfigError
 
-# Fields that describe the deployment itself; a `client:` section may not set them.
-_DEPLOYMENT_FIELDS = ("router_name", "base_name", "labels", "expert_prompts", "auto_model", "served_names")
-
 
 @dataclass
 class ClientConfig:
@@ -132,20 +129,14 @@ class ClientConfig:
         too), labels, expert prompts and engine.max_pixels from `dep`, then its `client:` section, then
         `overrides` (any field).
 
-        Raises ClientConfigError for unknown keys, a deployment without router, or an engine port of 0 (picked
-        at start, so unknown here) without a base_url override.
+        Raises ClientConfigError for unknown override fields, a deployment without router, or an engine port of 0
+        (picked at start, so unknown here) without a base_url override. The `client:` section itself was checked
+        when the deployment was loaded (lora_router.deployment.ClientSettings).
         """
         if dep.router is None:
             raise ClientConfigError("the deployment has no router adapter")
         known = {f.name for f in dataclasses.fields(cls)}
-        section = dict(dep.client)
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ClientConfigError(f"unknown key(s) in client: {', '.join(unknown)} "
-                                    f"(known: {', '.join(sorted(known - set(_DEPLOYMENT_FIELDS)))})")
-        fixed = sorted(set(section) & set(_DEPLOYMENT_FIELDS))
-        if fixed:
-            raise ClientConfigError(f"client: may not set {', '.join(fixed)}: they come from the deployment")
+        section = dep.client.given()
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ClientConfigError(f"unknown ClientConfig field(s): {', '.join(unknown)}")
@@ -158,7 +149,7 @@ class ClientConfig:
             "api_key": dep.engine.api_key,
             "max_pixels": dep.engine.max_pixels,
             **section,
-            **_calibrated(dep, section),
+            **_calibrated(dep),
             **overrides,
         }
         if "base_url" not in values:
@@ -169,13 +160,13 @@ class ClientConfig:
 
 
 
-def _calibrated(dep: DeploymentConfig, section: dict[str, Any]) -> dict[str, float]:
+def _calibrated(dep: DeploymentConfig) -> dict[str, float]:
     """min_confidence and temperature: the `client:` section's, else the router manifest's calibration."""
     try:
         calibration = AdapterManifest.read(dep.adapter_path(dep.router)).calibration
     except (FileNotFoundError, ValueError):
         calibration = None  # no manifest here (a remote deployment): the section's values or the defaults
     try:
-        return routing.calibrated_settings(section, calibration)
+        return routing.calibrated_settings(dep.client.min_confidence, dep.client.temperature, calibration)
     except routing.RoutingConfigError as exc:
         raise ClientConfigError(str(exc)) from None

@@ -96,19 +96,66 @@ def _vision_tower_evidence(cfg: dict, lora_keys: list[str], manifest: AdapterMan
     return None
 
 
+@dataclass(frozen=True)
+class PixelLimits:
+    """The image area limits the engine serves at (min_pixels, max_pixels), each with where it comes from; None:
+    not known here (the model processor's default of a hub model, or an engine setting left unset at runtime)."""
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    min_source: str = "engine.min_pixels"
+    max_source: str = "engine.max_pixels"
+
+
+def processor_pixel_limits(model_dir: str | None) -> tuple[int | None, int | None]:
+    """A local model's processor defaults (min_pixels, max_pixels): image_processor.size in processor_config.json
+    or preprocessor_config.json (Qwen-VL's shortest_edge and longest_edge are areas); (None, None) if not found."""
+    folder = Path(model_dir) if model_dir else None
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if folder is None or not (folder / name).is_file():
+            continue
+        data = json.loads((folder / name).read_text())
+        size = data.get("image_processor", data).get("size") or {}
+        return size.get("shortest_edge"), size.get("longest_edge")
+    return None, None
+
+
+def served_pixel_limits(engine: EngineConfig, model_dir: str | None = None) -> PixelLimits:
+    """The limits the engine serves images at: engine.min_pixels / max_pixels, else the model processor's own."""
+    default_min, default_max = processor_pixel_limits(model_dir)
+    return PixelLimits(
+        min_pixels=engine.min_pixels or default_min, max_pixels=engine.max_pixels or default_max,
+        min_source="engine.min_pixels" if engine.min_pixels else "the model processor's default",
+        max_source="engine.max_pixels" if engine.max_pixels else "the model processor's default")
+
+
+def _pixel_problems(name: str, manifest: AdapterManifest, served: PixelLimits) -> list[str]:
+    """Each pixel limit the adapter was trained at that the engine serves otherwise (unrecorded ones pass)."""
+    problems = []
+    for field_name, trained, serving, source in (
+            ("min_pixels", manifest.min_pixels, served.min_pixels, served.min_source),
+            ("max_pixels", manifest.max_pixels, served.max_pixels, served.max_source)):
+        if trained is not None and serving is not None and trained != serving:
+            problems.append(f"{name}: trained at {field_name}={trained}, but the engine serves {field_name}="
+                            f"{serving} ({source}); a router's accuracy depends on the image size it sees: set "
+                            f"engine.{field_name}: {trained}, retrain the adapter at {serving}, or accept it with "
+                            "engine.accept_pixel_mismatch: true")
+    return problems
+
+
 def _check_one(adapter: AdapterConfig, folder: Path, base_fingerprint: str | None, tower_lora: bool
-               ) -> tuple[list[str], int]:
+               ) -> tuple[list[str], int, AdapterManifest | None]:
     """Problems with one adapter (empty if none) and its rank."""
     name = adapter.name
     if not folder.is_dir():
-        return [f"{name}: adapter folder not found: {folder}"], 0
+        return [f"{name}: adapter folder not found: {folder}"], 0, None
     config_path = folder / "adapter_config.json"
     try:
         cfg = json.loads(config_path.read_text())
     except FileNotFoundError:
-        return [f"{name}: no adapter_config.json in {folder}"], 0
+        return [f"{name}: no adapter_config.json in {folder}"], 0, None
     except json.JSONDecodeError as exc:
-        return [f"{name}: adapter_config.json does not parse: {exc}"], 0
+        return [f"{name}: adapter_config.json does not parse: {exc}"], 0, None
     problems = []
     manifest, manifest_problem = _read_manifest(name, folder)
     if cfg.get("peft_type") != "LORA":
@@ -144,7 +191,7 @@ def _check_one(adapter: AdapterConfig, folder: Path, base_fingerprint: str | Non
         elif manifest.base_model_fingerprint != base_fingerprint:
             problems.append(f"{name}: trained on another base model ({manifest.base_model}, fingerprint "
                             f"{manifest.base_model_fingerprint}); this deployment serves fingerprint {base_fingerprint}")
-    return problems, rank
+    return problems, rank, manifest
 
 
 def _manifest_routing(folder: Path) -> tuple[tuple[str, ...] | None, dict[str, Any] | None]:
@@ -192,11 +239,14 @@ def base_fingerprint(base_model_dir: str | None) -> str | None:
     return model_fingerprint(base_model_dir) if base_model_dir and Path(base_model_dir).is_dir() else None
 
 
-def check_adapter(adapter: AdapterConfig, folder: Path, base: str | None, engine: EngineConfig
-                  ) -> tuple[list[str], AdapterInfo]:
+def check_adapter(adapter: AdapterConfig, folder: Path, base: str | None, engine: EngineConfig,
+                  pixels: PixelLimits | None = None) -> tuple[list[str], AdapterInfo]:
     """The problems with one adapter (empty if none) and its info; `base` is base_fingerprint(), `engine` the
-    served engine settings (its max_lora_rank, None: no limit yet, and tower_lora)."""
-    problems, rank = _check_one(adapter, folder, base, engine.tower_lora)
+    served engine settings (its max_lora_rank, None: no limit yet, tower_lora and accept_pixel_mismatch), `pixels`
+    the limits it serves images at (None: the engine's settings only, the processor's defaults unknown)."""
+    problems, rank, manifest = _check_one(adapter, folder, base, engine.tower_lora)
+    if manifest is not None and not engine.accept_pixel_mismatch:
+        problems += _pixel_problems(adapter.name, manifest, pixels or served_pixel_limits(engine))
     if engine.max_lora_rank is not None and rank > engine.max_lora_rank:
         problems.append(f"{adapter.name}: rank {rank} is above engine.max_lora_rank={engine.max_lora_rank}")
     fingerprint = adapter_fingerprint(folder) if folder.is_dir() else ""
@@ -214,11 +264,12 @@ def check_adapters(config: DeploymentConfig, base_model_dir: str | None = None, 
     engine.max_lora_rank; `slots` is how many adapters must fit in a batch (default: the config's).
     """
     base = base_fingerprint(base_model_dir)
+    pixels = served_pixel_limits(config.engine, base_model_dir)
     problems: list[str] = []
     infos = []
     for adapter in config.adapters:
         folder = config.adapter_path(adapter)
-        found, info = check_adapter(adapter, folder, base, config.engine)
+        found, info = check_adapter(adapter, folder, base, config.engine, pixels)
         if config.router is adapter and not found:
             found += router_label_problems(adapter.name, folder, config.labels, exact_labels)
         problems += found

@@ -48,6 +48,7 @@ from serving.adapters import AdapterError, AdapterInfo, base_fingerprint
 from serving.check import open_host_problem, resolve_model
 from serving.command import ServerCommand, build_command, lora_limits
 from serving.gateway.app import Gateway
+from serving.gateway.metrics import PREFIX
 from serving.lifecycle import AdapterSet, config_adapters, load_adapters
 from serving.probe import PROBE_TEXT, ProbeAnswer, ProbeError, ask, warm_up_and_probe
 from serving.supervisor import (
@@ -309,7 +310,7 @@ class VLLMServer:
         assert self.gateway is not None
         registry = self.gateway.metrics.registry
         return int(sum(registry.get_sample_value(name) or 0
-                       for name in ("gateway_requests_in_flight", "gateway_requests_queued")))
+                       for name in (f"{PREFIX}_requests_in_flight", f"{PREFIX}_requests_queued")))
 
     def kill_vllm(self) -> None:
         """SIGKILL vLLM's API server, as a crash would: the fault the fleet test and the failover benchmark inject;

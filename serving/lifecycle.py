@@ -32,6 +32,7 @@ from serving.adapters import (
     base_fingerprint,
     check_adapter,
     check_adapters,
+    served_pixel_limits,
 )
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ def load_adapters(config: DeploymentConfig, base_model_dir: str | None) -> tuple
     if previous is not None:
         # Its labels may name an expert removed since: rollback refuses then, the restart need not.
         problems, previous_info = check_adapter(previous.config(), Path(previous.path),
-                                                base_fingerprint(base_model_dir), config.engine)
+                                                base_fingerprint(base_model_dir), config.engine,
+                                                served_pixel_limits(config.engine, base_model_dir))
     records = ([state.router] if state.router else []) + state.experts
     for record, info in [*zip(records, infos), *([(previous, previous_info)] if previous else [])]:
         if info.fingerprint != record.fingerprint:
@@ -257,6 +259,10 @@ class ServedNames:
             self._in_flight[served] -= 1
             if not self._in_flight[served]:
                 del self._in_flight[served]
+
+    def is_public(self, name: str) -> bool:
+        """Whether `name` is a published adapter name (the live router or an expert)."""
+        return name in self._names
 
     def in_flight(self, served: str) -> int:
         return self._in_flight[served]

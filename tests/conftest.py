@@ -160,3 +160,11 @@ def plain_python(tmp_path_factory) -> Path:
     run(uv, "pip", "install", "--python", str(python), "-r", str(requirements))
     run(uv, "pip", "install", "--python", str(python), "--no-deps", str(ROOT))
     return python
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The gateway fuzzing's example counts (tests/test_gateway_fuzz.py), when it ran."""
+    fuzz = sys.modules.get("tests.test_gateway_fuzz")
+    if fuzz is not None and fuzz.EXAMPLES:
+        counts = ", ".join(f"{name} {n}" for name, n in fuzz.EXAMPLES.items())
+        terminalreporter.write_line(f"gateway fuzzing: {sum(fuzz.EXAMPLES.values())} examples ({counts})")

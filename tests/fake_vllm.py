@@ -1,11 +1,13 @@
 """A scripted stand-in for vLLM's OpenAI-compatible server, for client tests only.
 
-A real server cannot be made to fail on cue; this one speaks the endpoints the client uses
-(/v1/chat/completions, /tokenize, /v1/models, /health) and plays scripted faults, one per request, in order.
-It also answers the routing gateway's `model: "auto"` as the gateway does: the routed expert's completion with a
-`routing` object and x-route-* headers.
+A real server cannot be made to fail on cue; this one speaks the endpoints the client and the gateway use
+(/v1/chat/completions, /tokenize, /v1/models, /health, /metrics, adapter loading) and plays scripted faults, one per
+request, in order. It also answers the routing gateway's `model: "auto"` as the gateway does: the routed expert's
+completion with a `routing` object and x-route-* headers. Versioned names (`calendar@3f2a9c01b7de`, as the gateway
+sends them) are served as their public name.
 
     fake.faults.append(Fault(status=503))          # the next chat request answers 503
+    fake.fail_models["router@v2"] = 500            # every chat request for that exact model answers 500
     fake.route = lambda png: "claim-window"        # the router's answer per image
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 
 LABELS = ("calendar", "claim-window", "provider-select")
 BODY = web.RequestKey("body", dict)
@@ -46,7 +49,7 @@ class Seen:
 
     path: str
     body: dict[str, Any]
-    headers: dict[str, str]
+    headers: CIMultiDict[str]  # names in any case
     at: float
 
 
@@ -69,6 +72,10 @@ class FakeVLLM:
         # The gateway's routing model name; None answers it as vLLM does (404).
         self.auto_model: str | None = "auto"
         self.api_key: str | None = None
+        self.fail_models: dict[str, int] = {}
+        # Status of adapter loading (/v1/load_lora_adapter), and chat handlers cancelled because their caller left.
+        self.load_status = 200
+        self.cancelled = 0
         self.request_id = itertools.count(1)
         self._vocab: dict[str, int] = {}
         self._runner: web.AppRunner | None = None
@@ -92,6 +99,9 @@ class FakeVLLM:
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/v1/load_lora_adapter", self._load)
+        app.router.add_post("/v1/unload_lora_adapter", self._load)
         # Cancel a handler whose client went away (stalls), and do not wait for stragglers at shutdown.
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
         await self._runner.setup()
@@ -106,23 +116,47 @@ class FakeVLLM:
 
     @web.middleware
     async def _record_and_fault(self, request: web.Request, handler: Callable) -> web.StreamResponse:
-        body = await request.json() if request.method == "POST" else {}
+        try:
+            body = await request.json() if request.method == "POST" else {}
+        except ValueError:
+            body = None  # answered 400 below, as vLLM answers a body it cannot read
         request[BODY] = body
-        self.requests.append(Seen(request.path, body, dict(request.headers), time.monotonic()))
+        self.requests.append(Seen(request.path, body if isinstance(body, dict) else {}, CIMultiDict(request.headers),
+                                  time.monotonic()))
         headers = {"x-request-id": f"req-{next(self.request_id)}"}
         if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return _error(401, "bad api key", headers)
+        if not isinstance(body, dict):
+            return _error(400, "the body is no JSON object", headers)
         fault = self.faults.popleft() if self.faults and request.path == "/v1/chat/completions" else None
-        if fault is not None:
-            await asyncio.sleep(fault.stall_s)
-            if fault.reset:
-                request.transport.close()
-                return web.Response()  # never sent: the connection is gone
-            if fault.status is not None:
-                return _error(fault.status, fault.message, {**headers, **fault.headers})
-        response = await handler(request)
+        try:
+            if fault is not None:
+                await asyncio.sleep(fault.stall_s)
+                if fault.reset:
+                    request.transport.close()
+                    return web.Response()  # never sent: the connection is gone
+                if fault.status is not None:
+                    return _error(fault.status, fault.message, {**headers, **fault.headers})
+            response = await handler(request)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         response.headers.update(headers)
         return response
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text="# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running 0.0\n")
+
+    async def _load(self, request: web.Request) -> web.Response:
+        """Load or unload an adapter: its name is served from then on (or no longer)."""
+        if self.load_status != 200:
+            return _error(self.load_status, "scripted load failure", {})
+        name = str(request[BODY].get("lora_name")).split("@")[0]
+        if request.path == "/v1/load_lora_adapter":
+            self.models = (*self.models, name)
+        else:
+            self.models = tuple(m for m in self.models if m != name)
+        return web.Response(text="Success")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response()
@@ -139,11 +173,17 @@ class FakeVLLM:
 
     async def _chat(self, request: web.Request) -> web.Response:
         body = request[BODY]
-        model = body["model"]
+        requested = body.get("model")
+        if isinstance(requested, str) and requested in self.fail_models:
+            return _error(self.fail_models[requested], f"scripted failure of {requested}", {})
+        model = requested.split("@")[0] if isinstance(requested, str) else requested
         if model not in self.models and model != self.auto_model:
-            return _error(404, f"The model `{model}` does not exist.", {})
-        content = body["messages"][-1]["content"]
-        png = base64.b64decode(content[0]["image_url"]["url"].split(",", 1)[1])
+            return _error(404, f"The model `{requested}` does not exist.", {}, param="model")
+        try:
+            content = body["messages"][-1]["content"]
+            png = base64.b64decode(content[0]["image_url"]["url"].split(",", 1)[1])
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):
+            return _error(400, "messages: expected an image_url part first in the last turn", {})
         if model == self.auto_model:
             return self._auto(png)
         if model != "router":
@@ -194,8 +234,8 @@ def _completion_body(model: str, text: str, logprobs: list[dict] | None) -> dict
     }
 
 
-def _error(status: int, message: str, headers: dict[str, str]) -> web.Response:
-    body = {"error": {"message": message, "type": "ScriptedError", "param": None, "code": status}}
+def _error(status: int, message: str, headers: dict[str, str], param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": "ScriptedError", "param": param, "code": status}}
     return web.json_response(body, status=status, headers=headers)
 
 

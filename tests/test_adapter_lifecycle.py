@@ -305,11 +305,11 @@ def test_the_candidate_was_shadowed_and_compared_with_the_live_router(scenario, 
     # /metrics counts the same things (one scrape, taken just before the report).
     metrics = scenario["metrics"]
     label = (("candidate", shadow["candidate"]),)
-    compared = metrics[("gateway_shadow_compared_total", label)]
+    compared = metrics[("lora_router_gateway_shadow_compared_total", label)]
     assert SHADOWED <= compared <= shadow["compared"]
-    routes = sum(v for (name, labels), v in metrics.items() if name == "gateway_shadow_routes_total"
+    routes = sum(v for (name, labels), v in metrics.items() if name == "lora_router_gateway_shadow_routes_total"
                  and dict(labels)["candidate"] == shadow["candidate"])
-    assert routes == compared == metrics[("gateway_shadow_confidence_count", label)]
+    assert routes == compared == metrics[("lora_router_gateway_shadow_confidence_count", label)]
 
 
 def test_after_promotion_documents_route_to_ocr_as_the_validation_cli_says(scenario, routers):

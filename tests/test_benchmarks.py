@@ -56,12 +56,12 @@ def test_ttft_quantiles_interpolate_inside_buckets():
 
 
 GATEWAY_METRICS = """\
-# TYPE gateway_stage_seconds histogram
-gateway_stage_seconds_bucket{le="+Inf",stage="image"} 4.0
-gateway_stage_seconds_count{stage="image"} 4.0
-gateway_stage_seconds_sum{stage="image"} 0.002
-gateway_stage_seconds_count{stage="route"} 4.0
-gateway_stage_seconds_sum{stage="route"} 0.2
+# TYPE lora_router_gateway_stage_seconds histogram
+lora_router_gateway_stage_seconds_bucket{le="+Inf",stage="image"} 4.0
+lora_router_gateway_stage_seconds_count{stage="image"} 4.0
+lora_router_gateway_stage_seconds_sum{stage="image"} 0.002
+lora_router_gateway_stage_seconds_count{stage="route"} 4.0
+lora_router_gateway_stage_seconds_sum{stage="route"} 0.2
 vllm:request_prefill_time_seconds_count{engine="0",model_name="base"} 8.0
 vllm:request_prefill_time_seconds_sum{engine="0",model_name="base"} 0.16
 vllm:e2e_request_latency_seconds_count{engine="0",model_name="base"} 8.0
@@ -72,11 +72,11 @@ vllm:e2e_request_latency_seconds_sum{engine="0",model_name="base"} 0.8
 def test_timing_histograms_give_per_request_means_per_phase():
     before = parse_metrics(GATEWAY_METRICS)
     assert before.means() == pytest.approx({
-        "gateway_stage_seconds[image]": 0.0005, "gateway_stage_seconds[route]": 0.05,
+        "lora_router_gateway_stage_seconds[image]": 0.0005, "lora_router_gateway_stage_seconds[route]": 0.05,
         "vllm:request_prefill_time_seconds": 0.02, "vllm:e2e_request_latency_seconds": 0.1})
     after = parse_metrics(GATEWAY_METRICS.replace("} 4.0", "} 6.0").replace("} 0.2", "} 0.26"))
     delta = after.minus(before)
-    assert delta.means()["gateway_stage_seconds[route]"] == pytest.approx(0.03)  # 0.06 s over 2 more routes
+    assert delta.means()["lora_router_gateway_stage_seconds[route]"] == pytest.approx(0.03)  # 0.06 s over 2 more routes
     assert "vllm:request_prefill_time_seconds" not in delta.means()  # nothing observed in between
 
 

@@ -117,24 +117,24 @@ def test_calibration_section_scores_a_stored_manifest_on_a_new_set():
 
 
 @pytest.mark.parametrize("client, calibration, expected", [
-    ({}, None, {"min_confidence": 0.0, "temperature": 1.0}),
-    ({}, {"threshold": 0.8, "temperature": 2.5}, {"min_confidence": 0.8, "temperature": 2.5}),
-    ({"min_confidence": 0.5}, {"threshold": 0.8, "temperature": 2.5}, {"min_confidence": 0.5, "temperature": 2.5}),
-    ({"temperature": 1}, {"threshold": None, "temperature": 2.5}, {"min_confidence": 0.0, "temperature": 1.0}),
+    ((None, None), None, {"min_confidence": 0.0, "temperature": 1.0}),
+    ((None, None), {"threshold": 0.8, "temperature": 2.5}, {"min_confidence": 0.8, "temperature": 2.5}),
+    ((0.5, None), {"threshold": 0.8, "temperature": 2.5}, {"min_confidence": 0.5, "temperature": 2.5}),
+    ((None, 1.0), {"threshold": None, "temperature": 2.5}, {"min_confidence": 0.0, "temperature": 1.0}),
 ])
 def test_the_client_section_wins_over_the_manifest(client, calibration, expected):
-    assert calibrated_settings(client, calibration) == expected
+    assert calibrated_settings(*client, calibration) == expected
 
 
-@pytest.mark.parametrize("client, message", [
-    ({"min_confidence": "high", "temperature": "x"}, "client.min_confidence must be a number, got 'high'; "
-                                                     "client.temperature must be a number, got 'x'"),
-    ({"min_confidence": 2}, "min_confidence must be within 0-1"),
+@pytest.mark.parametrize("calibration, message", [
+    ({"threshold": "high", "temperature": "x"}, "calibration gives min_confidence 'high', which is no number; "
+                                                "the router manifest's calibration gives temperature 'x'"),
+    ({"threshold": 2}, "min_confidence must be within 0-1"),
     ({"temperature": 0}, "temperature must be > 0"),
 ])
-def test_bad_calibrated_settings_are_named(client, message):
+def test_bad_calibrated_settings_are_named(calibration, message):
     with pytest.raises(RoutingConfigError, match=message):
-        calibrated_settings(client, None)
+        calibrated_settings(None, None, calibration)
 
 
 def test_temperature_reaches_the_routes_confidence():
@@ -163,6 +163,6 @@ def test_the_router_manifest_calibration_reaches_client_and_gateway_policy(tmp_p
     calibration = json.loads((router / "lora_router_manifest.json").read_text())["calibration"]
     policy = RoutingPolicy.of(config, calibration=calibration)
     assert (policy.min_confidence, policy.temperature) == (0.62, 1.7)
-    config.client = {**config.client, "min_confidence": 0.3}
+    config.client.min_confidence = 0.3
     assert ClientConfig.from_deployment(config).min_confidence == 0.3
     assert RoutingPolicy.of(config, calibration=calibration).min_confidence == 0.3

@@ -9,7 +9,7 @@ import re
 import pytest
 from PIL import Image
 
-from lora_router.deployment import load_config
+from lora_router.deployment import ConfigError, load_config
 from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from router_client import _constants
 from router_client.client import RouterClient, prepare_image
@@ -339,20 +339,37 @@ def test_client_config_from_deployment():
     assert ClientConfig.from_deployment(wildcard).base_url == "http://127.0.0.1:8123/v1"
 
 
-@pytest.mark.parametrize("overrides, client_section, message", [
-    ({}, {"retries": 3}, "unknown key(s) in client: retries"),
-    ({}, {"labels": ["a"]}, "client: may not set labels"),
-    ({"nope": 1}, {}, "unknown ClientConfig field(s): nope"),
-    ({}, {"fallback": "expert:weather"}, "names no expert"),
-    ({}, {"router_mode": "fast"}, "router_mode must be one of"),
-    ({}, {"min_confidence": "high"}, "min_confidence must be a number"),
-    ({"base_url": "localhost:8000"}, {}, "base_url must start with http"),
+@pytest.mark.parametrize("overrides, message", [
+    ({"nope": 1}, "unknown ClientConfig field(s): nope"),
+    ({"fallback": "expert:weather"}, "names no expert"),
+    ({"router_mode": "fast"}, "router_mode must be one of"),
+    ({"min_confidence": 2}, "min_confidence must be within 0-1"),
+    ({"base_url": "localhost:8000"}, "base_url must start with http"),
 ])
-def test_client_config_errors(overrides, client_section, message):
+def test_client_config_errors(overrides, message):
     dep = load_config("configs/tiny-cpu.yaml")
-    dep.client = client_section
     with pytest.raises(ClientConfigError, match=re.escape(message)):
         ClientConfig.from_deployment(dep, **overrides)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("client.retries=3", "unknown key(s) in client: retries"),
+    ("client.labels=[a]", "unknown key(s) in client: labels"),
+    ("client.fallback=expert:weather", "client.fallback 'expert:weather' names no expert"),
+    ("client.router_mode=fast", "client.router_mode must be one of"),
+    ("client.min_confidence=high", "client.min_confidence must be a number"),
+])
+def test_a_bad_client_section_is_refused_when_the_deployment_loads(setting, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("configs/tiny-cpu.yaml", [setting])
+
+
+def test_the_client_section_reaches_the_client_config():
+    engine = "engine.max_pixels=5000"
+    cfg = ClientConfig.from_deployment(load_config("configs/tiny-cpu.yaml", [engine, "client.timeout_s=7",
+                                                                             "client.max_pixels=1000"]))
+    assert (cfg.timeout_s, cfg.max_pixels) == (7.0, 1000)  # the section wins over what the engine section implies
+    assert ClientConfig.from_deployment(load_config("configs/tiny-cpu.yaml", [engine])).max_pixels == 5000
 
 
 def test_port_zero_needs_base_url():

@@ -189,12 +189,12 @@ def test_metrics_count_what_was_sent_per_expert_and_outcome(gw):
     after = asyncio.run(_metrics(gw))
 
     def delta(expert, outcome):
-        key = ("gateway_requests_total", (("expert", expert), ("model", "auto"), ("outcome", outcome)))
+        key = ("lora_router_gateway_requests_total", (("expert", expert), ("model", "auto"), ("outcome", outcome)))
         return after.get(key, 0) - before.get(key, 0)
 
     for expert in set(experts):
         assert delta(expert, "ok") == experts.count(expert)
-    assert delta("", "bad_request") == 1
+    assert delta("none", "bad_request") == 1
 
 
 def test_over_the_queue_limit_callers_get_429_with_retry_after(gw):

@@ -52,6 +52,9 @@ def decode(prepared: PreparedImage) -> Image.Image:
     ("0-byte file", b"", "empty file"),
     ("over the pixel cap", png_claiming_size(10_000, 5_000),
      "too many pixels (10000x5000 = 50,000,000, limit 40,000,000)"),
+    # Past PIL's own decompression-bomb limit (2 x 89,478,485): the cap, from the header, still answers.
+    ("far over the pixel cap", png_claiming_size(20_000, 20_000),
+     "too many pixels (20000x20000 = 400,000,000, limit 40,000,000)"),
 ])
 def test_bad_images_are_refused_with_file_and_problem(tmp_path, case, content, message):
     path = tmp_path / "screen.png"
@@ -60,6 +63,11 @@ def test_bad_images_are_refused_with_file_and_problem(tmp_path, case, content, m
         prepare_image(path)
     assert str(caught.value).startswith(f"{path}: ")
     assert message in str(caught.value)
+
+
+def test_a_cap_above_pils_own_limit_is_the_one_that_applies():
+    with pytest.raises(InvalidImageError, match=r"too many pixels \(20000x20000 = 400,000,000, limit 300,000,000\)"):
+        prepare_image(png_claiming_size(20_000, 20_000), max_image_pixels=300_000_000)
 
 
 def test_missing_file(tmp_path):
@@ -113,3 +121,9 @@ def test_router_client_prepare_image_raises_the_clients_error_and_servings():
         router_client.prepare_image(b"")
     assert isinstance(caught.value, router_client.RouterClientError) and isinstance(caught.value, InvalidImageError)
     assert router_client.PreparedImage is PreparedImage
+
+
+@pytest.mark.parametrize("data", [b"\x00", b"BM", b"\x89PN", b"GIF8"])
+def test_a_few_bytes_are_no_image(data):
+    with pytest.raises(InvalidImageError, match="not an image"):
+        prepare_image(data)

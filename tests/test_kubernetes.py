@@ -298,8 +298,8 @@ BREAKAGES = [
     ("readiness probe path", "base/deployment.yaml", "path: /health\n              port: http\n            "
      "periodSeconds: 5", "path: /healthz\n              port: http\n            periodSeconds: 5",
      ["readinessProbe path '/healthz' is not the gateway's health route /health"]),
-    ("autoscaler metric", "base/autoscaling.yaml", "sum(gateway_requests_queued{", "sum(gateway_queue_length{",
-     ["ScaledObject query reads gateway_queue_length"]),
+    ("autoscaler metric", "base/autoscaling.yaml", "sum(lora_router_gateway_requests_queued{",
+     "sum(gateway_queue_length{", ["ScaledObject query reads gateway_queue_length"]),
     ("key variable", "base/deployment.yaml", "name: LORA_ROUTER_ADMIN_KEY", "name: LORA_ROUTER_ADMIN_TOKEN",
      ["env LORA_ROUTER_ADMIN_TOKEN (Secret lora-router-keys/admin-key) is read by no setting"]),
 ]

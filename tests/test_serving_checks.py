@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from lora_router.deployment import ConfigError, from_dict, load_config
+from lora_router.deployment import AdapterConfig, ConfigError, from_dict, load_config
 from lora_router.manifest import MANIFEST_NAME, AdapterManifest
 from serving.adapters import AdapterError, check_adapters
 from serving.launcher import VLLMServer
@@ -180,7 +180,7 @@ def test_value_types_are_checked_in_one_place_and_every_problem_is_listed(tmp_pa
     path.write_text("engine:\n  kv_cache_gib: 1e0\n  gpu_memory_utilization: 9e-1\nclient:\n  min_confidence: 5e-1\n")
     cfg = load_config(path)
     assert (cfg.engine.kv_cache_gib, cfg.engine.gpu_memory_utilization) == (1.0, 0.9)
-    assert cfg.client == {"min_confidence": "5e-1"}  # typed by ClientConfig, which checks it the same way
+    assert cfg.client.min_confidence == 0.5
     path.write_text("model: {served_name: 7}\nengine: {max_pixels: abc, port: http, gpus: 2}\n"
                     "experts: [{name: a}]\n")
     with pytest.raises(ConfigError) as info:
@@ -199,3 +199,61 @@ def test_client_and_serving_config_errors_are_one_kind():
 
     assert ConfigError is SharedConfigError
     assert issubclass(ClientConfigError, SharedConfigError) and issubclass(ClientConfigError, RouterClientError)
+
+
+@pytest.mark.parametrize("command", ["serving", "serving --check", "router_client", "router_client.batch",
+                                     "serving.admin"])
+def test_a_typo_in_the_routing_section_is_refused_by_every_command_before_anything_starts(command, tmp_path, capsys):
+    import router_client.__main__
+    import router_client.batch
+    import serving.__main__
+    import serving.admin
+
+    mains = {"serving": serving.__main__.main, "router_client": router_client.__main__.main,
+             "router_client.batch": router_client.batch.main, "serving.admin": serving.admin.main}
+    module, *flags = command.split()
+    path = tmp_path / "configs" / "d.yaml"
+    path.parent.mkdir()
+    path.write_text(load_config("configs/tiny-cpu.yaml").source.read_text().replace(
+        "  fallback: error", "  fallback: expert:weather\n  min_confidense: 0.5\n  temperature: -1"))
+    extra = {"router_client": [str(tmp_path / "screen.png")], "serving.admin": ["state"],
+             "router_client.batch": ["--input", str(tmp_path), "--output", str(tmp_path / "out.jsonl")]}
+    code = mains[module](["--config", str(path), *flags, *extra.get(module, [])])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"error: {path}: ") and len(err.strip().splitlines()) == 1
+    for part in ("unknown key(s) in client: min_confidense", "client.temperature must be > 0"):
+        assert part in err
+
+
+@pytest.fixture
+def model_with_processor(tmp_path):
+    """A model folder whose processor resizes images to 8192-32768 pixels by default (as the tiny base's)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "processor_config.json").write_text(json.dumps(
+        {"image_processor": {"size": {"shortest_edge": 8192, "longest_edge": 32768}}}))
+    return folder
+
+
+@pytest.mark.parametrize("trained, engine, refused", [
+    ({"min_pixels": 8192, "max_pixels": 65536}, {}, ["trained at max_pixels=65536, but the engine serves "
+                                                     "max_pixels=32768 (the model processor's default)"]),
+    ({"min_pixels": 8192, "max_pixels": 65536}, {"max_pixels": 65536}, []),
+    ({"min_pixels": 4096, "max_pixels": 32768}, {"min_pixels": 2048, "max_pixels": 32768},
+     ["trained at min_pixels=4096, but the engine serves min_pixels=2048 (engine.min_pixels)"]),
+    ({"min_pixels": 8192, "max_pixels": 65536}, {"accept_pixel_mismatch": True}, []),
+    ({}, {"max_pixels": 65536}, []),  # a manifest from before the fields: nothing recorded, nothing compared
+])
+def test_an_adapter_trained_at_other_pixel_limits_is_refused_naming_both(tmp_path, model_with_processor, trained,
+                                                                         engine, refused):
+    from serving.adapters import check_adapter, served_pixel_limits
+    from tests.gateway_on_fake import stand_in_adapter
+
+    engine = from_dict({"engine": engine}).engine
+    folder = stand_in_adapter(tmp_path / "calendar", **trained)
+    problems, _ = check_adapter(AdapterConfig(name="calendar", path=str(folder)), folder, None, engine,
+                                served_pixel_limits(engine, str(model_with_processor)))
+    assert len(problems) == len(refused)
+    for problem, words in zip(problems, refused):
+        assert problem.startswith("calendar: ") and words in problem and "engine.accept_pixel_mismatch" in problem

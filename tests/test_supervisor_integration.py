@@ -174,7 +174,7 @@ def test_vllm_killed_under_load_gives_502_or_503_then_serves_again(service, vict
 
     async def under_load():
         async with aiohttp.ClientSession() as session:
-            before = await _metric(session, service, "gateway_upstream_restarts_total")
+            before = await _metric(session, service, "lora_router_gateway_upstream_restarts_total")
 
             async def one():
                 start = time.monotonic()
@@ -213,7 +213,7 @@ def test_vllm_killed_under_load_gives_502_or_503_then_serves_again(service, vict
                          every_s=1)
             async with session.post(service.base_url + "/chat/completions", json={**BODY, "max_tokens": 2}) as r:
                 answered = r.status
-            return answered, await _metric(session, service, "gateway_upstream_restarts_total")
+            return answered, await _metric(session, service, "lora_router_gateway_upstream_restarts_total")
 
     answered, after = asyncio.run(back())
     assert answered == 200

@@ -19,30 +19,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
-from lora_router.deployment import DeploymentConfig
+from lora_router.deployment import LOOPBACK_HOSTS, DeploymentConfig
 from serving.gateway.admin import AdminRoutes
 from serving.gateway.auto import AutoRoute
 from serving.gateway.lifecycle import AdapterLifecycle
-from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.metrics import NONE, OTHER, GatewayMetrics, outcome
 from serving.gateway.protocol import (
     GatewayError,
+    RequestRecord,
     is_lora_route,
+    key_matches,
     named_model,
     parse_json_object,
+    request_id,
     retry_after,
     with_model,
 )
-from serving.gateway.upstream import Upstream
+from serving.gateway.upstream import Upstream, upstream_error
 from serving.lifecycle import AdapterSet
 
 log = logging.getLogger(__name__)
+# One line per request: method, path, model, expert, router version, status, route and total ms, request id.
+access_log = logging.getLogger("serving.gateway.access")
+RECORD = web.RequestKey("record", RequestRecord)
+# Paths a prober or scraper calls every few seconds: no access-log line, or they would drown the others.
+_QUIET_PATHS = ("/health", "/metrics")
+# aiohttp's own refusals (no such route, a method the route does not take) by code; any other 4xx: invalid_request.
+HTTP_ERROR_CODES = {404: "not_found", 405: "method_not_allowed"}
+# The caller's status for a request it gave up on before the answer (nginx's convention).
+_CLIENT_CLOSED = 499
+# Access-log values written as they are; any other is quoted (a caller's model name must not forge a field).
+_PLAIN_VALUE = re.compile(r"^[\w.@:/+-]*$")
 
 # Response headers that describe one hop only; the gateway's own response sets its own.
 _HOP_HEADERS = {"connection", "content-length", "transfer-encoding", "keep-alive", "server", "date",
@@ -73,6 +90,15 @@ class Gateway:
         self.draining = False
         self._slots = asyncio.Semaphore(self.settings.max_in_flight)
         self._waiting = 0
+        # The scrape shows which adapters and load each replica has: behind the service key on a public address.
+        self._metrics_open = self.settings.public_metrics or config.engine.host in LOOPBACK_HOSTS
+        self._json_log: logging.Handler | None = None
+        if self.settings.log_format == "json":
+            # Each line one JSON object, nothing around it: its own handler, not the process's prefixed format.
+            self._json_log = logging.StreamHandler(sys.stderr)
+            self._json_log.setFormatter(logging.Formatter("%(message)s"))
+            access_log.addHandler(self._json_log)
+            access_log.propagate = False
 
     # -- lifecycle
 
@@ -89,6 +115,9 @@ class Gateway:
             self._sync = None
         await self.lifecycle.close()
         await self.upstream.close()
+        if self._json_log is not None:
+            access_log.removeHandler(self._json_log)
+            access_log.propagate = True
 
     async def resolve_policy(self) -> None:
         """Ask vLLM's tokenizer for the labels' first tokens (one-token routing); after each (re)start."""
@@ -97,7 +126,8 @@ class Gateway:
     def app(self) -> web.Application:
         """The aiohttp application: routes, auth, OpenAI-shaped errors, a body size cap."""
         app = web.Application(client_max_size=int(self.settings.max_body_mb * 1024 * 1024),
-                              middlewares=[self._errors, self._auth])
+                              middlewares=[self._observe, self._errors, self._auth])
+        app.on_response_prepare.append(_send_request_id)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
@@ -107,6 +137,24 @@ class Gateway:
         return app
 
     # -- middlewares
+
+    @web.middleware
+    async def _observe(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Name the request (x-request-id), then count it and write its access-log line, whatever the answer."""
+        record = request[RECORD] = RequestRecord(request_id(request.headers.get("x-request-id")))
+        start = time.perf_counter()
+        status = _CLIENT_CLOSED
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            # A handler that ran named a model: chat requests are counted (callers without a key never get here).
+            if request.path == "/v1/chat/completions" and record.model is not None:
+                label = "cancelled" if status == _CLIENT_CLOSED else outcome(status)
+                self.metrics.requests.labels(self._label(record.model), self._label(record.expert), label).inc()
+            if request.path not in _QUIET_PATHS:
+                self._access_line(request, record, status, time.perf_counter() - start)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -121,17 +169,42 @@ class Gateway:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error_response(GatewayError(exc.status, exc.text or exc.reason))
+            code = HTTP_ERROR_CODES.get(exc.status, "invalid_request")
+            return _error_response(GatewayError(exc.status, exc.text or exc.reason, code=code))
+        except Exception:
+            # A bug, not the caller's fault: said in OpenAI's shape all the same, and logged whole.
+            log.exception("request %s %s failed", request.method, request.path)
+            return _error_response(GatewayError(500, "the gateway failed on this request (its log says why)",
+                                                type="server_error", code="internal_error"))
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
         key = self.config.engine.api_key
+        open_paths = ("/health", "/metrics") if self._metrics_open else ("/health",)
         # The admin API checks its own key, which is not the service's.
-        if key and request.path not in ("/health", "/metrics") and not request.path.startswith("/admin/"):
-            if request.headers.get("Authorization", "") != f"Bearer {key}":
+        if key and request.path not in open_paths and not request.path.startswith("/admin/"):
+            if not key_matches(request.headers.get("Authorization", ""), key):
                 raise GatewayError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                    type="authentication_error", code="invalid_api_key")
         return await handler(request)
+
+    def _label(self, name: Any) -> str:
+        """A model or expert name as a metrics label: a name the gateway serves as it is, any other `other`."""
+        if name is None:
+            return NONE
+        served = isinstance(name, str) and (self.names.is_public(name) or name in (
+            self.settings.auto_model, self.config.model.served_name))
+        return name if served else OTHER
+
+    def _access_line(self, request: web.Request, record: RequestRecord, status: int, seconds: float) -> None:
+        fields = {"request_id": record.request_id, "method": request.method, "path": request.path,
+                  "model": record.model, "expert": record.expert, "router": record.router, "status": status,
+                  "route_ms": None if record.route_s is None else round(record.route_s * 1000, 1),
+                  "total_ms": round(seconds * 1000, 1)}
+        if self.settings.log_format == "json":
+            access_log.info("%s", json.dumps(fields, default=str))
+        else:
+            access_log.info("%s", " ".join(f"{k}={_plain(v)}" for k, v in fields.items()))
 
     # -- routes
 
@@ -157,17 +230,21 @@ class Gateway:
         return web.json_response(listing)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        record = request[RECORD]
+        record.model = NONE  # counted from here on, under the model the body names once it parses
         raw = await request.read()
         body = parse_json_object(raw)
+        record.model = body.get("model", NONE)
         auto = body.get("model") == self.settings.auto_model
         async with self._admitted():
             self._check_ready()
             if not auto:
                 model = str(body.get("model"))
+                record.expert = model
                 with self.names.hold(model) as served:
                     sent = raw if served == model else with_model(body, served)
-                    return await self._relay(request, sent, outcome_model=model)
-            return await self.auto.answer(request, body)
+                    return await self._relay(request, sent)
+            return await self.auto.answer(request, body, record)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         self._check_ready()
@@ -213,23 +290,33 @@ class Gateway:
             self._slots.release()
             self.metrics.in_flight.dec()
 
-    async def _relay(self, request: web.Request, raw: bytes, outcome_model: str | None = None) -> web.StreamResponse:
-        """Forward a request to vLLM as it came (the key swapped for the internal one) and stream the answer back."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "accept", "x-request-id")}
-        outcome = "error"
-        try:
-            async with self.upstream.call(request.method, request.path_qs, raw=raw, headers=headers) as up:
-                response = web.StreamResponse(status=up.status, headers={
-                    k: v for k, v in up.headers.items() if k.lower() not in _HOP_HEADERS})
-                await response.prepare(request)
-                async for chunk in up.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-                outcome = "ok" if up.status < 400 else "upstream_error"
-                return response
-        finally:
-            if outcome_model is not None:
-                self.metrics.requests.labels(outcome_model, outcome_model, outcome).inc()
+    async def _relay(self, request: web.Request, raw: bytes) -> web.StreamResponse:
+        """Forward a request to vLLM as it came (the key swapped for the internal one, named by the request's id)
+        and stream the answer back; an error answer is the gateway's own, in OpenAI's shape with a code."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "accept")}
+        async with self.upstream.call(request.method, request.path_qs, raw=raw, headers=headers,
+                                      request_id=request[RECORD].request_id) as up:
+            if up.status >= 400:
+                raise upstream_error(up.status, await up.read(), request.path)
+            response = web.StreamResponse(status=up.status, headers={
+                k: v for k, v in up.headers.items() if k.lower() not in _HOP_HEADERS})
+            await response.prepare(request)
+            async for chunk in up.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+
+async def _send_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer names its request, streamed ones too (their headers go before the first event)."""
+    record = request.get(RECORD)
+    if record is not None:
+        response.headers["x-request-id"] = record.request_id
+
+
+def _plain(value: Any) -> str:
+    text = "-" if value is None else str(value)
+    return text if _PLAIN_VALUE.match(text) else json.dumps(text)
 
 
 def _error_response(exc: GatewayError) -> web.Response:

@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from lora_router.deployment import DeploymentConfig
-from lora_router.images import InvalidImageError, PreparedImage, prepare_image
+from lora_router.images import InvalidImageError, PreparedImage, TooManyPixelsError, prepare_image
 from lora_router.openai_wire import ResponseFormatError, read_completion
 from lora_router.routing import RouteDecision, RouteRefused
 from serving.gateway.engines import EnginePicker
@@ -27,6 +27,7 @@ from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.protocol import (
     AutoRequest,
     GatewayError,
+    RequestRecord,
     check_remote_url,
     decode_data_url,
     expert_body,
@@ -52,43 +53,39 @@ class AutoRoute:
         self.metrics = metrics
         self.engines = EnginePicker(config.engine.data_parallel_size)
 
-    async def answer(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+    async def answer(self, request: web.Request, body: dict[str, Any], record: RequestRecord) -> web.StreamResponse:
+        """The expert's answer to an auto request; `record` gets the route (expert, router version, route time) for
+        the access log and the metrics, and names both stages in vLLM (`<request id>-router`, `-expert`)."""
         with self.engines.pinned() as rank:
-            return await self._answer(request, body, rank)
+            return await self._answer(request, body, rank, record)
 
-    async def _answer(self, request: web.Request, body: dict[str, Any], rank: int | None) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, body: dict[str, Any], rank: int | None,
+                      record: RequestRecord) -> web.StreamResponse:
         start = time.perf_counter()
-        outcome, expert = "error", ""
-        try:
-            auto = parse_auto_request(body)
-            image = await self._prepare(auto)
-            image_s = time.perf_counter() - start
-            decision = await self._route(image, rank)
-            expert = decision.expert
-            headers = routing_headers(decision)
-            self.lifecycle.shadow.submit(image.data_url, decision, rank)
-            prompt = self.lifecycle.prompts.get(expert) or self.lifecycle.policy.base_prompt
-            expert_start = time.perf_counter()
-            with self.lifecycle.names.hold(expert) as served:
-                sent = expert_body(auto, served, image.data_url, prompt)
-                if auto.stream:
-                    response = await self._stream(request, sent, headers, rank)
-                else:
-                    answer = await self.upstream.json("POST", "/v1/chat/completions", sent, rank)
-                    answer["model"] = expert
-                    answer["routing"] = decision.to_wire()
-                    response = web.json_response(answer, headers=headers)
-            for stage, seconds in (("image", image_s), ("route", decision.latency_s),
-                                   ("expert", time.perf_counter() - expert_start),
-                                   ("total", time.perf_counter() - start)):
-                self.metrics.latency.labels(stage).observe(seconds)
-            outcome = "ok"
-            return response
-        except GatewayError as exc:
-            outcome = "refused" if exc.status == 422 else "bad_request" if exc.status < 500 else "error"
-            raise
-        finally:
-            self.metrics.requests.labels(self.settings.auto_model, expert, outcome).inc()
+        auto = parse_auto_request(body)
+        image = await self._prepare(auto)
+        image_s = time.perf_counter() - start
+        decision = await self._route(image, rank, record)
+        expert = decision.expert
+        headers = routing_headers(decision)
+        self.lifecycle.shadow.submit(image.data_url, decision, rank, f"{record.request_id}-shadow")
+        prompt = self.lifecycle.prompts.get(expert) or self.lifecycle.policy.base_prompt
+        expert_start = time.perf_counter()
+        expert_id = f"{record.request_id}-expert"
+        with self.lifecycle.names.hold(expert) as served:
+            sent = expert_body(auto, served, image.data_url, prompt)
+            if auto.stream:
+                response = await self._stream(request, sent, headers, rank, expert_id)
+            else:
+                answer = await self.upstream.json("POST", "/v1/chat/completions", sent, rank, expert_id)
+                answer["model"] = expert
+                answer["routing"] = decision.to_wire()
+                response = web.json_response(answer, headers=headers)
+        for stage, seconds in (("image", image_s), ("route", decision.latency_s),
+                               ("expert", time.perf_counter() - expert_start),
+                               ("total", time.perf_counter() - start)):
+            self.metrics.latency.labels(stage).observe(seconds)
+        return response
 
     async def _prepare(self, auto: AutoRequest) -> PreparedImage:
         url = auto.image.url
@@ -108,6 +105,10 @@ class AutoRoute:
             # Decoding and PNG encoding take CPU time; off the event loop, other requests keep flowing.
             return await asyncio.to_thread(prepare_image, data, max_pixels=self.config.engine.max_pixels,
                                            max_image_pixels=self.settings.max_image_pixels)
+        except TooManyPixelsError as exc:
+            raise GatewayError(400, f"image has too many pixels ({exc.width}x{exc.height} = "
+                                    f"{exc.width * exc.height:,}), over gateway.max_image_pixels ({exc.limit:,}); "
+                                    "send a smaller screenshot", param="messages", code="image_too_large") from None
         except InvalidImageError as exc:
             raise GatewayError(400, f"image: {exc}", param="messages", code="invalid_image") from None
 
@@ -127,13 +128,16 @@ class AutoRoute:
             raise GatewayError(413, f"image at URL is over {self.settings.max_body_mb:g} MB", code="body_too_large")
         return data
 
-    async def _route(self, image: PreparedImage, rank: int | None) -> RouteDecision:
+    async def _route(self, image: PreparedImage, rank: int | None, record: RequestRecord) -> RouteDecision:
         policy = self.lifecycle.policy  # a request that started routing on one policy finishes on it
+        record.router = policy.router_name
         start = time.perf_counter()
         with self.lifecycle.names.hold(policy.router_name):
-            answer = await self.upstream.json("POST", "/v1/chat/completions", policy.request(image.data_url), rank)
+            answer = await self.upstream.json("POST", "/v1/chat/completions", policy.request(image.data_url), rank,
+                                              f"{record.request_id}-router")
+        record.route_s = time.perf_counter() - start
         try:
-            outcome = policy.decide(read_completion(answer), latency_s=time.perf_counter() - start)
+            outcome = policy.decide(read_completion(answer), latency_s=record.route_s)
         except ResponseFormatError as exc:
             raise GatewayError(502, f"the router's answer is unusable: {exc}", type="server_error",
                                code="upstream_failed") from None
@@ -146,11 +150,13 @@ class AutoRoute:
                                code=outcome.reason, headers={"x-route-fallback": outcome.reason,
                                                              "x-route-confidence": f"{outcome.confidence:.4f}",
                                                              "x-route-router": policy.router_name})
+        record.expert = outcome.expert
         return dataclasses.replace(outcome, router=policy.router_name)
 
     async def _stream(self, request: web.Request, body: dict[str, Any], headers: dict[str, str],
-                      rank: int | None) -> web.StreamResponse:
-        async with self.upstream.call("POST", "/v1/chat/completions", body, rank=rank) as upstream:
+                      rank: int | None, request_id: str) -> web.StreamResponse:
+        async with self.upstream.call("POST", "/v1/chat/completions", body, rank=rank,
+                                      request_id=request_id) as upstream:
             if upstream.status != 200:
                 raise upstream_error(upstream.status, await upstream.read(), "/v1/chat/completions")
             response = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream",

@@ -166,7 +166,7 @@ class AdapterLifecycle:
                     raise GatewayError(409, f"{name} is a label of the {role} router {router.served_as}: it would "
                                             "route requests to nothing; promote or roll back to a router without "
                                             "it first", code="adapter_in_use")
-            if self.config.client.get("fallback") == f"expert:{name}":
+            if self.config.client.fallback == f"expert:{name}":
                 raise GatewayError(409, f"{name} is the fallback (client.fallback): it cannot be removed",
                                    code="adapter_in_use")
             self._commit(self._without_expert(name), self.candidate)
@@ -462,8 +462,8 @@ class AdapterLifecycle:
         try:
             return await self.upstream.read("POST", path, body)
         except UpstreamError as exc:
-            raise GatewayError(502, f"vLLM answered {path} with {exc.status}: {exc.message}", type="server_error",
-                               code="upstream_failed") from None
+            raise GatewayError(502, f"vLLM answered {path} with {exc.upstream_status}: {exc.upstream_message}",
+                               type="server_error", code="upstream_failed") from None
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> Any:
         try:

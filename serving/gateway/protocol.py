@@ -8,28 +8,32 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
-import io
+import hmac
 import json
 import posixpath
+import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from PIL import Image
-
-from lora_router.images import PreparedImage
+from lora_router.images import PreparedImage, open_header
 from lora_router.openai_wire import error_body
 from lora_router.routing import RouteDecision
 
 # Seconds a caller is asked to wait while vLLM is down or the queue is full.
 RETRY_AFTER_S = 5
+# An incoming x-request-id is kept when it looks like this (it goes into vLLM's requests and every log line); any
+# other is replaced by a fresh one.
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class GatewayError(Exception):
-    """An error answered to the caller as OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
+    """An error answered to the caller as OpenAI's `{"error": {"message", "type", "param", "code"}}`; every one
+    names its code (the README's error tables list them, tests/test_gateway_errors.py checks the two agree)."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, *, code: str, type: str = "invalid_request_error",
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -40,6 +44,19 @@ class GatewayError(Exception):
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, param=self.param, code=self.code)
+
+
+def key_matches(sent: str, key: str) -> bool:
+    """Whether an Authorization header is `Bearer <key>`, compared in constant time: a wrong key's answer must not
+    tell how much of it was right."""
+    return hmac.compare_digest(sent.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode())
+
+
+def request_id(incoming: str | None) -> str:
+    """The id of a request: the caller's x-request-id when it is a plain token, else a fresh one."""
+    if incoming and _REQUEST_ID_RE.match(incoming):
+        return incoming
+    return uuid.uuid4().hex
 
 
 def retry_after() -> dict[str, str]:
@@ -56,6 +73,18 @@ def routing_headers(decision: RouteDecision) -> dict[str, str]:
     if decision.router:
         headers["x-route-router"] = decision.router
     return headers
+
+
+@dataclass
+class RequestRecord:
+    """What one request's access-log line and metrics say about it, filled in as it is answered: its id, the model
+    it named, the expert that answered and the router version that chose it (auto), the routing time."""
+
+    request_id: str
+    model: Any = None
+    expert: str | None = None
+    router: str | None = None
+    route_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -82,9 +111,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise GatewayError(400, f"request body is not valid JSON: {exc}") from None
+        raise GatewayError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise GatewayError(400, f"request body must be a JSON object, got {type(body).__name__}")
+        raise GatewayError(400, f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
 
 
@@ -92,16 +121,17 @@ def parse_auto_request(body: dict[str, Any]) -> AutoRequest:
     """Check an `auto` request: messages whose last user turn carries exactly one image (400 otherwise)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise GatewayError(400, "'messages' must be a non-empty list", param="messages")
+        raise GatewayError(400, "'messages' must be a non-empty list", param="messages", code="invalid_request")
     users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
     if not users:
         raise GatewayError(400, "'messages' has no user turn; routing needs a user turn with one image",
-                           param="messages")
+                           param="messages", code="invalid_request")
     index = users[-1]
     content = messages[index].get("content")
     parts = content if isinstance(content, list) else [{"type": "text", "text": content}] if isinstance(content, str) else None
     if parts is None:
-        raise GatewayError(400, f"messages[{index}].content must be a string or a list of parts", param="messages")
+        raise GatewayError(400, f"messages[{index}].content must be a string or a list of parts", param="messages",
+                           code="invalid_request")
     images = [(j, p) for j, p in enumerate(parts) if isinstance(p, dict) and p.get("type") == "image_url"]
     if not images:
         raise GatewayError(400, f"the last user turn (messages[{index}]) has no image: model 'auto' routes a "
@@ -114,12 +144,13 @@ def parse_auto_request(body: dict[str, Any]) -> AutoRequest:
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str) or not url:
         raise GatewayError(400, f"messages[{index}].content[{part_index}].image_url.url is missing",
-                           param="messages")
+                           param="messages", code="invalid_request")
     has_text = any(isinstance(p, dict) and p.get("type") == "text" and str(p.get("text") or "").strip()
                    for p in parts)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise GatewayError(400, f"'stream' must be true or false, got {stream!r}", param="stream")
+        raise GatewayError(400, f"'stream' must be true or false, got {stream!r}", param="stream",
+                           code="invalid_request")
     return AutoRequest(body=body, image=ImageRef(index, part_index, url), has_text=has_text, stream=stream)
 
 
@@ -146,7 +177,7 @@ def png_as_sent(data: bytes, *, max_pixels: int | None, max_image_pixels: int,
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
         return None
     try:
-        image = Image.open(io.BytesIO(data))
+        image = open_header(data)
         width, height = image.size
         fits = width * height <= min(max_pixels or max_image_pixels, max_image_pixels)
         if image.mode != "RGB" or "transparency" in image.info or not fits:
@@ -196,13 +227,14 @@ def _admin_fields(body: dict[str, Any], required: tuple[str, ...], optional: tup
     unknown = sorted(set(body) - set(required) - set(optional))
     if unknown:
         raise GatewayError(400, f"unknown field(s) {', '.join(unknown)}; expected {', '.join(required + optional)}",
-                           param=unknown[0])
+                           param=unknown[0], code="invalid_request")
     for name in required:
         if not body.get(name):
-            raise GatewayError(400, f"'{name}' is missing", param=name)
+            raise GatewayError(400, f"'{name}' is missing", param=name, code="invalid_request")
     for name in body:
         if not isinstance(body[name], str):
-            raise GatewayError(400, f"'{name}' must be a string, got {body[name]!r}", param=name)
+            raise GatewayError(400, f"'{name}' must be a string, got {body[name]!r}", param=name,
+                               code="invalid_request")
     return body
 
 

@@ -56,15 +56,17 @@ class ShadowRouter:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def submit(self, image_url: str, live: RouteDecision, rank: int | None) -> None:
-        """Also route this image with the candidate, in the background, if it is among the shadowed fraction."""
+    def submit(self, image_url: str, live: RouteDecision, rank: int | None, request_id: str) -> None:
+        """Also route this image with the candidate, in the background, if it is among the shadowed fraction;
+        `request_id` names the shadow request in vLLM."""
         policy, stats = self._policy, self.stats
         if policy is None or stats is None or not self._sampler.take():
             return
         if len(self._tasks) >= self.max_in_flight:
             stats.skipped += 1  # vLLM is busy enough; the comparison can do with fewer samples
             return
-        task = asyncio.get_running_loop().create_task(self._one(policy, stats, image_url, live.expert, rank))
+        task = asyncio.get_running_loop().create_task(self._one(policy, stats, image_url, live.expert, rank,
+                                                                        request_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -74,12 +76,12 @@ class ShadowRouter:
         return {**report, "shadowing": self.active, "fraction": self.fraction}
 
     async def _one(self, policy: RoutingPolicy, stats: ShadowStats, image_url: str, live_route: str,
-                   rank: int | None) -> None:
+                   rank: int | None, request_id: str) -> None:
         candidate = stats.candidate
         start = time.perf_counter()
         try:
             answer = json.loads(await self.upstream.read("POST", "/v1/chat/completions", policy.request(image_url),
-                                                         rank))
+                                                         rank, request_id))
             outcome = policy.decide(read_completion(answer), latency_s=time.perf_counter() - start)
         except Exception as exc:  # a shadow failure must never reach anything but the statistics
             stats.failed += 1

@@ -3,8 +3,10 @@
     transport   no answer within gateway.upstream_timeout_s -> 504 upstream_timeout
                 connection refused (vLLM down or restarting) -> 503 upstream_unavailable, with Retry-After
                 any other broken connection (vLLM died mid-answer) -> 502 upstream_failed
-    answers     a non-200 answer -> its status and vLLM's own message (UpstreamError), which callers relay or, for
-                the admin API's steps, report as the step that failed
+    answers     an error answer -> UpstreamError with vLLM's own message: a 4xx keeps its status, coded by it
+                (RELAYED_CODES; an unknown model is model_not_found); a 5xx, or a 4xx the gateway caused (its
+                internal key refused, say), is 502 upstream_failed. Callers relay it or, for the admin API's
+                steps, report it as the step that failed
 
 The caller's requests, the router's, the shadow router's, /tokenize, /health, /metrics and adapter loading all
 go through here: vLLM listens on loopback with an internal key that only this object sends.
@@ -19,20 +21,33 @@ from typing import Any
 
 import aiohttp
 
-from lora_router.openai_wire import bearer_headers, error_message
+from lora_router.openai_wire import bearer_headers, error_message, error_param
 from serving.gateway.protocol import GatewayError, retry_after
 
 # vLLM's header that pins a request to one data-parallel engine.
 RANK_HEADER = "X-data-parallel-rank"
+# vLLM's header that names a request (its request id, in its log and its response).
+REQUEST_ID_HEADER = "X-Request-Id"
+# vLLM's 4xx answers the caller's request caused, relayed with their status under these codes.
+RELAYED_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+                 422: "invalid_request"}
 # Seconds a health or metrics probe may take: a caller polls these and must not hang on a stuck vLLM.
 _PROBE_TIMEOUT_S = 5
 
 
 class UpstreamError(GatewayError):
-    """vLLM answered, but not 200: its status and its own message, relayed as they are."""
+    """vLLM answered with an error: as the gateway answers it (see the module), with vLLM's own status kept in
+    `upstream_status` and its message in `upstream_message`."""
 
-    def __init__(self, status: int, message: str, path: str) -> None:
-        super().__init__(status, message, type="upstream_error" if status >= 500 else "invalid_request_error")
+    def __init__(self, upstream_status: int, message: str, param: str | None, path: str) -> None:
+        if upstream_status in RELAYED_CODES:
+            code = "model_not_found" if upstream_status == 404 and param == "model" else RELAYED_CODES[upstream_status]
+            super().__init__(upstream_status, message, type="invalid_request_error", param=param, code=code)
+        else:
+            super().__init__(502, f"vLLM answered {upstream_status}: {message}", type="server_error",
+                             code="upstream_failed")
+        self.upstream_status = upstream_status
+        self.upstream_message = message
         self.path = path
 
 
@@ -67,12 +82,15 @@ class Upstream:
 
     @contextlib.asynccontextmanager
     async def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
-                   headers: dict[str, str] | None = None,
-                   rank: int | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One request to vLLM, its response open for streaming; transport failures mapped as the module says."""
+                   headers: dict[str, str] | None = None, rank: int | None = None,
+                   request_id: str | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One request to vLLM, its response open for streaming; transport failures mapped as the module says.
+        `request_id` names it in vLLM (its log, its answer's x-request-id)."""
         headers = dict(headers or {})
         if rank is not None:
             headers[RANK_HEADER] = str(rank)
+        if request_id is not None:
+            headers[REQUEST_ID_HEADER] = request_id
         try:
             async with self.session.request(method, self.root + path, json=body if raw is None else None, data=raw,
                                             headers=headers) as response:
@@ -87,17 +105,19 @@ class Upstream:
             raise GatewayError(502, f"vLLM broke off the answer ({type(exc).__name__}: {exc})", type="server_error",
                                code="upstream_failed") from None
 
-    async def read(self, method: str, path: str, body: Any = None, rank: int | None = None) -> bytes:
+    async def read(self, method: str, path: str, body: Any = None, rank: int | None = None,
+                   request_id: str | None = None) -> bytes:
         """A whole 200 answer's body; UpstreamError for any other status."""
-        async with self.call(method, path, body, rank=rank) as response:
+        async with self.call(method, path, body, rank=rank, request_id=request_id) as response:
             data = await response.read()
         if response.status != 200:
             raise upstream_error(response.status, data, path)
         return data
 
-    async def json(self, method: str, path: str, body: Any = None, rank: int | None = None) -> dict[str, Any]:
+    async def json(self, method: str, path: str, body: Any = None, rank: int | None = None,
+                   request_id: str | None = None) -> dict[str, Any]:
         """A 200 answer's JSON object; 502 if it is none."""
-        data = await self.read(method, path, body, rank)
+        data = await self.read(method, path, body, rank, request_id)
         try:
             answer = json.loads(data)
         except ValueError:
@@ -127,5 +147,6 @@ class Upstream:
 
 
 def upstream_error(status: int, data: bytes, path: str) -> UpstreamError:
-    """vLLM's own error answer to `path`, with its status and message."""
-    return UpstreamError(status, error_message(data.decode("utf-8", "replace")), path)
+    """vLLM's own error answer to `path` (status and body) as the gateway answers it."""
+    text = data.decode("utf-8", "replace")
+    return UpstreamError(status, error_message(text), error_param(text), path)

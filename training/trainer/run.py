@@ -241,13 +241,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: TrainArgum
         rank=model_args.lora_r,
         target_modules=list(model_args.lora_target_modules),
         vision_tower=model_args.lora_vision_tower,
+        min_pixels=resolved["min_pixels"],
+        max_pixels=resolved["max_pixels"],
         labels=info.labels,
         system_prompt=info.system_prompt,
         user_prompt=info.user_prompt,
         dataset_sha256=file_sha256(data_args.data_path),
         metrics={k: v for k, v in final.items() if k != "step"} | {
-            "train_wall_s": train_seconds, "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"],
-            "min_pixels": resolved["min_pixels"], "max_pixels": resolved["max_pixels"]},
+            "train_wall_s": train_seconds, "loss_first": metrics["loss_first"], "loss_last": metrics["loss_last"]},
     ).write(output_dir)
     log.info("saved adapter to %s in %s s; loss %s -> %s; final eval %s", output_dir, train_seconds,
              metrics["loss_first"], metrics["loss_last"], json.dumps(final))
