@@ -294,8 +294,9 @@ def test_a_tiny_run_writes_a_servable_adapter_with_its_manifest(straight_run, ti
     deployment = from_dict({"model": {"path": manifest.base_model},
                             "router": {"name": "router", "path": str(out)},
                             "experts": [{"name": n, "path": str(out)} for n in LABELS],
-                            "engine": {"max_lora_rank": 8}})
-    check_adapters(deployment, manifest.base_model)
+                            "engine": {"max_lora_rank": 8, "min_pixels": manifest.min_pixels,
+                                       "max_pixels": manifest.max_pixels}})
+    check_adapters(deployment, manifest.base_model)  # at the pixel limits it was trained at
     # Metrics: a loss curve with first and last values, one evaluation per epoch with the greedy accuracy.
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["loss_first"] == saved["loss_curve"][0][1] and saved["loss_last"] == saved["loss_curve"][-1][1]
