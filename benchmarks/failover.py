@@ -156,9 +156,10 @@ async def _measure(config: FailoverConfig, bodies: list[dict], balancer: Balance
         await _until(lambda: _not(healthy(victim_url)), "replica B to notice its vLLM died", 30)
         await _until(lambda: healthy(victim_url), "replica B's vLLM to be restarted and warm")
         restarted = time.time()
-        await _until(lambda: _true(balancer.marked(victim_host, up=True, after=restarted) is not None),
+        # B was down from the kill on: the first time the balancer marked it up since is its rejoining.
+        await _until(lambda: _true(balancer.marked(victim_host, up=True, after=killed) is not None),
                      "the balancer to take replica B back", 60)
-        back = balancer.marked(victim_host, up=True, after=restarted)
+        back = balancer.marked(victim_host, up=True, after=killed)
         await asyncio.sleep(config.failover_window_s)
         stop.set()
         await load

@@ -210,9 +210,9 @@ async def _scenario(a: VLLMServer, b: VLLMServer, adapters: Path, balancer: str,
         host = f"127.0.0.1:{b.port}"
         ejected = _balancer_saw(caddy_log, host, "unexpected status code", killed_at) or \
             _balancer_saw(caddy_log, host, "HTTP request failed", killed_at)
-        back = _balancer_saw(caddy_log, host, "host is up", ready_at)
+        back = _balancer_saw(caddy_log, host, "host is up", killed_at)  # B was down from the kill on
         record["failover"] = {"eject_s": ejected - killed_at if ejected else math.inf, "restart_s": ready - killed,
-                              "rejoin_s": back - ready_at if back else math.inf, "failed": load.failed(killed),
+                              "rejoin_s": max(back - ready_at, 0.0) if back else math.inf, "failed": load.failed(killed),
                               "slowest_s": max(r[1] for r in load.results if r[0] >= killed - 5)}
         await load.stop()
         record["load"] = {"sent": load.sent, "answered": len(load.results), "fewest_in_flight": load.fewest_in_flight,
