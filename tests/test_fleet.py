@@ -11,7 +11,11 @@ where requests go and what each replica serves, not what the adapters answer.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +25,6 @@ import pytest
 
 from lora_router.images import prepare_image
 from serving.adapters import adapter_fingerprint
-from serving.balancer import Balancer
 from serving.launcher import VLLMServer, free_port
 from tests.conftest import EXPERTS, FOUR, deployment, start_server
 from training.random_adapter import make_random_adapter
@@ -29,6 +32,7 @@ from training.tasks import build_example
 
 pytestmark = pytest.mark.integration
 
+CADDYFILE = Path(__file__).resolve().parents[1] / "configs" / "balancer" / "Caddyfile"
 KEY, ADMIN = "fleet-key", "fleet-admin"
 SYNC_S = 1.0
 LOAD_WORKERS = 6
@@ -145,10 +149,20 @@ async def _wait(condition, what: str, deadline_s: float = 180.0) -> float:
     return time.monotonic() - start
 
 
-async def _scenario(a: VLLMServer, b: VLLMServer, adapters: Path, balancer: Balancer, record: dict) -> None:
+def _balancer_saw(log: Path, host: str, message: str, after: float) -> float | None:
+    """When (epoch seconds) the balancer's active health check first logged `message` for `host` after `after`."""
+    for line in log.read_text().splitlines():
+        entry = json.loads(line) if line.startswith("{") else {}
+        if entry.get("host") == host and entry.get("msg") == message and entry.get("ts", 0) > after:
+            return entry["ts"]
+    return None
+
+
+async def _scenario(a: VLLMServer, b: VLLMServer, adapters: Path, balancer: str, caddy_log: Path,
+                    record: dict) -> None:
     urls = [prepare_image(build_example(kind, 8100 + i).image).data_url for kind in FOUR for i in range(3)]
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-        load = Load(session, balancer.url, urls)
+        load = Load(session, balancer, urls)
         load.start()
         await _wait(lambda: _true(len(load.results) >= 2 * LOAD_WORKERS), "the load to run")
         record["start_state"] = {name: (await _admin(session, s, "GET", "/admin/state"))[1]
@@ -194,8 +208,9 @@ async def _scenario(a: VLLMServer, b: VLLMServer, adapters: Path, balancer: Bala
         ready, ready_at = time.monotonic(), time.time()
         await _wait(lambda: _true(any(r[0] >= ready and r[3] == b.port for r in load.results)), "B to take traffic")
         host = f"127.0.0.1:{b.port}"
-        ejected = balancer.marked(host, up=False, after=killed_at)
-        back = balancer.marked(host, up=True, after=killed_at)  # B was down from the kill on
+        ejected = _balancer_saw(caddy_log, host, "unexpected status code", killed_at) or \
+            _balancer_saw(caddy_log, host, "HTTP request failed", killed_at)
+        back = _balancer_saw(caddy_log, host, "host is up", killed_at)  # B was down from the kill on
         record["failover"] = {"eject_s": ejected - killed_at if ejected else math.inf, "restart_s": ready - killed,
                               "rejoin_s": max(back - ready_at, 0.0) if back else math.inf, "failed": load.failed(killed),
                               "slowest_s": max(r[1] for r in load.results if r[0] >= killed - 5)}
@@ -242,12 +257,17 @@ def fleet(fleet_adapters, tmp_path_factory) -> dict:
     config = _config(fleet_adapters, tmp_path_factory.mktemp("fleet-state") / "fleet.state.json")
     record: dict = {}
     a, b = _start_both(config, logs, "first")
-    balancer = Balancer([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], f"127.0.0.1:{free_port()}",
-                        logs / "caddy.log")
+    balancer_port = free_port()
+    caddy = subprocess.Popen(
+        [Path(sys.executable).with_name("caddy"), "run", "--adapter", "caddyfile", "--config", str(CADDYFILE)],
+        env={**os.environ, "LORA_ROUTER_REPLICAS": f"127.0.0.1:{a.port} 127.0.0.1:{b.port}",
+             "LORA_ROUTER_BALANCER_LISTEN": f"127.0.0.1:{balancer_port}"},
+        stdout=subprocess.DEVNULL, stderr=(logs / "caddy.log").open("w"))
     try:
-        with balancer:
-            asyncio.run(_scenario(a, b, fleet_adapters, balancer, record))
+        asyncio.run(_scenario(a, b, fleet_adapters, f"http://127.0.0.1:{balancer_port}", logs / "caddy.log", record))
     finally:
+        caddy.terminate()
+        caddy.wait(timeout=10)
         a.stop()
         b.stop()
     a, b = _start_both(config, logs, "again")
