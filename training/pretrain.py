@@ -257,8 +257,10 @@ def _mean_per_image(merged, grid_thw, model):
     return torch.stack([chunk.mean(0) for chunk in torch.split(merged, sizes)])
 
 
-def _vision_stage(model, processor, examples: list[dict], probe, spec: PretrainSpec) -> list[float]:
-    """Train the vision tower and the layout head alone on the screens' kind/layout; return the loss curve."""
+def _vision_stage(model, processor, examples: list[dict], probe, spec: PretrainSpec,
+                  stop_after: int | None = None) -> list[float]:
+    """Train the vision tower and the layout head alone on the screens' kind/layout (the first `stop_after` steps
+    of the schedule, default all); return the loss curve."""
     import torch
 
     visual = model.model.visual
@@ -269,7 +271,7 @@ def _vision_stage(model, processor, examples: list[dict], probe, spec: PretrainS
     order_gen = torch.Generator().manual_seed(spec.seed + 1)
     order: list[int] = []
     curve = []
-    for _ in progress(range(spec.vision_steps), desc="pretrain vision tower", unit="step"):
+    for _ in progress(range(stop_after or spec.vision_steps), desc="pretrain vision tower", unit="step"):
         if len(order) < spec.batch_size:
             order += torch.randperm(len(examples), generator=order_gen).tolist()
         chunk, order = [examples[i] for i in order[:spec.batch_size]], order[spec.batch_size:]
@@ -380,15 +382,12 @@ def _evaluate(model, processor, spec: PretrainSpec, probe, captured: dict) -> di
     return metrics
 
 
-def pretrain(spec: PretrainSpec, random_dir: Path, out: Path) -> dict:
-    """Pre-train the random model in `random_dir` (vision stage, then caption stage); save model + processor to
-    `out` and return the log (wall times, loss curves, held-out scores)."""
+def _start(spec: PretrainSpec, random_dir: Path):
+    """Seeded start of pre-training: the random model in `random_dir` (float32, training mode), its processor at
+    the recipe's image size, the encoded training screens and the layout head."""
     import torch
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-    from training.llava_data import collate
-
-    start = time.perf_counter()
     torch.manual_seed(spec.seed)
     processor = AutoProcessor.from_pretrained(random_dir)
     # The pre-trained model's processor default image size: what training, validation and vLLM all use.
@@ -397,10 +396,35 @@ def pretrain(spec: PretrainSpec, random_dir: Path, out: Path) -> dict:
     model.train()
     examples = [encode_caption(processor, i, "train", spec.seed, spec.kind_weight)
                 for i in progress(range(spec.train_screens), desc="draw screens", unit="screen")]
+    probe = torch.nn.Linear(model.config.text_config.hidden_size, len(LAYOUTS))
+    return model, processor, examples, probe
+
+
+def replay_vision_stage(spec: PretrainSpec, steps: int, cache_dir: Path | None = None) -> list[float]:
+    """The loss curve of the recipe's first `steps` vision-stage steps, run exactly as pre-training runs them (same
+    screens, init and schedule): checks a recipe against a recorded log in a minute instead of twenty."""
+    from training.inference import set_threads
+
+    if not 0 < steps <= spec.vision_steps:
+        raise ValueError(f"steps must be within the recipe's {spec.vision_steps} vision-stage steps, got {steps}")
+    random_dir = build_tiny_model(spec.base, cache_dir or default_cache_dir())
+    set_threads()
+    model, processor, examples, probe = _start(spec, random_dir)
+    return _vision_stage(model, processor, examples, probe, spec, stop_after=steps)
+
+
+def pretrain(spec: PretrainSpec, random_dir: Path, out: Path) -> dict:
+    """Pre-train the random model in `random_dir` (vision stage, then caption stage); save model + processor to
+    `out` and return the log (wall times, loss curves, held-out scores)."""
+    import torch
+
+    from training.llava_data import collate
+
+    start = time.perf_counter()
+    model, processor, examples, probe = _start(spec, random_dir)
     data_s = time.perf_counter() - start
     per_epoch = spec.train_screens // spec.batch_size
     steps = per_epoch * spec.epochs
-    probe = torch.nn.Linear(model.config.text_config.hidden_size, len(LAYOUTS))
     vision_curve = _vision_stage(model, processor, examples, probe, spec) if spec.vision_steps else []
     vision_s = time.perf_counter() - start - data_s
     captured: dict = {}
