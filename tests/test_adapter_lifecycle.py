@@ -220,7 +220,7 @@ async def _drain_scratch(session, server: VLLMServer, experts_dir: Path) -> dict
         await asyncio.sleep(0.01)
     removed = await _admin(session, server, "DELETE", "/admin/adapters/scratch")
     in_flight_answers = await asyncio.gather(*running)
-    return {"added": added[0], "removed": removed, "in_flight_answers": in_flight_answers, "after": await one(),
+    return {"added": added, "removed": removed, "in_flight_answers": in_flight_answers, "after": await one(),
             "models": await _model_ids(session, server)}
 
 
@@ -281,7 +281,8 @@ def test_an_added_expert_is_listed_and_answers_by_name(scenario):
 
 def test_a_removed_expert_finishes_its_requests_first_and_is_gone_after(scenario):
     scratch = scenario["scratch"]
-    assert scratch["added"] == 200
+    status, added = scratch["added"]
+    assert status == 200, added
     status, removed = scratch["removed"]
     assert status == 200 and removed["drained"] is True, removed
     assert scratch["in_flight_answers"] == [200] * 4
