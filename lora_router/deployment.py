@@ -104,7 +104,15 @@ class EngineConfig:
     gpu_memory_utilization: float = field(default=0.9, metadata={
         "help": "GPU only, used when kv_cache_gib is 0: fraction of GPU memory vLLM may take."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "GPUs one replica's weights are split over."})
-    data_parallel_size: int = field(default=1, metadata={"help": "Engine replicas behind the one server."})
+    data_parallel_size: int = field(default=1, metadata={
+        "help": "Engine replicas behind the one server: global ranks 0..N-1, over every node of the replica."})
+    data_parallel_size_local: int | None = field(default=None, metadata={
+        "help": "Of those, the engines on this node (the head runs ranks 0..local-1, each worker node `python -m "
+                "serving --headless --start-rank R` runs the next); None: all of them, one node."})
+    data_parallel_address: str | None = field(default=None, metadata={
+        "help": "Across nodes: the head node's address every node's engines reach (vLLM --data-parallel-address)."})
+    data_parallel_rpc_port: int | None = field(default=None, metadata={
+        "help": "Across nodes: the head's port for the engines' handshake (vLLM --data-parallel-rpc-port)."})
     max_loras: int | None = field(default=None, metadata={
         "help": "Adapters in one batch; None derives router + all experts. A smaller value is an error."})
     max_lora_rank: int | None = field(default=None, metadata={
@@ -137,6 +145,7 @@ class EngineConfig:
                 raise ConfigError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"engine.port must be 0-65535, got {self.port}")
+        self._check_nodes()
         if self.kv_cache_gib < 0:
             raise ConfigError("engine.kv_cache_gib must be >= 0")
         if self.device == "cpu" and self.kv_cache_gib == 0:
@@ -151,6 +160,28 @@ class EngineConfig:
             raise ConfigError(f"engine.max_lora_rank must be one of {VLLM_LORA_RANKS}, got {self.max_lora_rank}")
         if self.api_key is None:
             self.api_key = os.environ.get("LORA_ROUTER_API_KEY") or None
+
+    @property
+    def multi_node(self) -> bool:
+        """Whether this replica's engines span nodes (some run on headless workers)."""
+        return self.data_parallel_size_local is not None and self.data_parallel_size_local < self.data_parallel_size
+
+    def _check_nodes(self) -> None:
+        local = self.data_parallel_size_local
+        if local is not None and not 1 <= local <= self.data_parallel_size:
+            raise ConfigError(f"engine.data_parallel_size_local must be 1-{self.data_parallel_size} "
+                              f"(engine.data_parallel_size), got {local}")
+        if self.data_parallel_rpc_port is not None and not 0 < self.data_parallel_rpc_port < 65536:
+            raise ConfigError(f"engine.data_parallel_rpc_port must be 1-65535, got {self.data_parallel_rpc_port}")
+        if not self.multi_node:
+            return
+        missing = [f"engine.{name}" for name in ("data_parallel_address", "data_parallel_rpc_port", "max_loras",
+                                                  "max_lora_rank") if getattr(self, name) is None]
+        if missing:
+            # LoRA limits derived from the adapter folder could differ between nodes that read it at other times.
+            raise ConfigError(f"engine.data_parallel_size_local < engine.data_parallel_size spans nodes: set "
+                              f"{', '.join(missing)} (the head's address and handshake port, which every node reaches, "
+                              "and the LoRA limits every engine must share)")
 
 
 @dataclass
@@ -207,6 +238,13 @@ class GatewayConfig:
     sync_interval_s: float = field(default=5.0, metadata={
         "help": "Seconds between checks of the state file for a change another replica made (then this replica "
                 "loads, swaps and unloads to match it); 0: never (a single replica needs none)."})
+    rank_check_interval_s: float = field(default=10.0, metadata={
+        "help": "A replica over nodes: seconds between one-token requests pinned to each worker node's ranks; vLLM "
+                "does not notice a remote engine that died, and requests pinned to it would wait for ever."})
+    rank_check_timeout_s: float = field(default=60.0, metadata={
+        "help": "A replica over nodes: a worker rank that does not answer its one-token request within this counts "
+                "as gone (vLLM is then taken as dead: /health 503, and the head exits naming the rank). Above the "
+                "longest a busy engine may queue a new request."})
 
     def __post_init__(self) -> None:
         check_types(self, "gateway")
@@ -219,7 +257,8 @@ class GatewayConfig:
         for name in ("max_queue", "max_restarts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"gateway.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_body_mb", "upstream_timeout_s", "drain_timeout_s", "restart_backoff_max_s"):
+        for name in ("max_body_mb", "upstream_timeout_s", "drain_timeout_s", "restart_backoff_max_s",
+                     "rank_check_interval_s", "rank_check_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"gateway.{name} must be > 0, got {getattr(self, name)}")
         for name in ("restart_backoff_s", "drain_grace_s"):

@@ -7,6 +7,10 @@ with every problem listed; serving.check). If vLLM dies, the gateway answers 503
 of it and restarts it (at most gateway.max_restarts times, backing off exponentially); past that, or when a restart
 fails for a reason a retry cannot fix, it exits 1 with the reason and vLLM's error.
 
+A replica over several nodes (engine.data_parallel_size_local < data_parallel_size): this command on the head node,
+and `python -m serving --config ... --headless --start-rank R` on each worker node (serving.worker), which runs its
+engines only; the head then exits 1 when vLLM dies or a worker's rank stops answering, instead of restarting.
+
 SIGTERM or Ctrl-C drains: /health answers 503 at once and new requests are refused, the requests in flight finish
 (at most gateway.drain_grace_s), then the gateway and vLLM stop and the exit status is 0. During start-up they stop
 vLLM at once.
@@ -22,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_router.configuration import parse_command, run_command
-from lora_router.deployment import DeploymentArguments, DeploymentConfig
+from lora_router.deployment import ConfigError, DeploymentArguments, DeploymentConfig
 from serving.check import check
 from serving.launcher import ServerError, VLLMServer, ready_line
+from serving.worker import run_worker
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,17 @@ class ServeArguments(DeploymentArguments):
     check: bool = field(default=False, metadata={
         "help": "Run every start-up check that needs no vLLM (settings, host and key, adapters, LoRA limits, routing) "
                 "and exit: 0, or 2 with every problem listed."})
+    headless: bool = field(default=False, metadata={
+        "help": "Run this node's share of a replica that spans nodes: engine.data_parallel_size_local engines from "
+                "global rank --start-rank, no API server and no gateway (serving.worker)."})
+    start_rank: int | None = field(default=None, metadata={
+        "help": "With --headless: the global rank of this node's first engine (the head runs ranks "
+                "0..data_parallel_size_local-1)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.headless != (self.start_rank is not None):
+            raise ConfigError("--headless and --start-rank go together: a worker node runs the engines from a rank")
 
 
 async def serve(config: DeploymentConfig, log_path: Path | None) -> int:
@@ -74,7 +90,10 @@ async def serve(config: DeploymentConfig, log_path: Path | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     (args,) = parse_command(ServeArguments, argv, prog="python -m serving", description=__doc__, yaml_option=False)
     if args.check:
-        return run_command(lambda: check(args))
+        return run_command(lambda: check(args, worker_rank=args.start_rank))
+    if args.headless:
+        return run_command(lambda: run_worker(args.deployment(), args.start_rank, args.log),
+                           runtime_errors=(ServerError,))
     return run_command(lambda: asyncio.run(serve(args.deployment(), args.log)), runtime_errors=(ServerError,))
 
 

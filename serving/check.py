@@ -23,7 +23,7 @@ from lora_router.deployment import (
 )
 from lora_router.routing import RoutingConfigError, RoutingPolicy
 from serving.adapters import AdapterError
-from serving.command import lora_limits
+from serving.command import lora_limits, worker_problem
 from serving.lifecycle import load_adapters
 
 log = logging.getLogger(__name__)
@@ -87,10 +87,13 @@ def deployment_problems(config: DeploymentConfig) -> list[str]:
     return problems
 
 
-def check(args: DeploymentArguments) -> int:
-    """Load and check the deployment `args` name; 0 when it would start, else CheckFailed (exit status 2)."""
+def check(args: DeploymentArguments, worker_rank: int | None = None) -> int:
+    """Load and check the deployment `args` name (as a worker node from global rank `worker_rank`, if given); 0 when
+    it would start, else CheckFailed (exit status 2)."""
     config = args.deployment()  # a bad setting: one ConfigError naming the file and every bad key
     problems = deployment_problems(config)
+    if worker_rank is not None:
+        problems += [p for p in [worker_problem(config.engine, worker_rank)] if p]
     if problems:
         raise CheckFailed(str(args.config), problems)
     log.info("%s: every start-up check that needs no vLLM passed (%d adapters, gateway on %s:%d)", args.config,

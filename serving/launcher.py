@@ -49,6 +49,7 @@ from serving.check import open_host_problem, resolve_model
 from serving.command import ServerCommand, build_command, lora_limits
 from serving.gateway.app import Gateway
 from serving.gateway.metrics import PREFIX
+from serving.gateway.upstream import RANK_HEADER
 from serving.lifecycle import AdapterSet, config_adapters, load_adapters
 from serving.probe import PROBE_TEXT, ProbeAnswer, ProbeError, ask, warm_up_and_probe
 from serving.supervisor import (
@@ -224,6 +225,12 @@ class VLLMServer:
             reason = await self._wait_dead()
             self.gateway.ready = False
             log.warning("vLLM %s. Last lines of %s:\n%s", reason, self.log_path, self.log_tail(10))
+            if self.config.engine.multi_node:
+                await self._give_up(f"vLLM {reason}; its engines span nodes (engine.data_parallel_size_local="
+                                    f"{self.config.engine.data_parallel_size_local} of {self.config.engine.data_parallel_size}"
+                                    "), and a head restarted alone waits for workers that are gone: restart the whole "
+                                    "replica")
+                return
             failed = 0
             while True:
                 # Nothing of the old instance may be left when the new one starts: it holds memory (a GPU's too).
@@ -265,22 +272,52 @@ class VLLMServer:
             log.info("vLLM is back after restart %d", self.restarts)
 
     async def _wait_dead(self) -> str:
-        """Return once vLLM counts as dead, saying why: its API server exited, or it answered /health with an error,
-        which is vLLM's own verdict once its engine core died (its API server exits only seconds later)."""
+        """Return once vLLM counts as dead, saying why: its API server exited, it answered /health with an error,
+        which is vLLM's own verdict once its engine core died (its API server exits only seconds later), or, across
+        nodes, a worker node's rank stopped answering (vLLM itself never notices that)."""
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(timeout=timeout, headers=self.upstream_headers) as session:
-            while True:
-                await asyncio.sleep(_POLL_S)
-                assert self.group is not None
-                code = self.group.returncode()
-                if code is not None:
-                    return f"died: its API server exited ({describe_exit(code)})"
+            remote = asyncio.ensure_future(self._wait_remote_rank_gone(session)) if self.config.engine.multi_node \
+                else asyncio.get_running_loop().create_future()
+            try:
+                while True:
+                    await asyncio.sleep(_POLL_S)
+                    if remote.done():
+                        return remote.result()
+                    assert self.group is not None
+                    code = self.group.returncode()
+                    if code is not None:
+                        return f"died: its API server exited ({describe_exit(code)})"
+                    try:
+                        async with session.get(self.upstream_root + "/health") as r:
+                            if r.status != 200:
+                                return f"died: it answered /health with {r.status} (its engine core is gone)"
+                    except (aiohttp.ClientError, asyncio.TimeoutError):
+                        pass  # busy, or its API server is exiting: the next look tells
+            finally:
+                remote.cancel()
+
+    async def _wait_remote_rank_gone(self, session: aiohttp.ClientSession) -> str:
+        """Return once a worker node's rank fails a one-token request pinned to it, saying which."""
+        settings, engine = self.config.gateway, self.config.engine
+        body = {"model": self.config.model.served_name, "max_tokens": 1,
+                "messages": [{"role": "user", "content": "ok"}]}
+        timeout = aiohttp.ClientTimeout(total=settings.rank_check_timeout_s)
+        while True:
+            await asyncio.sleep(settings.rank_check_interval_s)
+            for rank in range(engine.data_parallel_size_local, engine.data_parallel_size):
                 try:
-                    async with session.get(self.upstream_root + "/health") as r:
-                        if r.status != 200:
-                            return f"died: it answered /health with {r.status} (its engine core is gone)"
-                except (aiohttp.ClientError, asyncio.TimeoutError):
-                    pass  # busy, or its API server is exiting: the next look tells
+                    async with session.post(self.upstream_url + "/chat/completions", json=body, timeout=timeout,
+                                            headers={RANK_HEADER: str(rank)}) as r:
+                        await r.read()
+                        failure = None if r.status == 200 else f"answered {r.status}"
+                except asyncio.TimeoutError:
+                    failure = f"did not answer within {settings.rank_check_timeout_s:g} s"
+                except aiohttp.ClientError as exc:
+                    failure = f"failed: {exc}"
+                if failure:
+                    return (f"lost global rank {rank} (a worker node's engine): a one-token request pinned to it "
+                            f"{failure}")
 
     async def _give_up(self, reason: str) -> None:
         await asyncio.to_thread(self._end_vllm)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_router.deployment import load_config
+import pytest
+
+from lora_router.deployment import ConfigError, load_config
 from serving.adapters import AdapterInfo
-from serving.command import build_command, cpu_threads, lora_limits
+from serving.command import build_command, build_worker_command, cpu_threads, lora_limits
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -84,3 +86,53 @@ def test_tiny_cpu_config_sets_cpu_environment():
     pinned = build_command(load_config(CONFIGS / "tiny-cpu.yaml", ["engine.cpu_threads=3"]), "/m", [], port=1)
     assert pinned.env["OMP_NUM_THREADS"] == "3"
     assert "--enable-lora" not in cmd.argv
+
+
+NODES = ["engine.data_parallel_size=4", "engine.data_parallel_size_local=2", "engine.data_parallel_address=10.0.0.5",
+         "engine.data_parallel_rpc_port=13345", "engine.max_loras=6", "engine.max_lora_rank=16"]
+
+
+def _engine_flags(argv: list[str]) -> list[str]:
+    """argv from its first engine flag on (the part head and workers share)."""
+    return argv[argv.index("--dtype"):]
+
+
+def test_a_replica_over_nodes_gives_head_and_workers_the_same_engine_flags():
+    cfg = load_config(CONFIGS / "qwen3-vl-8b.yaml", NODES)
+    adapters = [AdapterInfo(a.name, cfg.adapter_path(a), 16, "v") for a in cfg.adapters]
+    head = build_command(cfg, cfg.model.path, adapters, port=8000, python="python").argv
+    assert _flag(head, "--data-parallel-size") == "4" and _flag(head, "--data-parallel-size-local") == "2"
+    assert _flag(head, "--data-parallel-address") == "10.0.0.5" and _flag(head, "--data-parallel-rpc-port") == "13345"
+    worker = build_worker_command(cfg, cfg.model.path, start_rank=2, python="python")
+    assert worker.argv[:6] == ["python", "-m", "serving.vllm_headless", cfg.model.path, "--headless",
+                               "--data-parallel-start-rank"]
+    assert _flag(worker.argv, "--data-parallel-start-rank") == "2"
+    head_engine = [f for f in _engine_flags(head) if f != "--lora-modules" and "=" not in f]
+    assert _engine_flags(worker.argv) == head_engine  # LoRA slots and rank included: the head loads into every rank
+    for api_only in ("--port", "--host", "--served-model-name", "--lora-modules"):
+        assert api_only not in worker.argv
+    assert "VLLM_API_KEY" not in worker.env
+
+
+def test_one_node_replicas_keep_their_command_and_refuse_a_worker():
+    cfg = load_config(CONFIGS / "tiny-cpu.yaml")
+    assert "--data-parallel-size-local" not in build_command(cfg, "m", [], port=8000).argv
+    with pytest.raises(ConfigError, match="--headless needs a replica that spans nodes"):
+        build_worker_command(cfg, "m", start_rank=1)
+
+
+@pytest.mark.parametrize("rank", [0, 3, 5])
+def test_a_worker_s_start_rank_must_follow_the_head_s_ranks(rank):
+    cfg = load_config(CONFIGS / "qwen3-vl-8b.yaml", NODES)
+    with pytest.raises(ConfigError, match=f"--start-rank must be 1-2 \\(the head runs ranks 0-1 of 4\\), got {rank}"):
+        build_worker_command(cfg, "m", start_rank=rank)
+
+
+def test_a_replica_over_nodes_without_address_port_or_lora_limits_names_every_missing_setting():
+    with pytest.raises(ConfigError) as refused:
+        load_config(CONFIGS / "tiny-cpu.yaml", ["engine.data_parallel_size=2", "engine.data_parallel_size_local=1"])
+    for name in ("data_parallel_address", "data_parallel_rpc_port", "max_loras"):
+        assert f"engine.{name}" in str(refused.value)
+    assert "engine.max_lora_rank" not in str(refused.value)  # tiny-cpu.yaml sets it
+    with pytest.raises(ConfigError, match="data_parallel_size_local must be 1-2"):
+        load_config(CONFIGS / "tiny-cpu.yaml", ["engine.data_parallel_size=2", "engine.data_parallel_size_local=3"])

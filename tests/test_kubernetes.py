@@ -24,6 +24,7 @@ import tomllib
 import yaml
 from jsonschema import Draft202012Validator
 
+from lora_router.configuration import apply_overrides
 from lora_router.deployment import from_dict
 from serving.__main__ import main as serve_main
 from serving.check import open_host_problem
@@ -34,11 +35,16 @@ from serving.lifecycle import AdapterSet
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "configs" / "kubernetes"
 DOCKERFILE = ROOT / "configs" / "docker" / "Dockerfile"
-OVERLAYS = ("tiny-cpu", "qwen3-vl-8b")
+OVERLAYS = ("tiny-cpu", "qwen3-vl-8b", "qwen3-vl-8b-across-nodes")
+# The overlays whose replicas are a Deployment (the other runs a LeaderWorkerSet: one replica over two nodes).
+ONE_NODE = ("tiny-cpu", "qwen3-vl-8b")
 # The minor versions upstream Kubernetes maintains (the three newest); the manifests must fit each.
 KUBERNETES_VERSIONS = ("1.35", "1.36", "1.37")
 CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_v1_servicemonitor.json",
-               ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_v1alpha1_scaledobject.json"}
+               ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_v1alpha1_scaledobject.json",
+               ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkerset.x-k8s.io_v1_leaderworkerset.json"}
+# What the LeaderWorkerSet controller sets in every pod of a group; stand-in values where a check needs one.
+LWS_ENV = {"LWS_LEADER_ADDRESS": "lora-router-0.lora-router.lora-router", "LWS_WORKER_INDEX": "1"}
 # kubectl (its kustomize) and hadolint: locked dev dependencies, installed beside this Python.
 TOOLS = Path(sys.executable).parent
 # The series a Prometheus metric family exports, by its type.
@@ -86,6 +92,11 @@ def schema_problems(objects: list[dict], schemas_dir: Path) -> list[str]:
             validator = Draft202012Validator(json.loads((schemas_dir / crd).read_text()))
             problems += [f"{name}: {'.'.join(map(str, e.absolute_path))}: {e.message}"
                          for e in validator.iter_errors(obj)]
+            # A LeaderWorkerSet's pod templates are core/v1 ones: checked as PodTemplates against Kubernetes itself.
+            templates = obj.get("spec", {}).get("leaderWorkerTemplate", {}) if obj["kind"] == "LeaderWorkerSet" else {}
+            problems += schema_problems([{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {
+                "name": f"{obj['metadata']['name']}-{role}"}, "template": templates[role]}
+                for role in ("leaderTemplate", "workerTemplate") if role in templates], schemas_dir)
             continue
         for version in KUBERNETES_VERSIONS:
             try:
@@ -95,6 +106,27 @@ def schema_problems(objects: list[dict], schemas_dir: Path) -> list[str]:
             except kubernetes_validate.SchemaNotFoundError:
                 problems.append(f"{name}: Kubernetes {version} has no {obj['apiVersion']} {obj['kind']}")
     return problems
+
+
+def replica_pod(objects: list[dict]) -> dict:
+    """The pod template of the pods that serve: the Deployment's, or the LeaderWorkerSet's leader (the head)."""
+    workloads = [obj for obj in objects if obj["kind"] in ("Deployment", "LeaderWorkerSet")]
+    assert len(workloads) == 1, f"expected one Deployment or LeaderWorkerSet, the overlay renders {len(workloads)}"
+    spec = workloads[0]["spec"]
+    return spec["template"] if workloads[0]["kind"] == "Deployment" else spec["leaderWorkerTemplate"]["leaderTemplate"]
+
+
+def pod_templates(objects: list[dict]) -> list[dict]:
+    """Every pod template the overlay renders (a LeaderWorkerSet has two)."""
+    return [obj["spec"]["template"] for obj in objects if obj["kind"] == "Deployment"] + [
+        template for obj in objects if obj["kind"] == "LeaderWorkerSet"
+        for template in obj["spec"]["leaderWorkerTemplate"].values() if isinstance(template, dict)]
+
+
+def command_overrides(command: list[str], env: dict[str, str]) -> list[str]:
+    """The command's `--set` values, each $(VAR) replaced as the kubelet expands it, from `env`."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], command[i + 1])
+            for i, arg in enumerate(command) if arg == "--set"]
 
 
 def one(objects: list[dict], kind: str) -> dict:
@@ -123,13 +155,14 @@ def key_envs(container: dict) -> dict[str, tuple[str, str]]:
 def consistency_problems(objects: list[dict]) -> list[str]:
     """What the manifests say against the code and against each other; one line per mismatch, naming both sides."""
     problems = []
-    deployment, service = one(objects, "Deployment"), one(objects, "Service")
+    service = one(objects, "Service")
     monitor, scaler = one(objects, "ServiceMonitor"), one(objects, "ScaledObject")
-    pod = deployment["spec"]["template"]
+    pod = replica_pod(objects)
     container = pod["spec"]["containers"][0]
     mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
     volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
     named = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
+    target = scaler["spec"]["scaleTargetRef"]
 
     # The command, and the deployment YAML it names, from the ConfigMap mounted there.
     command = container.get("command", []) + container.get("args", [])
@@ -146,6 +179,7 @@ def consistency_problems(objects: list[dict]) -> list[str]:
     for section, key in (("engine", "api_key"), ("gateway", "admin_api_key")):
         if key in (data.get(section) or {}):
             problems.append(f"the ConfigMap sets {section}.{key}: keys belong in a Secret")
+    data = apply_overrides(data, command_overrides(command, LWS_ENV))
 
     # The keys: each Secret variable must be one the deployment reads, and the open host then has its key.
     secrets = key_envs(container)
@@ -213,12 +247,12 @@ def consistency_problems(objects: list[dict]) -> list[str]:
     for kind, name in (("ConfigMap", config_map_name), ("ServiceAccount", pod["spec"].get("serviceAccountName")),
                        *(("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"])
                          for v in volumes.values() if "persistentVolumeClaim" in v),
-                       ("Deployment", scaler["spec"]["scaleTargetRef"]["name"])):
+                       (target.get("kind", "Deployment"), target["name"])):
         if (kind, name) not in named:
             problems.append(f"{kind} {name!r} is referenced but not rendered")
 
     # The autoscaler: a query over the gateway's own series, of this namespace and Service, below the gateway's cap.
-    namespace, series = deployment["metadata"].get("namespace"), exported_series()
+    namespace, series = service["metadata"].get("namespace"), exported_series()
     for trigger in scaler["spec"]["triggers"]:
         query = trigger["metadata"].get("query", "")
         selectors = re.findall(r"([a-zA-Z_:][\w:]*)\{([^}]*)\}", query)
@@ -243,19 +277,56 @@ def consistency_problems(objects: list[dict]) -> list[str]:
 def security_problems(objects: list[dict]) -> list[str]:
     """The pod security the manifests promise: non-root, read-only root, no privilege escalation or capabilities,
     no service account token."""
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     problems = []
-    if pod.get("automountServiceAccountToken") is not False:
-        problems.append("the pod mounts a service account token (automountServiceAccountToken is not false)")
-    if pod.get("securityContext", {}).get("runAsNonRoot") is not True:
-        problems.append("the pod may run as root (securityContext.runAsNonRoot is not true)")
-    for container in pod["containers"]:
-        context = container.get("securityContext", {})
-        for key, wanted in (("readOnlyRootFilesystem", True), ("allowPrivilegeEscalation", False)):
-            if context.get(key) is not wanted:
-                problems.append(f"container {container['name']}: securityContext.{key} is not {wanted}")
-        if context.get("capabilities", {}).get("drop") != ["ALL"]:
-            problems.append(f"container {container['name']}: capabilities are not all dropped")
+    for template in pod_templates(objects):
+        pod, role = template["spec"], template["metadata"]["labels"].get("app.kubernetes.io/component")
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"the {role} pod mounts a service account token (automountServiceAccountToken is not "
+                            "false)")
+        if pod.get("securityContext", {}).get("runAsNonRoot") is not True:
+            problems.append(f"the {role} pod may run as root (securityContext.runAsNonRoot is not true)")
+        for container in pod["containers"]:
+            context = container.get("securityContext", {})
+            for key, wanted in (("readOnlyRootFilesystem", True), ("allowPrivilegeEscalation", False)):
+                if context.get(key) is not wanted:
+                    problems.append(f"{role} container {container['name']}: securityContext.{key} is not {wanted}")
+            if context.get("capabilities", {}).get("drop") != ["ALL"]:
+                problems.append(f"{role} container {container['name']}: capabilities are not all dropped")
+    return problems
+
+
+def worker_problems(objects: list[dict]) -> list[str]:
+    """A LeaderWorkerSet's worker against its head: the same deployment YAML, ranks that continue the head's, a
+    group as large as the engines need, and no Service traffic (only the head serves)."""
+    sets = [obj for obj in objects if obj["kind"] == "LeaderWorkerSet"]
+    if not sets:
+        return []
+    group = sets[0]["spec"]["leaderWorkerTemplate"]
+    head, worker = group["leaderTemplate"], group["workerTemplate"]
+    command = worker["spec"]["containers"][0]["command"]
+    script = command[2] if command[:2] == ["sh", "-c"] else ""
+    match = re.fullmatch(r"exec (python -m serving --config \S+ .*--headless --start-rank) \$\(\(LWS_WORKER_INDEX \* "
+                         r"(\d+)\)\)", " ".join(script.split()))
+    if match is None:
+        return [f"worker command {command} is not `sh -c 'exec python -m serving --config FILE ... --headless "
+                "--start-rank $((LWS_WORKER_INDEX * N))'`"]
+    problems = []
+    head_command = head["spec"]["containers"][0]["command"]
+    worker_args = match.group(1).split()[3:]
+    if worker_args[:2] != head_command[3:5]:
+        problems.append(f"the worker reads {worker_args[:2]}, the head {head_command[3:5]}: one deployment YAML")
+    config_map = one(objects, "ConfigMap")
+    data = yaml.safe_load(config_map["data"]["deployment.yaml"])
+    engine = apply_overrides(data, command_overrides(head_command, LWS_ENV))["engine"]
+    local, size = engine.get("data_parallel_size_local"), engine.get("data_parallel_size")
+    if int(match.group(2)) != local:
+        problems.append(f"worker k starts at rank {match.group(2)}k, but each node runs engine.data_parallel_size_local"
+                        f"={local} engines: ranks would overlap or be left out")
+    if group.get("size", 1) * (local or 0) != size:
+        problems.append(f"the group's {group.get('size', 1)} pods of {local} engines are not "
+                        f"engine.data_parallel_size={size}")
+    if matches(one(objects, "Service")["spec"]["selector"], worker["metadata"]["labels"]):
+        problems.append("the Service selects the worker pods, which serve no HTTP")
     return problems
 
 
@@ -265,7 +336,7 @@ def manifest_problems(kubernetes_dir: Path) -> list[str]:
     for overlay in OVERLAYS:
         objects = render(kubernetes_dir, overlay)
         found = (schema_problems(objects, kubernetes_dir / "schemas") + consistency_problems(objects)
-                 + security_problems(objects))
+                 + security_problems(objects) + worker_problems(objects))
         problems += [f"{overlay}: {problem}" for problem in found]
     return problems
 
@@ -289,31 +360,41 @@ def test_crd_schemas_are_valid_json_schemas():
         Draft202012Validator.check_schema(json.loads((KUBERNETES / "schemas" / name).read_text()))
 
 
+ACROSS = "qwen3-vl-8b-across-nodes/leaderworkerset.yaml"
 BREAKAGES = [
-    # (case, file under configs/kubernetes, text, replaced by, words the refusal must name)
+    # (case, file under configs/kubernetes, text, replaced by, words the refusal must name, overlays that render it)
     ("unknown Deployment field", "base/deployment.yaml", "terminationGracePeriodSeconds:",
-     "terminationGracePeriod:", ["Deployment/lora-router", "'terminationGracePeriod' was unexpected"]),
+     "terminationGracePeriod:", ["Deployment/lora-router", "'terminationGracePeriod' was unexpected"], ONE_NODE),
     ("ScaledObject field of the wrong type", "base/autoscaling.yaml", "pollingInterval: 15", 'pollingInterval: "15"',
-     ["ScaledObject/lora-router: spec.pollingInterval: '15' is not of type 'integer'"]),
+     ["ScaledObject/lora-router: spec.pollingInterval: '15' is not of type 'integer'"], OVERLAYS),
     ("readiness probe path", "base/deployment.yaml", "path: /health\n              port: http\n            "
      "periodSeconds: 5", "path: /healthz\n              port: http\n            periodSeconds: 5",
-     ["readinessProbe path '/healthz' is not the gateway's health route /health"]),
+     ["readinessProbe path '/healthz' is not the gateway's health route /health"], ONE_NODE),
     ("autoscaler metric", "base/autoscaling.yaml", "sum(lora_router_gateway_requests_queued{",
-     "sum(gateway_queue_length{", ["ScaledObject query reads gateway_queue_length"]),
+     "sum(gateway_queue_length{", ["ScaledObject query reads gateway_queue_length"], OVERLAYS),
     ("key variable", "base/deployment.yaml", "name: LORA_ROUTER_ADMIN_KEY", "name: LORA_ROUTER_ADMIN_TOKEN",
-     ["env LORA_ROUTER_ADMIN_TOKEN (Secret lora-router-keys/admin-key) is read by no setting"]),
+     ["env LORA_ROUTER_ADMIN_TOKEN (Secret lora-router-keys/admin-key) is read by no setting"], ONE_NODE),
+    ("group restart policy", ACROSS, "restartPolicy: RecreateGroupOnPodRestart", "restartPolicy: Always",
+     ["LeaderWorkerSet/lora-router: spec.leaderWorkerTemplate.restartPolicy: 'Always' is not one of"],
+     ("qwen3-vl-8b-across-nodes",)),
+    ("worker pod field", ACROSS, "terminationGracePeriodSeconds: 60", "terminationGracePeriod: 60",
+     ["PodTemplate/lora-router-workerTemplate", "'terminationGracePeriod' was unexpected"],
+     ("qwen3-vl-8b-across-nodes",)),
+    ("worker ranks", ACROSS, "$((LWS_WORKER_INDEX * 8))", "$((LWS_WORKER_INDEX * 4))",
+     ["worker k starts at rank 4k, but each node runs engine.data_parallel_size_local=8"],
+     ("qwen3-vl-8b-across-nodes",)),
 ]
 
 
-@pytest.mark.parametrize("case, file, text, broken, words", BREAKAGES, ids=[b[0] for b in BREAKAGES])
-def test_a_broken_manifest_is_refused_naming_the_fault(case, file, text, broken, words, tmp_path):
+@pytest.mark.parametrize("case, file, text, broken, words, overlays", BREAKAGES, ids=[b[0] for b in BREAKAGES])
+def test_a_broken_manifest_is_refused_naming_the_fault(case, file, text, broken, words, overlays, tmp_path):
     copy = tmp_path / "kubernetes"
     shutil.copytree(KUBERNETES, copy)
     original = (copy / file).read_text()
     assert original.count(text) == 1, f"{file} no longer holds {text!r} once"
     (copy / file).write_text(original.replace(text, broken))
     problems = manifest_problems(copy)
-    for overlay in OVERLAYS:
+    for overlay in overlays:
         assert any(all(word in p for word in words) for p in problems if p.startswith(f"{overlay}: ")), problems
 
 
@@ -387,7 +468,7 @@ def pod_deployment(overlay: str, data_dir: Path, stand_ins: Path) -> tuple[list[
     written under `data_dir`: the shared volume's mount path moved to `data_dir` and the stand-in adapters placed
     where the YAML names them."""
     objects = render(KUBERNETES, overlay)
-    container = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    container = replica_pod(objects)["spec"]["containers"][0]
     mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "data")
     config_map = one(objects, "ConfigMap")
     data = yaml.safe_load(config_map["data"]["deployment.yaml"])
@@ -400,7 +481,8 @@ def pod_deployment(overlay: str, data_dir: Path, stand_ins: Path) -> tuple[list[
     config = data_dir.parent / "deployment.yaml"
     config.write_text(text)
     keys = {name: f"key-{name}" for name in key_envs(container)}
-    return container["command"], keys, config
+    command = [re.sub(r"\$\((\w+)\)", lambda m: LWS_ENV[m.group(1)], arg) for arg in container["command"]]
+    return command, keys, config
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -412,6 +494,23 @@ def test_the_containers_command_accepts_its_configmap(overlay, stand_in_adapters
                             env={**os.environ, **keys})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "every start-up check that needs no vLLM passed (4 adapters" in result.stderr
+
+
+@pytest.mark.parametrize("index, status", [(1, 0), (2, 2)])
+def test_the_worker_s_command_accepts_its_configmap_and_refuses_a_rank_past_the_group(index, status, stand_in_adapters,
+                                                                                       tmp_path):
+    """The worker pod's own command (its shell, the LeaderWorkerSet's variables) with `--check`: worker 1 runs ranks
+    8-15; a worker 2 would start past the 16 engines."""
+    overlay = "qwen3-vl-8b-across-nodes"
+    _, keys, config = pod_deployment(overlay, tmp_path / "data", stand_in_adapters)
+    sets = [obj for obj in render(KUBERNETES, overlay) if obj["kind"] == "LeaderWorkerSet"]
+    command = sets[0]["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["command"]
+    script = command[2].replace("python", sys.executable, 1).replace("/etc/lora-router/deployment.yaml", str(config))
+    result = subprocess.run([*command[:2], script + " --check"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**os.environ, **keys, **LWS_ENV, "LWS_WORKER_INDEX": str(index)})
+    assert result.returncode == status, result.stderr[-3000:]
+    if status:
+        assert "--start-rank must be 1-8 (the head runs ranks 0-7 of 16), got 16" in result.stderr
 
 
 CHECK_CASES = [

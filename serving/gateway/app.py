@@ -32,6 +32,7 @@ from aiohttp import web
 from lora_router.deployment import LOOPBACK_HOSTS, DeploymentConfig
 from serving.gateway.admin import AdminRoutes
 from serving.gateway.auto import AutoRoute
+from serving.gateway.engines import EnginePicker
 from serving.gateway.lifecycle import AdapterLifecycle
 from serving.gateway.metrics import NONE, OTHER, GatewayMetrics, outcome
 from serving.gateway.protocol import (
@@ -83,7 +84,9 @@ class Gateway:
         self.lifecycle = AdapterLifecycle(config, self.upstream, adapters, self.metrics, base=base,
                                           config_adapters=config_adapters, replica=replica)
         self.names = self.lifecycle.names
-        self.auto = AutoRoute(config, self.upstream, self.lifecycle, self.metrics)
+        # Every chat request holds the least-loaded data-parallel engine (global rank, over every node) while it runs.
+        self.engines = EnginePicker(config.engine.data_parallel_size)
+        self.auto = AutoRoute(config, self.upstream, self.lifecycle, self.metrics, self.engines)
         self.admin = AdminRoutes(self.settings, self.lifecycle, self._check_ready)
         self.ready = False
         self._sync: asyncio.Task | None = None
@@ -241,9 +244,9 @@ class Gateway:
             if not auto:
                 model = str(body.get("model"))
                 record.expert = model
-                with self.names.hold(model) as served:
+                with self.names.hold(model) as served, self.engines.pinned() as rank:
                     sent = raw if served == model else with_model(body, served)
-                    return await self._relay(request, sent)
+                    return await self._relay(request, sent, rank)
             return await self.auto.answer(request, body, record)
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
@@ -290,11 +293,12 @@ class Gateway:
             self._slots.release()
             self.metrics.in_flight.dec()
 
-    async def _relay(self, request: web.Request, raw: bytes) -> web.StreamResponse:
-        """Forward a request to vLLM as it came (the key swapped for the internal one, named by the request's id)
-        and stream the answer back; an error answer is the gateway's own, in OpenAI's shape with a code."""
+    async def _relay(self, request: web.Request, raw: bytes, rank: int | None = None) -> web.StreamResponse:
+        """Forward a request to vLLM as it came (the key swapped for the internal one, named by the request's id,
+        pinned to data-parallel `rank` if given) and stream the answer back; an error answer is the gateway's own, in
+        OpenAI's shape with a code."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "accept")}
-        async with self.upstream.call(request.method, request.path_qs, raw=raw, headers=headers,
+        async with self.upstream.call(request.method, request.path_qs, raw=raw, headers=headers, rank=rank,
                                       request_id=request[RECORD].request_id) as up:
             if up.status >= 400:
                 raise upstream_error(up.status, await up.read(), request.path)

@@ -45,13 +45,13 @@ class AutoRoute:
     """Answers `model: auto` chat requests for one gateway."""
 
     def __init__(self, config: DeploymentConfig, upstream: Upstream, lifecycle: AdapterLifecycle,
-                 metrics: GatewayMetrics) -> None:
+                 metrics: GatewayMetrics, engines: EnginePicker) -> None:
         self.config = config
         self.settings = config.gateway
         self.upstream = upstream
         self.lifecycle = lifecycle
         self.metrics = metrics
-        self.engines = EnginePicker(config.engine.data_parallel_size)
+        self.engines = engines
 
     async def answer(self, request: web.Request, body: dict[str, Any], record: RequestRecord) -> web.StreamResponse:
         """The expert's answer to an auto request; `record` gets the route (expert, router version, route time) for

@@ -1,6 +1,7 @@
-"""Which data-parallel engine of a replica gets a screenshot: the one with the fewest of the gateway's requests in
-flight, idle ties taken in turn. Both stages of a screenshot (router, then expert) go to it, so the expert's engine
-reuses the router's image encoding; vLLM reads the choice from the X-data-parallel-rank header."""
+"""Which data-parallel engine of a replica gets a chat request: the one with the fewest of the gateway's requests in
+flight, idle ties taken in turn, by global rank (the engines of every node of the replica). Both stages of a
+screenshot (router, then expert) go to it, so the expert's engine reuses the router's image encoding; vLLM reads the
+choice from the X-data-parallel-rank header."""
 
 from __future__ import annotations
 
