@@ -10,6 +10,7 @@ import pytest
 from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.llava_data import (
     IGNORE_INDEX,
+    ConversationDataset,
     DataError,
     collate,
     describe,
@@ -213,3 +214,23 @@ def test_eval_labels_must_match_the_trained_ones(folder):
     four = read_conversations(write(folder / "e.jsonl", [router_line("calendar", labels=[*LABELS, "chandra-ocr"])]))
     with pytest.raises(DataError, match="names labels .* but the adapter was trained on"):
         describe(four, labels=train.labels)
+
+
+def test_encoded_examples_are_kept_within_the_budget_and_collating_leaves_them_as_encoded(folder, processor):
+    import torch
+
+    convs = read_conversations(write(folder / "d.jsonl", [router_line("calendar"),
+                                                          router_line("claim-window", image="images/b.png")]))
+    first = encode(processor, convs[0].messages(), load_images(convs[0]), convs[0].answer, SMALL)
+    one_item = sum(t.numel() * t.element_size() for t in first.values())
+    dataset = ConversationDataset(convs, processor, SMALL, cache_bytes=one_item)  # room for the first only
+    kept = dataset[0]
+    dataset[1]  # read once too, past the budget
+    assert all(torch.equal(kept[k], first[k]) for k in first)
+    (folder / "images" / "a.png").unlink()  # a cached example no longer reads its image ...
+    assert dataset[0] is kept
+    collate([dataset[0], dataset[1]], processor.tokenizer.pad_token_id)["input_ids"][0, 0] = -1
+    assert torch.equal(dataset[0]["input_ids"], first["input_ids"])
+    (folder / "images" / "b.png").unlink()  # ... one past the budget reads it every time
+    with pytest.raises(DataError, match="cannot read image"):
+        dataset[1]

@@ -286,22 +286,34 @@ def collate(features: list[dict], pad_id: int, padding_side: str = "right") -> d
 
 
 class ConversationDataset:
-    """Map-style dataset: item i is encode() of conversation i (images read from disk each time)."""
+    """Map-style dataset: item i is encode() of conversation i, its images read from disk on first use and, within
+    `cache_bytes`, kept encoded for the later epochs (reading and preprocessing an image cost about as much CPU as
+    the tiny model's training step on it)."""
 
     def __init__(self, conversations: Sequence[Conversation], processor, pixel_kwargs: dict | None = None,
-                 with_answer: bool = True):
+                 with_answer: bool = True, cache_bytes: int = 0):
         self.conversations = list(conversations)
         self.processor = processor
         self.pixel_kwargs = pixel_kwargs or {}
         self.with_answer = with_answer
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, dict] = {}
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __getitem__(self, index: int) -> dict:
+        if index in self._cache:
+            return self._cache[index]
         c = self.conversations[index]
-        return encode(self.processor, c.messages(), load_images(c), c.answer if self.with_answer else None,
+        item = encode(self.processor, c.messages(), load_images(c), c.answer if self.with_answer else None,
                       self.pixel_kwargs)
+        size = sum(t.numel() * t.element_size() for t in item.values())
+        if self._cached_bytes + size <= self.cache_bytes:  # collate copies, so the cached tensors stay as encoded
+            self._cache[index] = item
+            self._cached_bytes += size
+        return item
 
 
 class Collator:

@@ -168,6 +168,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Tr
     default_min, default_max = pixel_limits(processor)
     min_pixels, max_pixels = model_args.min_pixels or default_min, model_args.max_pixels or default_max
     pixel_kwargs = image_kwargs(min_pixels, max_pixels)
+    cache_bytes = data_args.encoded_cache_mb << 20
     extra_callbacks = list(callbacks)
     if labels and eval_data:
         extra_callbacks.insert(0, GenerationAccuracy(processor, eval_data, labels,
@@ -176,8 +177,9 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Tr
     trainer = AdapterTrainer(
         model=build_model(base_path, model_args, args), args=args,
         data_collator=Collator(processor.tokenizer.pad_token_id),
-        train_dataset=ConversationDataset(train_data, processor, pixel_kwargs),
-        eval_dataset=ConversationDataset(eval_data, processor, pixel_kwargs) if eval_data else None,
+        train_dataset=ConversationDataset(train_data, processor, pixel_kwargs, cache_bytes=cache_bytes),
+        eval_dataset=ConversationDataset(eval_data, processor, pixel_kwargs, cache_bytes=cache_bytes)
+        if eval_data else None,
         callbacks=extra_callbacks,
         label_first_ids=label_first_ids(processor.tokenizer, labels, data_args.label_loss_weight, args.device),
         label_loss_weight=data_args.label_loss_weight)
