@@ -49,6 +49,11 @@ class ServerProcess:
             raise answer
         return answer
 
+    @property
+    def pid(self) -> int:
+        """The child's process id: the gateway runs in it, and vLLM's processes descend from it."""
+        return self._process.pid
+
     def kill_vllm(self) -> None:
         """SIGKILL the server's vLLM (its gateway stays, and its launcher restarts vLLM)."""
         self._conn.send("kill_vllm")

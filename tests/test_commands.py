@@ -10,7 +10,7 @@ import pytest
 from lora_router import configuration
 
 COMMANDS = ["serving.__main__", "serving.admin", "router_client.__main__", "router_client.batch", "benchmarks.quickstart",
-            "benchmarks.load", "benchmarks.random_8b", "training.generate_dataset",
+            "benchmarks.load", "benchmarks.soak", "benchmarks.random_8b", "training.generate_dataset",
             "training.convert_routing_to_classification", "training.expert_datasets", "training.evaluate_expert",
             "training.validate_router", "training.pretrain", "training.tiny_model", "training.random_adapter",
             "training.screens.sheet"]
