@@ -260,7 +260,7 @@ def failover(args: FailoverArguments, config: FailoverConfig) -> int:
     from benchmarks.runner import default_out_dir
 
     deployment = args.deployment()
-    out = args.out or default_out_dir().with_name(default_out_dir().name + "-failover")
+    out = args.out or default_out_dir("-failover")
     metrics = asyncio.run(run_failover(deployment, config, out))
     write_report(metrics, deployment, config, out)
     print(markdown(metrics))

@@ -526,6 +526,6 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
                            baselines=baselines, resolution=resolution, targets=targets)
 
 
-def default_out_dir(root: Path = Path(__file__).parent / "results") -> Path:
-    """benchmarks/results/<YYYY-MM-DD_HHMMSS>/ (local time)."""
-    return root / datetime.now().strftime("%Y-%m-%d_%H%M%S")
+def default_out_dir(suffix: str = "", root: Path = Path(__file__).parent / "results") -> Path:
+    """benchmarks/results/<YYYY-MM-DD_HHMMSS><suffix>/ (local time)."""
+    return root / (datetime.now().strftime("%Y-%m-%d_%H%M%S") + suffix)

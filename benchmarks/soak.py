@@ -284,7 +284,7 @@ def soak(args: SoakArguments, config: SoakConfig) -> int:
     from benchmarks.runner import default_out_dir
 
     deployment = args.deployment()
-    out = args.out or default_out_dir().with_name(default_out_dir().name + "-soak")
+    out = args.out or default_out_dir("-soak")
     metrics = summarize(asyncio.run(run_soak(deployment, config, out)), config)
     write_report(metrics, deployment, config, out)
     print(markdown(metrics, config))
