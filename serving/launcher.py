@@ -64,10 +64,11 @@ from serving.supervisor import (
 
 log = logging.getLogger(__name__)
 
-# Seconds between readiness and liveness polls, between two looks at the requests in flight while draining, and
-# the grace periods between SIGTERM and SIGKILL when vLLM is ended: with its API server alive, and without it (the
-# orphans have nothing left to finish; an orphaned engine core was seen to take over 30 s to honour SIGTERM).
-_POLL_S = 1.0
+# Seconds between readiness and liveness polls (short: /health turns 503 this soon after vLLM dies, and a balancer's
+# ejection follows), between two looks at the requests in flight while draining, and the grace periods between
+# SIGTERM and SIGKILL when vLLM is ended: with its API server alive, and without it (the orphans have nothing left
+# to finish; an orphaned engine core was seen to take over 30 s to honour SIGTERM).
+_POLL_S = 0.25
 _DRAIN_POLL_S = 0.1
 _STOP_GRACE_S = 30.0
 _ORPHAN_GRACE_S = 5.0

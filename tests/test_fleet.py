@@ -330,8 +330,7 @@ def test_a_replica_whose_vllm_dies_is_ejected_in_seconds_and_rejoins_after_its_r
           f"{failover['rejoin_s']:.2f} s after that")
     # Nothing B held or was sent before the ejection is lost: the balancer retries B's 502/503 on A.
     assert failover["failed"] == []
-    # The balancer's own health check marked B down: two failed 1 s checks; 0.5-0.9 s seen, 3.3 s on a busy box.
-    assert failover["eject_s"] <= 5.0
+    assert failover["eject_s"] <= 3.0  # the balancer's own health check marked B down
     assert failover["rejoin_s"] <= 3.0  # ... and up again once its restarted vLLM was warm
 
 
