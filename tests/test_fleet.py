@@ -3,7 +3,7 @@ steady `auto` load from start to end.
 
 The scenario (the module fixture `fleet`): through replica A, add chandra-ocr, load a 4-class candidate router,
 shadow it and promote it, while replica B follows the state file; send two conflicting admin calls to A and B at
-once; SIGKILL B's vLLM and watch the balancer take it out and back in; then stop both and start one again. The tests
+once; SIGKILL B's vLLM and watch the balancer take it out and back in; then stop both and start both. The tests
 check what it recorded. Adapters are random non-zero stand-ins on the random tiny model: what is under test is
 where requests go and what each replica serves, not what the adapters answer.
 """
@@ -270,17 +270,17 @@ def fleet(fleet_adapters, tmp_path_factory) -> dict:
         caddy.wait(timeout=10)
         a.stop()
         b.stop()
-    # Every replica starts from the state file alike; one start shows it (a second would cost a minute of CI).
-    again = start_server(config, logs / "vllm-again.log", probe=False)
+    a, b = _start_both(config, logs, "again")
 
-    async def state() -> dict:
+    async def states() -> dict:
         async with aiohttp.ClientSession() as session:
-            return (await _admin(session, again, "GET", "/admin/state"))[1]
+            return {name: (await _admin(session, s, "GET", "/admin/state"))[1] for name, s in (("a", a), ("b", b))}
 
     try:
-        record["restarted"] = asyncio.run(state())
+        record["restarted"] = asyncio.run(states())
     finally:
-        again.stop()
+        a.stop()
+        b.stop()
     return record
 
 
@@ -334,5 +334,7 @@ def test_a_replica_whose_vllm_dies_is_ejected_in_seconds_and_rejoins_after_its_r
     assert failover["rejoin_s"] <= 3.0  # ... and up again once its restarted vLLM was warm
 
 
-def test_a_replica_started_after_the_whole_fleet_stopped_comes_back_in_the_fleet_s_state(fleet):
-    assert _served(fleet["restarted"]) == _served(fleet["end_state"])
+def test_stopping_and_starting_both_replicas_comes_back_in_the_same_state(fleet):
+    before = _served(fleet["end_state"])
+    assert _served(fleet["restarted"]["a"]) == before
+    assert _served(fleet["restarted"]["b"]) == before
