@@ -246,10 +246,14 @@ def plot(metrics: SoakMetrics, config: SoakConfig, path: Path) -> None:
 
     fig, (mem, lat) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     t = [s["t_s"] / 60 for s in metrics.memory]
-    for key, label in (("gateway_mb", "gateway"), ("vllm_mb", "vLLM (all its processes)")):
-        mem.plot(t, [s[key] for s in metrics.memory], label=label)
-    mem.set_ylabel("resident memory, MB")
-    mem.set_yscale("log")
+    # Two linear scales: a few percent of growth must show on each, and vLLM's footprint is 50x the gateway's.
+    mem.plot(t, [s["vllm_mb"] for s in metrics.memory], color="tab:orange", label="vLLM (all its processes)")
+    mem.set_ylabel("vLLM resident memory, MB")
+    gateway = mem.twinx()
+    gateway.plot(t, [s["gateway_mb"] for s in metrics.memory], color="tab:blue", label="gateway")
+    gateway.set_ylabel("gateway resident memory, MB")
+    gateway.set_ylim(0, max(s["gateway_mb"] for s in metrics.memory) * 1.5)
+    gateway.legend(fontsize=8, loc="center right")
     minutes = [m["minute"] - 0.5 for m in metrics.per_minute]
     for key, label in (("p50_s", "p50"), ("p99_s", "p99")):
         lat.plot(minutes, [m[key] for m in metrics.per_minute], marker="o", label=label)
@@ -267,7 +271,9 @@ def write_report(metrics: SoakMetrics, deployment: DeploymentConfig, config: Soa
     out_dir.mkdir(parents=True, exist_ok=True)
     setup = {"soak": dataclasses.asdict(config), "model": deployment.model.path,
              "experts": [e.name for e in deployment.experts], "router_mode": deployment.client.router_mode}
-    (out_dir / JSON_NAME).write_text(json.dumps({"setup": setup, **dataclasses.asdict(metrics)}, indent=1) + "\n")
+    # Not every request (tens of thousands): the minutes, the memory samples and the summary say what a soak found.
+    kept = {k: v for k, v in dataclasses.asdict(metrics).items() if k != "requests"}
+    (out_dir / JSON_NAME).write_text(json.dumps({"setup": setup, **kept}, indent=1) + "\n")
     (out_dir / MARKDOWN_NAME).write_text(markdown(metrics, config))
     plot(metrics, config, out_dir / PNG_NAME)
 

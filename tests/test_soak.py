@@ -53,6 +53,7 @@ def test_the_report_has_json_markdown_and_plot(tmp_path):
     write_report(metrics, from_dict({}), CONFIG, tmp_path)
     saved = json.loads((tmp_path / "soak.json").read_text())
     assert saved["setup"]["soak"]["concurrency"] == 16 and len(saved["per_minute"]) == 3
+    assert "requests" not in saved and saved["summary"]["requests"] == 180
     assert "| 3 | 60 | 0 | 6 | 0 |" in (tmp_path / "soak.md").read_text()
     assert (tmp_path / "soak.png").stat().st_size > 0
 
