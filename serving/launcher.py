@@ -226,11 +226,11 @@ class VLLMServer:
             reason = await self._wait_dead()
             self.gateway.ready = False
             log.warning("vLLM %s. Last lines of %s:\n%s", reason, self.log_path, self.log_tail(10))
-            if self.config.engine.multi_node:
+            engine = self.config.engine
+            if engine.multi_node:
                 await self._give_up(f"vLLM {reason}; its engines span nodes (engine.data_parallel_size_local="
-                                    f"{self.config.engine.data_parallel_size_local} of {self.config.engine.data_parallel_size}"
-                                    "), and a head restarted alone waits for workers that are gone: restart the whole "
-                                    "replica")
+                                    f"{engine.data_parallel_size_local} of {engine.data_parallel_size}), and a head "
+                                    "restarted alone waits for workers that are gone: restart the whole replica")
                 return
             failed = 0
             while True:
@@ -279,11 +279,11 @@ class VLLMServer:
         timeout = aiohttp.ClientTimeout(total=5)
         async with aiohttp.ClientSession(timeout=timeout, headers=self.upstream_headers) as session:
             remote = asyncio.ensure_future(self._wait_remote_rank_gone(session)) if self.config.engine.multi_node \
-                else asyncio.get_running_loop().create_future()
+                else None
             try:
                 while True:
                     await asyncio.sleep(_POLL_S)
-                    if remote.done():
+                    if remote is not None and remote.done():
                         return remote.result()
                     assert self.group is not None
                     code = self.group.returncode()
@@ -296,7 +296,8 @@ class VLLMServer:
                     except (aiohttp.ClientError, asyncio.TimeoutError):
                         pass  # busy, or its API server is exiting: the next look tells
             finally:
-                remote.cancel()
+                if remote is not None:
+                    remote.cancel()
 
     async def _wait_remote_rank_gone(self, session: aiohttp.ClientSession) -> str:
         """Return once a worker node's rank fails a one-token request pinned to it, saying which."""

@@ -123,10 +123,14 @@ def pod_templates(objects: list[dict]) -> list[dict]:
         for template in obj["spec"]["leaderWorkerTemplate"].values() if isinstance(template, dict)]
 
 
+def expand(arg: str, env: dict[str, str]) -> str:
+    """A command argument with each $(VAR) replaced from `env`, as the kubelet expands it."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], arg)
+
+
 def command_overrides(command: list[str], env: dict[str, str]) -> list[str]:
-    """The command's `--set` values, each $(VAR) replaced as the kubelet expands it, from `env`."""
-    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], command[i + 1])
-            for i, arg in enumerate(command) if arg == "--set"]
+    """The command's `--set` values, expanded from `env`."""
+    return [expand(command[i + 1], env) for i, arg in enumerate(command) if arg == "--set"]
 
 
 def one(objects: list[dict], kind: str) -> dict:
@@ -481,7 +485,7 @@ def pod_deployment(overlay: str, data_dir: Path, stand_ins: Path) -> tuple[list[
     config = data_dir.parent / "deployment.yaml"
     config.write_text(text)
     keys = {name: f"key-{name}" for name in key_envs(container)}
-    command = [re.sub(r"\$\((\w+)\)", lambda m: LWS_ENV[m.group(1)], arg) for arg in container["command"]]
+    command = [expand(arg, LWS_ENV) for arg in container["command"]]
     return command, keys, config
 
 
