@@ -50,7 +50,6 @@ def experts_dir(pretrained_base, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("adapters")
     base = str(pretrained_base)
     for seed, name in enumerate((*FOUR, "scratch", "tables"), start=21):
-        # Strong enough that the add probe never sees one answer as the base model does (b_std 0.05 once did, under load).
         make_random_adapter(base, root / name, seed=seed, b_std=0.2)
     make_random_adapter(base, root / "dora", use_dora=True)
     make_random_adapter(base, root / "rank32", rank=32)

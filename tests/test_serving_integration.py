@@ -8,8 +8,9 @@ import time
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from lora_router.openai_wire import chat_request, user_turn
+from lora_router.openai_wire import chat_request, read_completion, user_turn
 from serving.launcher import ServerError, VLLMServer
 from serving.probe import probe_image
 from tests.conftest import EXPERTS, deployment, start_server
@@ -55,6 +56,58 @@ def test_each_adapter_answers_by_name_and_differently_from_base(served):
     assert all(answers[n].text for n in names)
     # Different greedy text, or different first-token log-probabilities: the adapter changed the model.
     assert not any(answers[n].same_as(answers["base"]) for n in names[1:]), answers
+
+
+async def _first_token(session: aiohttp.ClientSession, server: VLLMServer, model: str, image_url: str, salt: str,
+                       max_tokens: int = 1) -> dict[str, float]:
+    """The first token's top-5 log-probabilities of a greedy request straight to vLLM; `salt` keeps vLLM's prefix
+    cache from lending one request's KV to another."""
+    body = chat_request(server.gateway.names.served(model) if model != "base" else model, [user_turn(image_url, "Describe this screen.")],
+                        max_tokens, logprobs=True, top_logprobs=5, ignore_eos=True, cache_salt=salt)
+    async with session.post(server.upstream_url + "/chat/completions", json=body, headers=server.upstream_headers) as r:
+        assert r.status == 200, await r.text()
+        completion = read_completion(await r.json())
+    return completion.logprobs[0].top_logprobs
+
+
+def _gap(a: dict[str, float], b: dict[str, float]) -> float:
+    """Largest difference between two top-5 log-probability sets (a token missing from one counts as -30)."""
+    return max(abs(a.get(t, -30.0) - b.get(t, -30.0)) for t in a.keys() | b.keys())
+
+
+def test_base_requests_batched_beside_every_adapter_answer_as_the_base_alone(served):
+    """Every LoRA slot of the session's server is in use. vLLM's CPU LoRA ops read a base token's LoRA from the last
+    slot, so a base request batched beside adapter requests got the last adapter's answer (and the admin API's probe
+    refused good adapters as no-ops); the launcher keeps that slot empty."""
+    image = probe_image(seed=13)
+    names = ["router", *EXPERTS]
+
+    async def running(session: aiohttp.ClientSession) -> float:
+        async with session.get(served.root_url + "/metrics") as r:
+            text = await r.text()
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "vllm:num_requests_running")
+
+    async def answers():
+        async with aiohttp.ClientSession() as session:
+            # Long adapter requests decode while the base request's prompt is computed: one batch holds them all.
+            long = [asyncio.create_task(_first_token(session, served, n, image, f"long-{n}", max_tokens=400))
+                    for n in names]
+            deadline = time.monotonic() + 60
+            while await running(session) < len(names):
+                assert time.monotonic() < deadline, "vLLM did not start running the adapter requests"
+                await asyncio.sleep(0.02)
+            batched = await _first_token(session, served, "base", image, "batched")
+            running_meanwhile = sum(not t.done() for t in long)
+            await asyncio.gather(*long)
+            alone = {n: await _first_token(session, served, n, image, "alone") for n in ["base", *names]}
+            return batched, running_meanwhile, alone
+
+    batched, running_meanwhile, alone = asyncio.run(answers())
+    assert running_meanwhile == len(names), "the adapter requests ended before the base request was answered"
+    nearest = min(_gap(alone[n], alone["base"]) for n in names)
+    # Batching moves bf16 rounding a little; an adapter's delta moves the answer far more than that.
+    assert _gap(batched, alone["base"]) < nearest / 10, (nearest, _gap(batched, alone["base"]))
 
 
 @pytest.mark.parametrize("case, headers, status", [
