@@ -68,6 +68,9 @@ class BenchConfig:
                 "engine.cpu_threads) and of the transformers baselines; None: the deployment's engine.cpu_threads, "
                 "else cores - 1, at least 1 (vLLM's own thread binding keeps one core for its scheduler; more "
                 "threads than free cores stall every OpenMP barrier)."})
+    rounds: int = field(default=5, metadata={
+        "help": "Rounds of the compared phases (gateway vs client-side, one-token vs choice, two-stage vs "
+                "expert-only, mixed vs base), spread over the run; each target is judged on its median over them."})
     timeout_s: float = field(default=300.0, metadata={
         "help": "Seconds one HTTP request may take before it counts as an error."})
 
@@ -76,7 +79,7 @@ class BenchConfig:
         if not self.concurrencies or min(self.concurrencies) < 1:
             raise ConfigError(f"concurrencies must be >= 1, got {self.concurrencies}")
         self.concurrencies = sorted(set(self.concurrencies))
-        for name in ("min_requests", "requests_per_slot", "compare_concurrency", "router_max_pixels"):
+        for name in ("min_requests", "requests_per_slot", "compare_concurrency", "router_max_pixels", "rounds"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("per_expert_requests", "warmup_requests", "poisson_requests", "peer_requests", "hf_requests"):

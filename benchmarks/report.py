@@ -58,6 +58,12 @@ def _f(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _range(values: Sequence[float | None]) -> str:
+    """'n: low-high' over the rounds' values, '-' for a target measured once."""
+    known = [v for v in values if v is not None]
+    return f"{len(known)}: {min(known):.3f}-{max(known):.3f}" if len(set(values)) > 1 and known else "-"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -98,10 +104,11 @@ def markdown(result: BenchmarkResult) -> str:
     ]
     out.append(_table(("setup", ""), rows))
 
-    out.append("\n## Targets (ratios within this run)\n")
-    out.append(_table(("target", "measured", "threshold", "met", "detail"), [
-        (t.name, _f(t.measured, 3), t.threshold, {True: "yes", False: "**no**", None: "-"}[t.met], t.detail)
-        for t in result.targets]))
+    out.append("\n## Targets (ratios within this run)\n\nA target over phases run in every round is the median "
+               "over the rounds, judged on that median; the range is the rounds' lowest and highest value.\n\n")
+    out.append(_table(("target", "measured", "rounds (range)", "threshold", "met", "detail"), [
+        (t.name, _f(t.measured, 3), _range(t.rounds), t.threshold, {True: "yes", False: "**no**", None: "-"}[t.met],
+         t.detail) for t in result.targets]))
 
     out.append("\n## Phases\n\nLatencies in ms as p50 / p90 / p99, over successful requests. TTFT in ms from "
                "vLLM's /metrics histogram over all requests of the phase (router and expert alike): the exact mean, "
@@ -220,9 +227,9 @@ def _peer_section(result: BenchmarkResult, peer: PeerResult) -> str:
 
 
 def _sweep(result: BenchmarkResult, workload: str) -> list[PhaseMetrics]:
-    """Closed-loop full-resolution phases of a workload on the class mix, by concurrency."""
+    """Closed-loop full-resolution phases of a workload on the class mix, by concurrency (the first round's)."""
     phases = [p for p in result.phases if p.workload == workload and p.concurrency is not None
-              and not p.reduced_router and p.kind is None]
+              and not p.reduced_router and p.kind is None and "#" not in p.name]
     return sorted(phases, key=lambda p: p.concurrency)
 
 

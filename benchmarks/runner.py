@@ -18,6 +18,7 @@ and share one /metrics difference. The client-side phases talk to vLLM directly;
                `vllm bench serve` on the expert-only path, then through the gateway (model auto)
           c=C: reduced router-only (same screenshots), the same two in the other mode, reduced two-stage
           c=C: adapters mixed, base only
+          rounds 2..R of the compared phases (per expert, c=1 and c=C pairs, mixed and base), as above
           two-stage sweep above C, then two-stage open loop (Poisson)
     then  the server stops; the transformers + PEFT baselines.
 """
@@ -49,7 +50,7 @@ from benchmarks.peer import PeerResult
 from benchmarks.pool import BenchItem, ScreenPool
 from benchmarks.server import Served, ServerProcess
 from benchmarks.server_metrics import GATEWAY_STAGE, ServerSnapshot, scrape
-from benchmarks.targets import Agreement, Roles, Target, agreement, evaluate
+from benchmarks.targets import Agreement, Roles, Target, agreement, evaluate, over_rounds
 from benchmarks.workloads import (
     ADAPTERS_MIXED,
     BASE_ONLY,
@@ -92,12 +93,17 @@ class PhaseSpec:
 
 @dataclass
 class Plan:
-    """The phases in order, the roles they play in the targets, and which pairs run interleaved (first -> second:
-    the second re-sends the first's screenshots as twins, at concurrency 1)."""
+    """The phases in order, the roles they play in the targets (per round of the compared phases, the first round
+    first), and which pairs run interleaved (first -> second: the second re-sends the first's screenshots as twins,
+    at concurrency 1)."""
 
     phases: list[PhaseSpec]
-    roles: Roles
+    rounds: list[Roles]
     interleaved: dict[str, str]
+
+    @property
+    def roles(self) -> Roles:
+        return self.rounds[0]
 
 
 @dataclass
@@ -116,70 +122,90 @@ class BenchmarkResult:
     targets: list[Target]
 
 
-def phase_name(workload: Workload, concurrency: int | None, kind: str | None = None, reduced: bool = False) -> str:
+def phase_name(workload: Workload, concurrency: int | None, kind: str | None = None, reduced: bool = False,
+               round_: int = 1) -> str:
     """E.g. 'two-stage[one-token]@16', 'router-only[choice]+reduced@1', 'expert-only@1/calendar',
-    'two-stage[one-token]@poisson'."""
+    'two-stage[one-token]@poisson', 'gateway[one-token]@16#3' (the third round of a compared phase)."""
     where = "poisson" if concurrency is None else str(concurrency)
-    return f"{workload.name}{'+reduced' if reduced else ''}@{where}{'/' + kind if kind else ''}"
+    return (f"{workload.name}{'+reduced' if reduced else ''}@{where}{'/' + kind if kind else ''}"
+            f"{f'#{round_}' if round_ > 1 else ''}")
 
 
 def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway: bool = True) -> Plan:
     """The ordered phases for router `mode` (the other mode is measured beside it) and screenshot `kinds`; the
-    gateway phases only `with_gateway`."""
+    gateway phases only `with_gateway`. The compared phases run bench.rounds times: the first round among the
+    others, the rest after them, before the sweep above the compare concurrency and the open loop."""
     other = next(m for m in ROUTER_MODES if m != mode)
     ts, ro, ro_other, gw = two_stage(mode), router_only(mode), router_only(other), gateway(mode)
     c = bench.compare_concurrency
     phases: list[PhaseSpec] = []
-    per_expert: dict[str, tuple[str, str]] = {}
     interleaved: dict[str, str] = {}
 
     def add(workload: Workload, concurrency: int | None, requests: int, kind: str | None = None,
-            reduced: bool = False, reuse: str | None = None) -> str:
-        name = phase_name(workload, concurrency, kind, reduced)
+            reduced: bool = False, reuse: str | None = None, round_: int = 1) -> str:
+        name = phase_name(workload, concurrency, kind, reduced, round_)
         if all(p.name != name for p in phases):
             phases.append(PhaseSpec(name, workload, requests, concurrency, kind, reduced, reuse))
         return name
 
-    if bench.per_expert_requests:
-        for kind in kinds:
-            expert = add(EXPERT_ONLY, 1, bench.per_expert_requests, kind)
-            # Twins of the expert-only screenshots, interleaved with them: the same answers under the same load,
-            # so the ratio is what routing adds.
-            per_expert[kind] = (add(ts, 1, bench.per_expert_requests, kind, reuse=expert), expert)
-            interleaved[expert] = per_expert[kind][0]
-    n1, nc = bench.requests_at(1), bench.requests_at(c)
-    router_1, expert_1, two_stage_1 = add(ro, 1, n1), add(EXPERT_ONLY, 1, n1), add(ts, 1, n1)
-    gateway_1 = ""
-    if with_gateway:
-        # Twins of the client-side two-stage screenshots, interleaved with them: a few ms are measured here.
-        gateway_1 = add(gw, 1, n1, reuse=two_stage_1)
-        interleaved[two_stage_1] = gateway_1
-    reduced_route_1 = add(ro, 1, n1, reduced=True, reuse=router_1)
-    other_1 = add(ro_other, 1, n1)
-    reduced_other_1 = add(ro_other, 1, n1, reduced=True, reuse=other_1)
-    sweep = [add(ts, k, bench.requests_at(k)) for k in bench.concurrencies if 1 < k < c]
-    router_c, expert_c, two_stage_c = add(ro, c, nc), add(EXPERT_ONLY, c, nc), add(ts, c, nc)
-    # Right after the client-side phase, on twins of its screenshots: the same work, the next seconds' load.
-    gateway_c = add(gw, c, nc, reuse=two_stage_c) if with_gateway else ""
-    reduced_route_c = add(ro, c, nc, reduced=True, reuse=router_c)
-    other_c = add(ro_other, c, nc)
-    reduced_other_c = add(ro_other, c, nc, reduced=True, reuse=other_c)
-    reduced_two_stage_c = add(ts, c, nc, reduced=True)
-    mixed_c, base_c = add(ADAPTERS_MIXED, c, nc), add(BASE_ONLY, c, nc)
-    sweep += [add(ts, k, bench.requests_at(k)) for k in bench.concurrencies if k > c]
-    poisson = [add(ts, None, bench.poisson_requests)] if bench.poisson_requests else []
+    def one_round(r: int, first: Roles | None) -> Roles:
+        """Round `r`'s phases; the first round (`first` None) also runs the phases measured once."""
+        per_expert: dict[str, tuple[str, str]] = {}
+        if bench.per_expert_requests:
+            for kind in kinds:
+                expert = add(EXPERT_ONLY, 1, bench.per_expert_requests, kind, round_=r)
+                # Twins of the expert-only screenshots, interleaved with them: the same answers under the same
+                # load, so the ratio is what routing adds.
+                per_expert[kind] = (add(ts, 1, bench.per_expert_requests, kind, reuse=expert, round_=r), expert)
+                interleaved[expert] = per_expert[kind][0]
+        n1, nc = bench.requests_at(1), bench.requests_at(c)
+        router_1, expert_1, two_stage_1 = add(ro, 1, n1, round_=r), add(EXPERT_ONLY, 1, n1, round_=r), add(
+            ts, 1, n1, round_=r)
+        gateway_1 = ""
+        if with_gateway:
+            # Twins of the client-side two-stage screenshots, interleaved with them: a few ms are measured here.
+            gateway_1 = add(gw, 1, n1, reuse=two_stage_1, round_=r)
+            interleaved[two_stage_1] = gateway_1
+        once = first is None
+        reduced_route_1 = add(ro, 1, n1, reduced=True, reuse=router_1) if once else first.reduced_route_1
+        other_1 = add(ro_other, 1, n1, round_=r)
+        reduced_other_1 = add(ro_other, 1, n1, reduced=True, reuse=other_1) if once else ""
+        if once:
+            for k in bench.concurrencies:
+                if 1 < k < c:
+                    add(ts, k, bench.requests_at(k))
+        router_c, expert_c, two_stage_c = (add(ro, c, nc, round_=r), add(EXPERT_ONLY, c, nc, round_=r),
+                                           add(ts, c, nc, round_=r))
+        # Right after the client-side phase, on twins of its screenshots: the same work, the next seconds' load.
+        gateway_c = add(gw, c, nc, reuse=two_stage_c, round_=r) if with_gateway else ""
+        reduced_route_c = add(ro, c, nc, reduced=True, reuse=router_c) if once else ""
+        other_c = add(ro_other, c, nc, round_=r)
+        reduced_other_c = add(ro_other, c, nc, reduced=True, reuse=other_c) if once else ""
+        reduced_two_stage_c = add(ts, c, nc, reduced=True) if once else first.reduced_two_stage_c
+        mixed_c, base_c = add(ADAPTERS_MIXED, c, nc, round_=r), add(BASE_ONLY, c, nc, round_=r)
+        compared = dict(
+            two_stage_1=two_stage_1, router_1=router_1, expert_1=expert_1, two_stage_c=two_stage_c,
+            router_c=router_c, expert_c=expert_c, mixed_c=mixed_c, base_c=base_c, gateway_1=gateway_1,
+            gateway_c=gateway_c, mode_pairs={1: (router_1, other_1), c: (router_c, other_c)}, per_expert=per_expert)
+        if not once:
+            return dataclasses.replace(first, **compared)
+        return Roles(
+            **compared, reduced_route_1=reduced_route_1, reduced_two_stage_c=reduced_two_stage_c, mode=mode,
+            one_token=[], two_stage_all=[],
+            resolution_pairs={mode: [(router_1, reduced_route_1), (router_c, reduced_route_c)],
+                              other: [(other_1, reduced_other_1), (other_c, reduced_other_c)]})
+
+    rounds = [one_round(1, None)]
+    rounds += [one_round(r, rounds[0]) for r in range(2, bench.rounds + 1)]
+    for k in bench.concurrencies:
+        if k > c:
+            add(ts, k, bench.requests_at(k))
+    if bench.poisson_requests:
+        add(ts, None, bench.poisson_requests)
     one_token_routes = [p.name for p in phases if p.workload.route_mode == "one-token"]
-    roles = Roles(
-        two_stage_1=two_stage_1, router_1=router_1, expert_1=expert_1, two_stage_c=two_stage_c, router_c=router_c,
-        expert_c=expert_c, mixed_c=mixed_c, base_c=base_c, reduced_route_1=reduced_route_1,
-        reduced_two_stage_c=reduced_two_stage_c, gateway_1=gateway_1, gateway_c=gateway_c, mode=mode,
-        mode_pairs={1: (router_1, other_1), c: (router_c, other_c)}, one_token=one_token_routes,
-        two_stage_all=list(dict.fromkeys([two_stage_1, two_stage_c, *sweep, *poisson,
-                                          *(ts_name for ts_name, _ in per_expert.values())])),
-        per_expert=per_expert,
-        resolution_pairs={mode: [(router_1, reduced_route_1), (router_c, reduced_route_c)],
-                          other: [(other_1, reduced_other_1), (other_c, reduced_other_c)]})
-    return Plan(phases=phases, roles=roles, interleaved=interleaved)
+    two_stage_all = [p.name for p in phases if p.workload == ts and not p.reduced_router]
+    rounds = [dataclasses.replace(roles, one_token=one_token_routes, two_stage_all=two_stage_all) for roles in rounds]
+    return Plan(phases=phases, rounds=rounds, interleaved=interleaved)
 
 
 async def closed_loop(client: RouterClient, workload: Workload, items: Sequence[BenchItem], concurrency: int,
@@ -515,7 +541,7 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
     resolution = [agreement(m, [r for r in run.records if r.phase in {full for full, _ in pairs}],
                             [r for r in run.records if r.phase in {reduced for _, reduced in pairs}])
                   for m, pairs in plan.roles.resolution_pairs.items()]
-    targets = evaluate(run.phases, plan.roles, baselines, resolution, run.records)
+    targets = over_rounds([evaluate(run.phases, roles, baselines, resolution, run.records) for roles in plan.rounds])
     setup = _setup(bench, deployment, config_path, model_dir, server, base_url, gateway_url,
                    threads if on_cpu else None, mode, client_config, run)
     setup.update(started_utc=started.isoformat(timespec="seconds"),

@@ -6,8 +6,11 @@ as not measured rather than guessed.
 
 from __future__ import annotations
 
+import dataclasses
+import operator
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +34,7 @@ class Target:
     threshold: str
     met: bool | None
     detail: str
+    rounds: list[float | None] = field(default_factory=list)  # the value in each round; `measured` is their median
 
 
 @dataclass
@@ -273,3 +277,32 @@ def _gateway_targets(phases: Mapping[str, PhaseMetrics], roles: Roles,
         f"{_fmt(gw1.route_s.p50, ' s')} (x-route-ms) vs {_fmt(ts1.route_s.p50, ' s')} (client); "
         f"{gateway_stages_ms(gw1)}")
     return [throughput, latency]
+
+
+_COMPARE = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
+
+
+def meets(threshold: str, value: float) -> bool | None:
+    """Whether `value` meets a threshold as the targets write it ('<= 1.15', '>= 0.95', '<= 5 ms'); None when the
+    threshold is informational."""
+    match = re.match(r"(<=|>=|==)\s*([-+0-9.eE]+)", threshold)
+    return None if match is None else _COMPARE[match[1]](value, float(match[2]))
+
+
+def over_rounds(rounds: Sequence[Sequence[Target]]) -> list[Target]:
+    """Each target over the rounds of the compared phases (every round evaluates the same targets, in order): the
+    median of its values, met when the median meets the threshold, with the range in the detail. A target that
+    reads only phases run once has one value in every round and keeps its first round's verdict."""
+    merged = []
+    for same in zip(*rounds):
+        first, values = same[0], [t.measured for t in same]
+        known = [v for v in values if v is not None]
+        if len(set(values)) <= 1 or not known:
+            merged.append(dataclasses.replace(first, rounds=values))
+            continue
+        median = float(np.median(known))
+        met = meets(first.threshold, median)
+        detail = (f"median of {len(known)} rounds, range {_fmt(min(known))}-{_fmt(max(known))}; "
+                  f"first round: {first.detail}")
+        merged.append(dataclasses.replace(first, measured=median, met=met, detail=detail, rounds=values))
+    return merged
