@@ -31,12 +31,12 @@ class BenchConfig:
         "help": "Seed of the screenshots, the class draw and the Poisson arrivals; same seed, same requests."})
     concurrencies: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32], metadata={
         "help": "Closed-loop sweep of the two-stage path: requests in flight at once."})
-    min_requests: int = field(default=24, metadata={
-        "help": "Fewest measured screenshots in one closed-loop phase."})
+    min_requests: int = field(default=16, metadata={
+        "help": "Fewest measured screenshots in one closed-loop phase (each round sends them again)."})
     requests_per_slot: int = field(default=4, metadata={
         "help": "Measured screenshots per concurrency slot: a phase at concurrency c sends "
                 "max(min_requests, requests_per_slot * c)."})
-    per_expert_requests: int = field(default=8, metadata={
+    per_expert_requests: int = field(default=6, metadata={
         "help": "Screenshots of each class for the per-expert routing overhead at concurrency 1 (0 skips it)."})
     compare_concurrency: int = field(default=16, metadata={
         "help": "Concurrency of the side-by-side phases (router-only, expert-only, modes, resolutions, base)."})
@@ -59,7 +59,7 @@ class BenchConfig:
     expert_max_tokens: int | None = field(default=None, metadata={
         "help": "Longest expert answer; None: each screenshot's gold answer length in tokens + 1, the length a "
                 "trained expert writes (random stand-ins seldom stop earlier)."})
-    peer_requests: int = field(default=64, metadata={
+    peer_requests: int = field(default=32, metadata={
         "help": "Requests `vllm bench serve` sends on the expert-only path (0 skips it)."})
     hf_requests: int = field(default=8, metadata={
         "help": "Screenshots per transformers + PEFT baseline, one at a time (0 skips them)."})

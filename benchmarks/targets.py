@@ -22,7 +22,7 @@ from benchmarks.workloads import RequestRecord
 # The thresholds for routing and the gateway.
 ROUTING_OVERHEAD_MAX = 1.15  # p50 two-stage / p50 expert-only per expert, c=1
 GATEWAY_THROUGHPUT_MIN = 0.95  # gateway / client-side two-stage screenshots/s, compare concurrency
-GATEWAY_ADDED_P50_MS_MAX = 5.0  # gateway p50 - client-side two-stage p50, c=1
+GATEWAY_ADDED_P50_MS_MAX = 5.0  # median per-screenshot gateway - client-side two-stage, c=1
 
 
 @dataclass
@@ -264,16 +264,16 @@ def _gateway_targets(phases: Mapping[str, PhaseMetrics], roles: Roles,
         f"gateway {_fmt(gwc.screenshots_per_s, '/s')} ({gwc.failed} failed), client-side "
         f"{_fmt(tsc.screenshots_per_s, '/s')} ({tsc.failed} failed); p50 end to end {_fmt(gwc.e2e_s.p50, ' s')} vs "
         f"{_fmt(tsc.e2e_s.p50, ' s')}; {gateway_stages_ms(gwc)}")
-    added = None
-    if ts1 and gw1 and None not in (ts1.e2e_s.p50, gw1.e2e_s.p50):
-        added = (gw1.e2e_s.p50 - ts1.e2e_s.p50) * 1000
+    # Per screenshot: answer lengths differ by class (bimodal end-to-end times), so a difference of p50s jumps
+    # between runs (52 and -2 ms back to back) where the median of the paired differences does not.
     paired, pairs = paired_difference(records, roles.two_stage_1, roles.gateway_1)
+    added = None if paired is None else paired * 1000
     latency = Target(
-        "gateway added latency: p50 gateway - p50 client-side two-stage, c=1, ms (same screenshots)", added,
+        "gateway added latency: median per-screenshot difference gateway - client-side two-stage, c=1, ms "
+        "(same screenshots)", added,
         f"<= {GATEWAY_ADDED_P50_MS_MAX:g} ms", None if added is None else added <= GATEWAY_ADDED_P50_MS_MAX,
         absent if not gw1 or not ts1 else
-        f"p50 {_fmt(gw1.e2e_s.p50, ' s')} vs {_fmt(ts1.e2e_s.p50, ' s')}; median per-screenshot difference "
-        f"{_fmt(None if paired is None else paired * 1000, ' ms')} over {pairs} screenshots; route p50 "
+        f"over {pairs} screenshots; p50 {_fmt(gw1.e2e_s.p50, ' s')} vs {_fmt(ts1.e2e_s.p50, ' s')}; route p50 "
         f"{_fmt(gw1.route_s.p50, ' s')} (x-route-ms) vs {_fmt(ts1.route_s.p50, ' s')} (client); "
         f"{gateway_stages_ms(gw1)}")
     return [throughput, latency]
