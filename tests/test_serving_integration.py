@@ -62,7 +62,7 @@ async def _first_token(session: aiohttp.ClientSession, server: VLLMServer, model
                        max_tokens: int = 1) -> dict[str, float]:
     """The first token's top-5 log-probabilities of a greedy request straight to vLLM; `salt` keeps vLLM's prefix
     cache from lending one request's KV to another."""
-    body = chat_request(server.gateway.names.served(model) if model != "base" else model, [user_turn(image_url, "Describe this screen.")],
+    body = chat_request(server.gateway.names.served(model), [user_turn(image_url, "Describe this screen.")],
                         max_tokens, logprobs=True, top_logprobs=5, ignore_eos=True, cache_salt=salt)
     async with session.post(server.upstream_url + "/chat/completions", json=body, headers=server.upstream_headers) as r:
         assert r.status == 200, await r.text()
@@ -78,7 +78,7 @@ def _gap(a: dict[str, float], b: dict[str, float]) -> float:
 def test_base_requests_batched_beside_every_adapter_answer_as_the_base_alone(served):
     """Every LoRA slot of the session's server is in use. vLLM's CPU LoRA ops read a base token's LoRA from the last
     slot, so a base request batched beside adapter requests got the last adapter's answer (and the admin API's probe
-    refused good adapters as no-ops); the launcher keeps that slot empty."""
+    refused good adapters as no-ops); serving/vllm_plugin.py makes them leave base tokens alone."""
     image = probe_image(seed=13)
     names = ["router", *EXPERTS]
 
