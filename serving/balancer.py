@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ CADDYFILE = configs_dir() / "balancer" / "Caddyfile"
 # What Caddy's active health checker logs when a check fails (a status, or no answer) and when a host is back.
 _DOWN = ("unexpected status code", "HTTP request failed")
 _UP = "host is up"
+# What Caddy logs once its servers listen: a port it could not bind ends it with an error instead.
+_SERVING = "serving initial configuration"
 
 
 def caddy_binary() -> str:
@@ -44,8 +47,11 @@ class Balancer:
 
     def __init__(self, replicas: list[str], listen: str, log_path: Path, health_interval_s: float = 1.0) -> None:
         self.replicas, self.listen, self.log_path = replicas, listen, log_path
-        self.env = {**os.environ, "LORA_ROUTER_REPLICAS": " ".join(replicas), "LORA_ROUTER_BALANCER_LISTEN": listen,
+        host, _, port = listen.rpartition(":")
+        self.env = {**os.environ, "LORA_ROUTER_REPLICAS": " ".join(replicas), "LORA_ROUTER_BALANCER_PORT": port,
                     "LORA_ROUTER_HEALTH_INTERVAL": f"{int(health_interval_s * 1000)}ms"}
+        if host:
+            self.env["LORA_ROUTER_BALANCER_BIND"] = host
         self.process: subprocess.Popen | None = None
 
     @property
@@ -53,12 +59,21 @@ class Balancer:
         host, _, port = self.listen.rpartition(":")
         return f"http://{host or '127.0.0.1'}:{port}"
 
-    def start(self) -> Balancer:
+    def start(self, ready_timeout_s: float = 30.0) -> Balancer:
+        """Start Caddy and return once it listens (it logs so after binding): a request sent before would be refused."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log_file:
             self.process = subprocess.Popen([caddy_binary(), "run", "--adapter", "caddyfile", "--config",
                                              str(CADDYFILE)], env=self.env, stdout=subprocess.DEVNULL,
                                             stderr=log_file)
+        deadline = time.monotonic() + ready_timeout_s
+        while _SERVING not in self.log_path.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = "\n".join(self.log_path.read_text().splitlines()[-5:])
+                raise CommandError(f"the balancer (Caddy) did not listen on {self.listen} within "
+                                   f"{ready_timeout_s:g} s; its log ends:\n{tail}")
+            time.sleep(0.02)
         return self
 
     def stop(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import socket
 import subprocess
 import time
 from collections import Counter
@@ -21,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from lora_router.configuration import CommandError
 from serving.balancer import Balancer
 from serving.launcher import free_port
 
@@ -210,3 +212,25 @@ async def test_a_replica_that_is_gone_fails_at_most_what_it_held(tmp_path):
 async def _only(session: aiohttp.ClientSession, url: str, replica: str) -> bool:
     answers = await asyncio.gather(*(post(session, url, n) for n in range(4)))
     return all(status == 200 and name == replica for status, name in answers)
+
+
+async def test_it_answers_whatever_host_the_caller_names_and_listens_only_where_told(tmp_path):
+    async with fleet(tmp_path) as (a, b, url, session):
+        # A host in the site address would have matched only itself: other names got an empty 200.
+        async with session.post(url + "/v1/chat/completions", json={"n": 1},
+                                headers={"Host": "lora-router.internal"}) as r:
+            assert r.status == 200 and (await r.json())["echo"] == 1
+        port = int(url.rpartition(":")[2])
+        with pytest.raises(ConnectionRefusedError):  # told 127.0.0.1: another loopback address is not listened on
+            socket.create_connection(("127.0.0.2", port), timeout=2).close()
+
+
+def test_a_balancer_that_cannot_listen_is_an_error_naming_the_address(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        balancer = Balancer(["127.0.0.1:9"], listen, tmp_path / "caddy.log")
+        with pytest.raises(CommandError, match=f"(?s)did not listen on {listen}.*address already in use"):
+            balancer.start(ready_timeout_s=20)
+    assert balancer.process is None
