@@ -185,6 +185,43 @@ class EngineConfig:
 
 
 @dataclass
+class CaptureConfig:
+    """Capture of `auto` screenshots for review and retraining (lora_router.capture). Off unless `dir` is set:
+    screenshots can hold personal data."""
+
+    dir: str | None = field(default=None, metadata={
+        "help": "Folder of the capture store (relative: against the config file's folder); replicas that name one "
+                "shared folder share one store. None: nothing is stored."})
+    fraction: float = field(default=0.0, metadata={
+        "help": "Random fraction of auto requests captured (an unbiased sample, for measuring accuracy)."})
+    below_confidence: float = field(default=0.0, metadata={
+        "help": "Capture routes whose confidence is below this (0: none)."})
+    disagreements: bool = field(default=True, metadata={
+        "help": "Capture requests a shadowed candidate router routed otherwise than the live one."})
+    flagged: bool = field(default=True, metadata={
+        "help": "Capture requests whose caller sent the header 'x-capture: 1'."})
+    max_items: int = field(default=10_000, metadata={"help": "Most items kept; the oldest go first."})
+    max_age_days: float = field(default=30.0, metadata={"help": "Items older than this are dropped."})
+    max_mb: float = field(default=1024.0, metadata={"help": "Most MB of screenshots kept; the oldest go first."})
+    recent: int = field(default=256, metadata={
+        "help": "Last auto requests each replica remembers (screenshot and route, in memory: about this many times "
+                "a screenshot's PNG) so that feedback on one not captured captures it; older ones are forgotten "
+                "(feedback on them is a 404)."})
+
+    def __post_init__(self) -> None:
+        check_types(self, "gateway.capture")
+        for name in ("fraction", "below_confidence"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"gateway.capture.{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("max_items", "recent"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"gateway.capture.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_age_days", "max_mb"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"gateway.capture.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
 class GatewayConfig:
     """The routing gateway in front of vLLM (serving.gateway): limits, the `auto` model name, image URL policy."""
 
@@ -245,13 +282,18 @@ class GatewayConfig:
         "help": "A replica over nodes: a worker rank that does not answer its one-token request within this counts "
                 "as gone (vLLM is then taken as dead: /health 503, and the head exits naming the rank). Above the "
                 "longest a busy engine may queue a new request."})
+    drift_window: int = field(default=1000, metadata={
+        "help": "Routes (and feedback verdicts) of the live router the drift signal looks back over: its share "
+                "below the threshold, label mix and feedback error rate against the router's calibration set."})
+    capture: CaptureConfig = field(default_factory=CaptureConfig, metadata={
+        "help": "Capture of auto screenshots and caller feedback, for review and retraining (off by default)."})
 
     def __post_init__(self) -> None:
         check_types(self, "gateway")
         if self.admin_api_key is None:
             self.admin_api_key = os.environ.get("LORA_ROUTER_ADMIN_KEY") or None
         _check_name("gateway.auto_model", self.auto_model)
-        for name in ("max_in_flight", "max_image_pixels"):
+        for name in ("max_in_flight", "max_image_pixels", "drift_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"gateway.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queue", "max_restarts"):
@@ -397,6 +439,14 @@ class DeploymentConfig:
     def adapter_dirs(self) -> list[Path]:
         """gateway.adapter_dirs as absolute folders (relative ones against the project root)."""
         return [self.root / Path(folder).expanduser() for folder in self.gateway.adapter_dirs]
+
+    @property
+    def capture_path(self) -> Path | None:
+        """gateway.capture.dir as an absolute folder (relative: against the config file's folder); None: off."""
+        folder = self.gateway.capture.dir
+        if not folder:
+            return None
+        return (self.source.parent if self.source else self.root) / Path(folder).expanduser()
 
     @property
     def state_path(self) -> Path | None:

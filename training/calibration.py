@@ -141,6 +141,8 @@ class Calibration:
     ece_raw: float = field(metadata={"help": "Expected calibration error at temperature 1."})
     count: int = field(metadata={"help": "Held-out screenshots it was fitted on."})
     data: str = field(default="", metadata={"help": "The held-out set it was fitted on."})
+    label_mix: dict[str, float] | None = field(default=None, metadata={
+        "help": "Share of each label in that set: what the gateway's drift signal compares traffic with."})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -98,6 +98,7 @@ def calibration_section(scores: Sequence[Sequence[float]], gold: Sequence[str], 
     gold_index = np.array([labels.index(g) for g in gold])
     valid = np.array([a in labels for a in answers])
     fitted = cal.calibrate(matrix, gold_index, valid, target_accuracy, data=data)
+    fitted.label_mix = {label: round(float(np.mean(gold_index == i)), 4) for i, label in enumerate(labels)}
     curves = {"raw": cal.routed_confidence(matrix, gold_index, valid, 1.0),
               f"temperature {fitted.temperature:g}": cal.routed_confidence(matrix, gold_index, valid,
                                                                            fitted.temperature)}

@@ -10,6 +10,10 @@ of these routes.
     GET    /admin/router/shadow                             how the candidate's routes compare with the live ones
     POST   /admin/router/promote                            the candidate goes live
     POST   /admin/router/rollback                           the previous router version goes live again
+    GET    /admin/drift                                     the live router's traffic against its calibration set
+    GET    /admin/captures           ?reason=                 captured screenshots' routes, feedback and labels
+    GET    /admin/captures/{id}/image                         one captured screenshot (PNG)
+    DELETE /admin/captures/{id}                             delete a captured screenshot and its record
 
 Paths are adapter folders inside gateway.adapter_dirs (relative: against the project root). Routes live here, the
 request bodies in serving.gateway.protocol, the operations in serving.gateway.lifecycle.
@@ -18,13 +22,16 @@ request bodies in serving.gateway.protocol, the operations in serving.gateway.li
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from lora_router.capture import REASONS, CaptureError
 from lora_router.deployment import GatewayConfig
+from serving.gateway.capture import Capturer
 from serving.gateway.lifecycle import AdapterLifecycle
 from serving.gateway.protocol import GatewayError, parse_add_adapter, parse_candidate, parse_json_object
 
@@ -33,10 +40,13 @@ class AdminRoutes:
     """The admin API of one gateway; `check_ready()` raises the gateway's 503 while vLLM is down (a change waits
     for a restart to end)."""
 
-    def __init__(self, settings: GatewayConfig, lifecycle: AdapterLifecycle, check_ready: Callable[[], None]) -> None:
+    def __init__(self, settings: GatewayConfig, lifecycle: AdapterLifecycle, check_ready: Callable[[], None],
+                 capture: Capturer, drift_report: Callable[[], dict[str, Any]]) -> None:
         self.settings = settings
         self.lifecycle = lifecycle
         self.check_ready = check_ready
+        self.capture = capture
+        self.drift_report = drift_report
 
     def add_to(self, app: web.Application) -> None:
         """Mount the admin API under /admin (or, when it is off, one answer saying so)."""
@@ -52,6 +62,10 @@ class AdminRoutes:
         admin.router.add_get("/router/shadow", self.shadow)
         admin.router.add_post("/router/promote", self.promote)
         admin.router.add_post("/router/rollback", self.rollback)
+        admin.router.add_get("/drift", self.drift)
+        admin.router.add_get("/captures", self.captures)
+        admin.router.add_get("/captures/{id}/image", self.capture_image)
+        admin.router.add_delete("/captures/{id}", self.delete_capture)
         app.add_subapp("/admin", admin)
 
     @web.middleware
@@ -95,6 +109,30 @@ class AdminRoutes:
 
     async def rollback(self, request: web.Request) -> web.Response:
         return await self._run(self.lifecycle.rollback)
+
+    async def drift(self, request: web.Request) -> web.Response:
+        return web.json_response(self.drift_report())
+
+    async def captures(self, request: web.Request) -> web.Response:
+        store = self.capture.require_store()
+        reason = request.query.get("reason")
+        if reason is not None and reason not in REASONS:
+            raise GatewayError(400, f"reason must be one of {', '.join(REASONS)}, got {reason!r}", param="reason",
+                               code="invalid_request")
+        items = [dataclasses.asdict(i) for i in (await asyncio.to_thread(store.items)).values()
+                 if reason is None or reason in i.reasons]
+        return web.json_response({"count": len(items), "items": items})
+
+    async def capture_image(self, request: web.Request) -> web.Response:
+        return web.Response(body=await self.capture.png(request.match_info["id"]), content_type="image/png")
+
+    async def delete_capture(self, request: web.Request) -> web.Response:
+        store = self.capture.require_store()
+        try:
+            await asyncio.to_thread(store.delete, request.match_info["id"])
+        except CaptureError as exc:
+            raise GatewayError(404, str(exc), code="not_found") from None
+        return web.json_response({"deleted": request.match_info["id"]})
 
     async def _run(self, operation: Callable[[], Awaitable[dict[str, Any]]]) -> web.Response:
         self.check_ready()

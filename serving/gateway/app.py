@@ -4,9 +4,12 @@
                                own request to the chosen expert with the identical image bytes; any other
                                model is forwarded to vLLM unchanged (streaming included)
     GET  /v1/models            "auto" plus everything vLLM serves
+    POST /v1/feedback          {request_id, correct, expert?}: the caller's verdict on an auto route (counted; with
+                               gateway.capture on, stored with the screenshot)
     GET  /health               200 only while vLLM is up and warmed, and the gateway is not draining
     GET  /metrics              the gateway's Prometheus metrics, then vLLM's
     /admin/...                 the admin API (serving.gateway.admin), when gateway.admin_api_key is set
+    /admin/review              the capture review page (serving.gateway.review), signed in with the admin key
     anything else              forwarded to vLLM (e.g. /tokenize), but never vLLM's own adapter loading
 
 vLLM listens on loopback with an internal key; only the gateway reaches it. It serves each adapter under a
@@ -30,8 +33,10 @@ from typing import Any
 from aiohttp import web
 
 from lora_router.deployment import LOOPBACK_HOSTS, DeploymentConfig
+from serving.drift import DriftBaseline, DriftWindow
 from serving.gateway.admin import AdminRoutes
 from serving.gateway.auto import AutoRoute
+from serving.gateway.capture import Capturer
 from serving.gateway.engines import EnginePicker
 from serving.gateway.lifecycle import AdapterLifecycle
 from serving.gateway.metrics import NONE, OTHER, GatewayMetrics, outcome
@@ -41,11 +46,13 @@ from serving.gateway.protocol import (
     is_lora_route,
     key_matches,
     named_model,
+    parse_feedback,
     parse_json_object,
     request_id,
     retry_after,
     with_model,
 )
+from serving.gateway.review import ReviewRoutes
 from serving.gateway.upstream import Upstream, upstream_error
 from serving.lifecycle import AdapterSet
 
@@ -84,10 +91,13 @@ class Gateway:
         self.lifecycle = AdapterLifecycle(config, self.upstream, adapters, self.metrics, base=base,
                                           config_adapters=config_adapters, replica=replica)
         self.names = self.lifecycle.names
+        self.capture = Capturer(self.settings.capture, config.capture_path, self.metrics, self._label)
         # Every chat request holds the least-loaded data-parallel engine (global rank, over every node) while it runs.
         self.engines = EnginePicker(config.engine.data_parallel_size)
-        self.auto = AutoRoute(config, self.upstream, self.lifecycle, self.metrics, self.engines)
-        self.admin = AdminRoutes(self.settings, self.lifecycle, self._check_ready)
+        self.drift = DriftWindow(self.settings.drift_window)
+        self.auto = AutoRoute(config, self.upstream, self.lifecycle, self.metrics, self.engines, self.capture,
+                              self.drift)
+        self.admin = AdminRoutes(self.settings, self.lifecycle, self._check_ready, self.capture, self.drift_report)
         self.ready = False
         self._sync: asyncio.Task | None = None
         self.draining = False
@@ -117,6 +127,7 @@ class Gateway:
             await asyncio.gather(self._sync, return_exceptions=True)
             self._sync = None
         await self.lifecycle.close()
+        await self.capture.close()
         await self.upstream.close()
         if self._json_log is not None:
             access_log.removeHandler(self._json_log)
@@ -133,8 +144,11 @@ class Gateway:
         app.on_response_prepare.append(_send_request_id)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/feedback", self.feedback)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.prometheus)
+        if self.settings.admin_enabled:  # before the admin API: the page signs in with a cookie, not a bearer key
+            ReviewRoutes(self.settings.admin_api_key, self.capture, lambda: self.lifecycle.policy.labels).add_to(app)
         self.admin.add_to(app)
         app.router.add_route("*", "/{tail:.*}", self.forward)
         return app
@@ -221,6 +235,8 @@ class Gateway:
         return web.json_response({"status": "ok"})
 
     async def prometheus(self, request: web.Request) -> web.Response:
+        if self.lifecycle.adapters.router is not None:
+            self.metrics.set_drift(self.drift_report())
         text = self.metrics.text() + await self.upstream.metrics()
         return web.Response(body=text, content_type="text/plain", charset="utf-8")
 
@@ -248,6 +264,19 @@ class Gateway:
                     sent = raw if served == model else with_model(body, served)
                     return await self._relay(request, sent, rank)
             return await self.auto.answer(request, body, record)
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        """The caller's verdict on an auto route (serving.gateway.capture)."""
+        feedback = parse_feedback(parse_json_object(await request.read()), list(self.lifecycle.policy.labels))
+        answer = await self.capture.feedback(feedback)
+        self.drift.feedback(answer["router"], feedback.correct)
+        return web.json_response(answer)
+
+    def drift_report(self) -> dict[str, Any]:
+        """The live router's drift window beside its calibration set (serving.drift); 400 without a router."""
+        policy = self.lifecycle.policy
+        baseline = DriftBaseline.of(policy.min_confidence, self.lifecycle.adapters.router.calibration)
+        return self.drift.report(baseline, list(policy.labels))
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         self._check_ready()

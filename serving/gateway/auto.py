@@ -21,6 +21,8 @@ from lora_router.deployment import DeploymentConfig
 from lora_router.images import InvalidImageError, PreparedImage, TooManyPixelsError, prepare_image
 from lora_router.openai_wire import ResponseFormatError, read_completion
 from lora_router.routing import RouteDecision, RouteRefused
+from serving.drift import DriftWindow
+from serving.gateway.capture import Capturer
 from serving.gateway.engines import EnginePicker
 from serving.gateway.lifecycle import AdapterLifecycle
 from serving.gateway.metrics import GatewayMetrics
@@ -45,13 +47,15 @@ class AutoRoute:
     """Answers `model: auto` chat requests for one gateway."""
 
     def __init__(self, config: DeploymentConfig, upstream: Upstream, lifecycle: AdapterLifecycle,
-                 metrics: GatewayMetrics, engines: EnginePicker) -> None:
+                 metrics: GatewayMetrics, engines: EnginePicker, capture: Capturer, drift: DriftWindow) -> None:
         self.config = config
         self.settings = config.gateway
         self.upstream = upstream
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.engines = engines
+        self.capture = capture
+        self.drift = drift
 
     async def answer(self, request: web.Request, body: dict[str, Any], record: RequestRecord) -> web.StreamResponse:
         """The expert's answer to an auto request; `record` gets the route (expert, router version, route time) for
@@ -68,7 +72,9 @@ class AutoRoute:
         decision = await self._route(image, rank, record)
         expert = decision.expert
         headers = routing_headers(decision)
-        self.lifecycle.shadow.submit(image.data_url, decision, rank, f"{record.request_id}-shadow")
+        self.capture.observe(record.request_id, image, decision, flagged=request.headers.get("x-capture") == "1")
+        self.lifecycle.shadow.submit(image.data_url, decision, rank, f"{record.request_id}-shadow",
+                                     on_disagreement=lambda: self.capture.disagreement(record.request_id))
         prompt = self.lifecycle.prompts.get(expert) or self.lifecycle.policy.base_prompt
         expert_start = time.perf_counter()
         expert_id = f"{record.request_id}-expert"
@@ -142,6 +148,9 @@ class AutoRoute:
             raise GatewayError(502, f"the router's answer is unusable: {exc}", type="server_error",
                                code="upstream_failed") from None
         self.metrics.confidence.observe(outcome.confidence)
+        self.drift.route(policy.router_name, outcome.probabilities if isinstance(outcome, RouteDecision) else
+                         ({outcome.answer: outcome.confidence} if outcome.answer in policy.labels else {}),
+                         outcome.confidence)
         reason = outcome.reason if isinstance(outcome, RouteRefused) else outcome.fallback_reason
         if reason:
             self.metrics.fallbacks.labels(reason).inc()

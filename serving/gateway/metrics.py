@@ -7,6 +7,9 @@ naming made-up models adds no series; outcomes are the few of OUTCOMES.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from serving.shadow import CONFIDENCE_BUCKETS
@@ -60,8 +63,47 @@ class GatewayMetrics:
                                      registry=self.registry)
         self.shadow_confidence = Histogram(f"{PREFIX}_shadow_confidence", "The candidate router's confidence in its "
                                            "label.", ["candidate"], buckets=CONFIDENCE_BUCKETS, registry=self.registry)
+        # Capture and caller feedback (serving.gateway.capture).
+        self.captures = Counter(f"{PREFIX}_captures", "Auto requests captured, by reason (an item may have several).",
+                                ["reason"], registry=self.registry)
+        self.captures_dropped = Counter(f"{PREFIX}_captures_dropped", "Captured items dropped by the store's bounds.",
+                                        registry=self.registry)
+        self.capture_failures = Counter(f"{PREFIX}_capture_failures", "Captures that could not be written.",
+                                        registry=self.registry)
+        self.feedback = Counter(f"{PREFIX}_feedback", "Caller feedback on auto routes, by routed expert (names not "
+                                "served: other) and verdict (correct, wrong).", ["expert", "verdict"],
+                                registry=self.registry)
+        # The drift signal (serving.drift), set from the window at each scrape; NaN while there is nothing to say.
+        self.drift_routes = Gauge(f"{PREFIX}_drift_routes", "Routes of the live router in the drift window.",
+                                  registry=self.registry)
+        self.drift_low_confidence = Gauge(f"{PREFIX}_drift_low_confidence_share", "Share of the window's routes below "
+                                          "the routing threshold.", registry=self.registry)
+        self.drift_low_confidence_expected = Gauge(f"{PREFIX}_drift_low_confidence_expected", "Share of the router's "
+                                                   "calibration set below the threshold.", registry=self.registry)
+        self.drift_label_share = Gauge(f"{PREFIX}_drift_label_share", "Share of the window's routes per top label.",
+                                       ["label"], registry=self.registry)
+        self.drift_label_shift = Gauge(f"{PREFIX}_drift_label_shift", "Total variation distance between the window's "
+                                       "label mix and the calibration set's.", registry=self.registry)
+        self.drift_feedback_error = Gauge(f"{PREFIX}_drift_feedback_error_rate", "Share of the window's feedback "
+                                          "verdicts that said the route was wrong.", registry=self.registry)
+        self.drift_feedback_error_expected = Gauge(f"{PREFIX}_drift_feedback_error_expected", "Share of the "
+                                                   "calibration set's routed screenshots routed wrong.",
+                                                   registry=self.registry)
         self.shadow_failures = Counter(f"{PREFIX}_shadow_failures", "Shadow requests that failed (callers never see "
                                        "them).", ["candidate"], registry=self.registry)
+
+    def set_drift(self, report: dict[str, Any]) -> None:
+        """The drift gauges from a serving.drift report."""
+        nan = lambda value: math.nan if value is None else value
+        self.drift_routes.set(report["routes"])
+        self.drift_low_confidence.set(nan(report["low_confidence_share"]))
+        self.drift_low_confidence_expected.set(nan(report["low_confidence_expected"]))
+        self.drift_label_shift.set(nan(report["label_shift"]))
+        self.drift_feedback_error.set(nan(report["feedback_error_rate"]))
+        self.drift_feedback_error_expected.set(nan(report["feedback_error_expected"]))
+        self.drift_label_share.clear()  # a promoted router may have other labels
+        for label, share in report["label_mix"].items():
+            self.drift_label_share.labels(label).set(nan(share))
 
     def text(self) -> bytes:
         """The metrics in Prometheus' text format."""

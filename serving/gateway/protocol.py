@@ -249,6 +249,39 @@ def parse_candidate(body: dict[str, Any]) -> str:
     return _admin_fields(body, ("path",))["path"]
 
 
+@dataclass(frozen=True)
+class Feedback:
+    """A checked `POST /v1/feedback` body: the auto request it is about, whether its route was right, and the right
+    expert when the caller knows it (only with correct false)."""
+
+    request_id: str
+    correct: bool
+    expert: str | None
+
+
+def parse_feedback(body: dict[str, Any], experts: list[str]) -> Feedback:
+    """`{"request_id", "correct", "expert"?}`; a 400 naming every problem at once. `experts`: the live router's
+    labels, the only right answers there are."""
+    problems = []
+    unknown = sorted(set(body) - {"request_id", "correct", "expert"})
+    if unknown:
+        problems.append(f"unknown field(s): {', '.join(unknown)}")
+    request = body.get("request_id")
+    if not isinstance(request, str) or not _REQUEST_ID_RE.match(request):
+        problems.append("request_id must be the x-request-id of an auto request (a string)")
+    correct = body.get("correct")
+    if not isinstance(correct, bool):
+        problems.append("correct must be true or false")
+    expert = body.get("expert")
+    if expert is not None and (not isinstance(expert, str) or expert not in experts):
+        problems.append(f"expert must be one of the router's labels ({', '.join(experts)}), got {expert!r}")
+    elif expert is not None and correct is True:
+        problems.append("expert is the right expert of a wrong route: send it with correct false")
+    if problems:
+        raise GatewayError(400, "feedback: " + "; ".join(problems), code="invalid_feedback")
+    return Feedback(request_id=request, correct=correct, expert=expert)
+
+
 # vLLM's own adapter loading routes: only the admin API, after its checks, may load an adapter.
 _LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/adapters")
 

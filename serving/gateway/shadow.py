@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 
 from lora_router.openai_wire import read_completion
 from lora_router.routing import RouteDecision, RouteRefused, RoutingPolicy
@@ -56,9 +57,11 @@ class ShadowRouter:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def submit(self, image_url: str, live: RouteDecision, rank: int | None, request_id: str) -> None:
+    def submit(self, image_url: str, live: RouteDecision, rank: int | None, request_id: str,
+               on_disagreement: Callable[[], None] | None = None) -> None:
         """Also route this image with the candidate, in the background, if it is among the shadowed fraction;
-        `request_id` names the shadow request in vLLM."""
+        `request_id` names the shadow request in vLLM; `on_disagreement` is called if the candidate routes it
+        otherwise."""
         policy, stats = self._policy, self.stats
         if policy is None or stats is None or not self._sampler.take():
             return
@@ -66,7 +69,7 @@ class ShadowRouter:
             stats.skipped += 1  # vLLM is busy enough; the comparison can do with fewer samples
             return
         task = asyncio.get_running_loop().create_task(self._one(policy, stats, image_url, live.expert, rank,
-                                                                        request_id))
+                                                                        request_id, on_disagreement))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -76,7 +79,7 @@ class ShadowRouter:
         return {**report, "shadowing": self.active, "fraction": self.fraction}
 
     async def _one(self, policy: RoutingPolicy, stats: ShadowStats, image_url: str, live_route: str,
-                   rank: int | None, request_id: str) -> None:
+                   rank: int | None, request_id: str, on_disagreement: Callable[[], None] | None) -> None:
         candidate = stats.candidate
         start = time.perf_counter()
         try:
@@ -94,4 +97,6 @@ class ShadowRouter:
         if route == live_route:
             self.metrics.shadow_agreed.labels(candidate).inc()
         self.metrics.shadow_routes.labels(candidate, live_route, route).inc()
+        if route != live_route and on_disagreement is not None:
+            on_disagreement()
         self.metrics.shadow_confidence.labels(candidate).observe(outcome.confidence)
