@@ -40,6 +40,7 @@ the resolved arguments). A line is the expert sample plus "adapter": <class>, "l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -48,7 +49,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -220,11 +221,7 @@ def generate_routing_dataset(cfg: RoutingDatasetConfig) -> Path:
     Everything is written to a temporary sibling folder, renamed into place only when complete.
     """
     out = cfg.output or cfg.output_root / f"routing_{datetime.now():%Y%m%d_%H%M%S}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output folder {out} exists and is not empty")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with folder_written_whole(out) as work:
         (work / "images").mkdir()
         train, evaluation = [], []
         counts: dict[str, dict[str, int]] = {"train": {}, "eval": {}}
@@ -248,13 +245,25 @@ def generate_routing_dataset(cfg: RoutingDatasetConfig) -> Path:
                      "output_root": str(cfg.output_root), "output": str(out)}
         meta = {"classes": list(cfg.classes), "counts": counts, "seed": cfg.seed, "arguments": arguments}
         (work / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+@contextlib.contextmanager
+def folder_written_whole(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to write a dataset into, renamed to `out` once the block ends without error
+    (removed if it fails): `out` appears complete or not at all. `out` must not exist, or be an empty folder."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output folder {out} exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield work
         if out.exists():
             out.rmdir()
         work.rename(out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return out
 
 
 def classes_in_argv(argv: list[str]) -> list[str]:
