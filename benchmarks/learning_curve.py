@@ -111,7 +111,8 @@ def first_captures(source: Path, folder: Path, count: int) -> CaptureStore:
     return store
 
 
-def run(args: CurveArguments) -> list[CurvePoint]:
+def run(args: CurveArguments, out: Path) -> list[CurvePoint]:
+    """Every point, the results rewritten in `out` after each (a long run can be read, or stopped, midway)."""
     config = args.deployment()
     labels = list(config.labels)
     if any(k % len(labels) for k in args.captures):
@@ -154,6 +155,7 @@ def run(args: CurveArguments) -> list[CurvePoint]:
             log.info("%s: %d captures -> family %s %.3f, in distribution %.3f (%d training lines, %.0f s)", recipe,
                      count, args.family, point.family_accuracy, point.in_distribution_accuracy, lines, point.seconds)
             points.append(point)
+            write_results(args, points, out)
     return points
 
 
@@ -168,7 +170,7 @@ def write_results(args: CurveArguments, points: list[CurvePoint], out: Path) -> 
     (out / "learning-curve.json").write_text(json.dumps({"setup": setup, "points": [asdict(p) for p in points]},
                                                         indent=2) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for recipe in args.recipes:
+    for recipe in dict.fromkeys(p.recipe for p in points):
         mine = [p for p in points if p.recipe == recipe]
         ax.plot([p.captures for p in mine], [p.family_accuracy for p in mine], marker="o",
                 label=f"{recipe}: {args.family}")
@@ -194,9 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                             yaml_option=False)
 
     def work() -> int:
-        points = run(args)
         out = args.out or default_out_dir("-learning-curve")
-        write_results(args, points, out)
+        run(args, out)
         log.info("wrote %s", out)
         return 0
 
