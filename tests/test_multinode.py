@@ -144,7 +144,8 @@ def test_an_expert_added_through_the_head_answers_on_both_ranks(nodes):
     (status, added), statuses, answered = asyncio.run(run())
     assert status == 200, added
     assert [s for s, _ in statuses] == [200, 200], statuses
-    assert answered == {"0": 1, "1": 1}, answered
+    # One each; the head's rank check (a one-token request to the worker's rank every CHECK_EVERY_S) may add to "1".
+    assert answered["0"] == 1 and answered["1"] >= 1, answered
 
 
 def test_killing_the_worker_turns_the_head_unhealthy_and_ends_it_naming_why(nodes):
