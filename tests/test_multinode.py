@@ -103,7 +103,7 @@ def _end(worker: subprocess.Popen) -> None:
 def test_screenshots_one_at_a_time_alternate_between_the_head_s_and_the_worker_s_rank(nodes):
     head: Service = nodes["head"]
 
-    names = ("vllm:mm_cache_queries_total", "vllm:mm_cache_hits_total")
+    names = ("vllm:request_success_total", "vllm:mm_cache_hits_total")
 
     async def run():
         async with aiohttp.ClientSession() as session:
@@ -115,11 +115,13 @@ def test_screenshots_one_at_a_time_alternate_between_the_head_s_and_the_worker_s
                     assert r.status == 200, await r.text()
             return [_delta(await _engine_counts(session, head, name), was) for name, was in zip(names, before)]
 
-    queries, hits = asyncio.run(run())
-    # Both stages of each screenshot on one engine, screenshots taking turns: half on each global rank, where the
-    # expert's request finds the image its router request encoded.
-    assert queries == {"0": SCREENS, "1": SCREENS}, queries
-    assert hits == {"0": SCREENS / 2, "1": SCREENS / 2}, hits
+    answered, hits = asyncio.run(run())
+    # Both stages of each screenshot on one engine, screenshots taking turns: two requests for each of half the
+    # screenshots on each global rank (the head's rank checks, one-token text requests, may add to "1").
+    assert answered["0"] == SCREENS and answered["1"] >= SCREENS, answered
+    # vLLM counts image-cache hits in its front end and files them under whichever engine answers next, so only
+    # their sum is exact: every expert request found the image its router request had prepared.
+    assert sum(hits.values()) == SCREENS, hits
 
 
 def test_an_expert_added_through_the_head_answers_on_both_ranks(nodes):
