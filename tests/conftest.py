@@ -95,6 +95,24 @@ def served(tmp_path_factory, adapters_dir) -> VLLMServer:
     server.stop()
 
 
+GW_KEY, GW_ADMIN = "gw-key", "gw-admin"
+
+
+@pytest.fixture(scope="session")
+def gw(tmp_path_factory, adapters_dir) -> VLLMServer:
+    """vLLM + gateway for the gateway and batch tests: choice routing so every route names a label, small limits
+    to reach 413 and 429, an admin key; capture on for flagged requests and feedback only."""
+    log = tmp_path_factory.mktemp("logs") / "vllm-gateway.log"
+    config = deployment(adapters_dir, engine={"port": 0, "kv_cache_gib": 1, "api_key": GW_KEY},
+                        gateway={"max_body_mb": 2, "max_image_pixels": 1_000_000, "max_in_flight": 4,
+                                 "max_queue": 4, "admin_api_key": GW_ADMIN,
+                                 "capture": {"dir": str(tmp_path_factory.mktemp("captures")), "recent": 16}},
+                        client={"router_mode": "choice"})
+    server = start_server(config, log, probe=False)
+    yield server
+    server.stop()
+
+
 def _routing_data(root: Path, classes: tuple[str, ...]) -> Path:
     from training.convert_routing_to_classification import convert_dataset
     from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset

@@ -18,20 +18,10 @@ import yaml
 from lora_router.images import prepare_image
 from router_client.batch import load_items, run_batch
 from router_client.config import ClientConfig
-from tests.conftest import EXPERTS, deployment, start_server
+from tests.conftest import EXPERTS
 from training.tasks import build_example
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory, adapters_dir):
-    """vLLM + gateway with random adapters; choice routing so every route names a label."""
-    log = tmp_path_factory.mktemp("logs") / "vllm-batch.log"
-    config = deployment(adapters_dir, engine={"port": 0, "kv_cache_gib": 1}, client={"router_mode": "choice"})
-    server = start_server(config, log, probe=False)
-    yield server
-    server.stop()
 
 
 def _screens(folder: Path) -> list[Path]:

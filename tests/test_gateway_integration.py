@@ -19,28 +19,13 @@ from lora_router.images import prepare_image
 from lora_router.jsonl import read_jsonl
 from router_client.client import RouterClient
 from router_client.config import ClientConfig
-from tests.conftest import EXPERTS, deployment, start_server
+from tests.conftest import EXPERTS
+from tests.conftest import GW_ADMIN as ADMIN
+from tests.conftest import GW_KEY as KEY
 from training.captures import main as export_captures
 from training.tasks import build_example
 
 pytestmark = pytest.mark.integration
-
-KEY, ADMIN = "gw-key", "gw-admin"
-
-
-@pytest.fixture(scope="module")
-def gw(tmp_path_factory, adapters_dir):
-    """vLLM + gateway; choice routing so every route names a label, small limits to reach 413 and 429; capture on
-    for flagged requests and feedback only."""
-    log = tmp_path_factory.mktemp("logs") / "vllm-gateway.log"
-    config = deployment(adapters_dir, engine={"port": 0, "kv_cache_gib": 1, "api_key": KEY},
-                        gateway={"max_body_mb": 2, "max_image_pixels": 1_000_000, "max_in_flight": 4,
-                                 "max_queue": 4, "admin_api_key": ADMIN,
-                                 "capture": {"dir": str(tmp_path_factory.mktemp("captures")), "recent": 16}},
-                        client={"router_mode": "choice"})
-    server = start_server(config, log, probe=False)
-    yield server
-    server.stop()
 
 
 def _data_url(image: Image.Image) -> str:
