@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -30,6 +31,9 @@ from typing import Any
 # Why an item was captured (an item may have several): an unbiased random sample, a route below the confidence
 # threshold, a candidate router that routed it otherwise, the caller's x-capture header, the caller's feedback.
 REASONS = ("random", "low_confidence", "disagreement", "flagged", "feedback")
+# The share of captures held out of training (training.captures export's default); the shadow report scores routers
+# on the labelled ones among them.
+HELD_OUT_FRACTION = 0.25
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _INDEX = "index.jsonl"
 _IMAGES = "images"
@@ -190,6 +194,11 @@ class CaptureStore:
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
+
+
+def held_out(item_id: str, fraction: float = HELD_OUT_FRACTION) -> bool:
+    """Whether a capture is in the held-out split: by a hash of its id, so adding captures moves none."""
+    return int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
 def merge_reasons(first: list[str], more: list[str]) -> list[str]:

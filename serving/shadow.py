@@ -31,6 +31,29 @@ class ShadowSampler:
 
 
 @dataclass
+class LabelledScore:
+    """The live and the candidate router, each routing the labelled held-out captures (lora_router.capture): how
+    often each named the label."""
+
+    count: int
+    scored: int = 0
+    failed: int = 0
+    live_correct: int = 0
+    candidate_correct: int = 0
+
+    def record(self, label: str, live_route: str, candidate_route: str) -> None:
+        self.scored += 1
+        self.live_correct += live_route == label
+        self.candidate_correct += candidate_route == label
+
+    def report(self) -> dict[str, Any]:
+        accuracy = (lambda correct: round(correct / self.scored, 4) if self.scored else None)
+        return {"count": self.count, "scored": self.scored, "failed": self.failed,
+                "live": {"correct": self.live_correct, "accuracy": accuracy(self.live_correct)},
+                "candidate": {"correct": self.candidate_correct, "accuracy": accuracy(self.candidate_correct)}}
+
+
+@dataclass
 class ShadowStats:
     """How a candidate router's routes compared with the live router's on the same requests."""
 
@@ -42,6 +65,7 @@ class ShadowStats:
     confusion: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     confidence_counts: list[int] = field(default_factory=lambda: [0] * len(CONFIDENCE_BUCKETS))
     confidence_sum: float = 0.0
+    labelled: LabelledScore | None = None  # None while capture is off (or the scoring has not begun)
 
     def record(self, live_route: str, candidate_route: str, confidence: float) -> None:
         """One request both routed: where the live router sent it, where the candidate would have, and the
@@ -62,4 +86,5 @@ class ShadowStats:
             "confusion": {live: dict(row) for live, row in sorted(self.confusion.items())},
             "confidence": {"buckets": list(CONFIDENCE_BUCKETS), "counts": list(self.confidence_counts),
                            "mean": round(self.confidence_sum / self.compared, 4) if self.compared else None},
+            "labelled": self.labelled.report() if self.labelled else None,
         }

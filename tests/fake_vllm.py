@@ -63,6 +63,8 @@ class FakeVLLM:
         self.requests: list[Seen] = []
         # The router's answer for an image's PNG bytes, and the (constrained) probability of that answer.
         self.route: Callable[[bytes], str] = lambda png: labels[0]
+        # A router version's own answers, by its versioned name (router@...), where it must differ from `route`'s.
+        self.routes: dict[str, Callable[[bytes], str]] = {}
         self.choice_probability = 0.9
         # One-token mode: first-token string -> logprob; None derives it from `route`.
         self.first_token_logprobs: dict[str, float] | None = None
@@ -188,7 +190,7 @@ class FakeVLLM:
             return self._auto(png)
         if model != "router":
             return _completion(model, self.answers.get(model, CLICK), None)
-        answer = self.route(png)
+        answer = self.routes.get(requested, self.route)(png)
         as_ids = bool(body.get("return_tokens_as_token_ids"))
         if "structured_outputs" in body:
             tokens = self.tokens.get(answer, [answer])

@@ -10,10 +10,10 @@ import json
 
 import pytest
 
-from lora_router.capture import CaptureItem, CaptureStore
+from lora_router.capture import CaptureItem, CaptureStore, held_out
 from lora_router.configuration import CommandError
 from lora_router.jsonl import read_jsonl
-from training.captures import held_out, import_labels, label_studio_tasks, main
+from training.captures import import_labels, label_studio_tasks, main
 from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import read_user_dataset
 from training.tasks import build_example

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import pytest
 from PIL import Image
 
+from lora_router.capture import CaptureItem, CaptureStore, held_out
 from serving.gateway.metrics import PREFIX
 from tests.fake_vllm import LABELS, Fault, fake_vllm  # noqa: F401  (fixture)
 from tests.gateway_on_fake import ADMIN_KEY, KEY, assert_openai_error, gateway_on, samples, stand_in_adapter
@@ -248,6 +249,38 @@ async def test_a_failed_shadow_request_counts_and_never_reaches_the_caller(fake_
         assert (report["failed"], report["compared"]) == (1, 0)
         shadow = [s for s in fake_vllm.chat_requests(candidate)][-1]
         assert shadow.headers["X-Request-Id"] == "shadowed-shadow"
+
+
+async def test_the_shadow_report_scores_both_routers_on_the_labelled_held_out_captures(fake_vllm, tmp_path):
+    """Loading a candidate with capture on routes every labelled capture of the held-out split with the live router
+    and with the candidate; captures that are unlabelled or in the training split are left out."""
+    store = CaptureStore(tmp_path / "captures", max_items=1000, max_age_s=1e9, max_bytes=1 << 30)
+    scored = []
+    for n in range(40):
+        item_id, label = f"c{n:02d}", LABELS[n % 3] if n % 5 else None
+        png = f"screen:{label}:{n}".encode()
+        store.add(CaptureItem(id=item_id, captured_at=time.time(), router="router@r1", expert=LABELS[0],
+                              confidence=0.9, probabilities={}, fallback=None, reasons=["random"], size=len(png),
+                              label=label), png)
+        if label is not None and held_out(item_id):
+            scored.append(label)
+    assert 0 < len(scored) < 32  # some of each kind left out
+    fake_vllm.routes["router@r1"] = lambda png: LABELS[0]  # the live router names the first label, always
+    # The candidate names the right one (and anything for its warm-up's image).
+    fake_vllm.route = lambda png: png.split(b":")[1].decode() if png.startswith(b"screen:") else LABELS[0]
+    gateway = {"shadow_fraction": 0.0, "capture": {"dir": str(tmp_path / "captures")}}
+    async with gateway_on(fake_vllm, tmp_path, gateway=gateway) as (gw, client):
+        stand_in_adapter(tmp_path / "checkpoints" / "router2", labels=list(LABELS))
+        r = await admin(client, "POST", "/admin/router/candidate", json={"path": "checkpoints/router2"})
+        assert r.status == 200, await r.text()
+        await eventually(lambda: (gw.lifecycle.shadow_report()["labelled"] or {}).get("scored") == len(scored),
+                         "every labelled held-out capture scored")
+        report = await (await admin(client, "GET", "/admin/router/shadow")).json()
+    assert report["compared"] == 0  # no live traffic: the scores come from the captures alone
+    assert report["labelled"] == {
+        "count": len(scored), "scored": len(scored), "failed": 0,
+        "live": {"correct": scored.count(LABELS[0]), "accuracy": round(scored.count(LABELS[0]) / len(scored), 4)},
+        "candidate": {"correct": len(scored), "accuracy": 1.0}}
 
 
 # --------------------------------------------------------------------------------------------- a failed restart

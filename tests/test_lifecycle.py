@@ -27,7 +27,7 @@ from serving.lifecycle import (
     resolve_adapter_path,
     write_state,
 )
-from serving.shadow import REFUSED, ShadowSampler, ShadowStats
+from serving.shadow import REFUSED, LabelledScore, ShadowSampler, ShadowStats
 from tests.conftest import EXPERTS, deployment
 from training.random_adapter import make_random_adapter
 
@@ -256,6 +256,18 @@ def test_shadow_statistics_report_agreement_confusion_and_confidence():
     assert counts[0.1] == 1 and counts[0.7] == 1 and counts[0.99] == 1 and counts[1.0] == 1
     assert sum(counts.values()) == 4 and report["confidence"]["mean"] == pytest.approx(0.65975, abs=1e-4)
     assert ShadowStats(candidate="x").report()["agreement"] is None
+    assert report["labelled"] is None  # capture off: nothing labelled to score on
+
+
+def test_labelled_scores_count_each_router_s_right_routes():
+    score = LabelledScore(count=4)
+    for label, live, candidate in [("calendar", "calendar", "calendar"), ("chandra-ocr", "calendar", "chandra-ocr"),
+                                   ("claim-window", "claim-window", REFUSED)]:
+        score.record(label, live, candidate)
+    score.failed += 1
+    assert score.report() == {"count": 4, "scored": 3, "failed": 1, "live": {"correct": 2, "accuracy": 0.6667},
+                              "candidate": {"correct": 2, "accuracy": 0.6667}}
+    assert LabelledScore(count=0).report()["live"]["accuracy"] is None
 
 
 # --------------------------------------------------------------------------------------------------- settings

@@ -20,7 +20,6 @@ with its confidence); import-labels: the choices of an exported Label Studio pro
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import shutil
@@ -28,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_router.capture import CaptureItem, CaptureStore
+from lora_router.capture import HELD_OUT_FRACTION, CaptureItem, CaptureStore, held_out
 from lora_router.configuration import CommandError, ConfigError, check_types, parse_command, run_command
 from lora_router.jsonl import read_jsonl, write_jsonl
 from training.generate_dataset import folder_written_whole
@@ -55,7 +54,9 @@ class CapturesArguments:
                 "the labels."})
     weight: int = field(default=1, metadata={
         "help": "export with --base: times each captured training line is repeated next to the base data."})
-    eval_fraction: float = field(default=0.25, metadata={"help": "export: share of the captures held out."})
+    eval_fraction: float = field(default=HELD_OUT_FRACTION, metadata={
+        "help": "export: share of the captures held out (the gateway's shadow report scores routers on the "
+                "labelled ones of the default share)."})
     classes: str | None = field(default=None, metadata={
         "help": "export: the labels in order, comma-separated (default: --base's classes, else the labels found)."})
 
@@ -72,13 +73,8 @@ class CapturesArguments:
             raise ConfigError(f"no capture store at {self.store}")
 
 
-def held_out(item_id: str, fraction: float) -> bool:
-    """Whether a capture is in the held-out split: by a hash of its id, so adding captures moves none."""
-    return int(hashlib.sha256(item_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
-
-
 def export(store: CaptureStore, out: Path, *, classes: list[str] | None = None, base: Path | None = None,
-           weight: int = 1, eval_fraction: float = 0.25) -> dict:
+           weight: int = 1, eval_fraction: float = HELD_OUT_FRACTION) -> dict:
     """Write the labelled captures as a routing dataset (see the module docstring); what dataset.json says."""
     base_meta = json.loads((base / "dataset.json").read_text()) if base else None
     labelled = [i for i in store.items().values() if i.label is not None]

@@ -92,6 +92,8 @@ class Gateway:
                                           config_adapters=config_adapters, replica=replica)
         self.names = self.lifecycle.names
         self.capture = Capturer(self.settings.capture, config.capture_path, self.metrics, self._label)
+        if self.capture.store is not None:
+            self.lifecycle.shadow.labelled = self.capture.labelled_held_out
         # Every chat request holds the least-loaded data-parallel engine (global rank, over every node) while it runs.
         self.engines = EnginePicker(config.engine.data_parallel_size)
         self.drift = DriftWindow(self.settings.drift_window)

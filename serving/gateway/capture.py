@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lora_router.capture import CaptureError, CaptureItem, CaptureStore, merge_reasons
+from lora_router.capture import CaptureError, CaptureItem, CaptureStore, held_out, merge_reasons
 from lora_router.deployment import CaptureConfig
 from lora_router.images import PreparedImage
 from lora_router.routing import RouteDecision
@@ -100,6 +100,21 @@ class Capturer:
             await asyncio.to_thread(self.store.update, feedback.request_id, feedback=given,
                                     label=label or stored.label, reasons=merge_reasons(stored.reasons, ["feedback"]))
         return answer
+
+    def labelled_held_out(self) -> list[tuple[str, str]]:
+        """The labelled captures of the held-out split (none of them in an exported training set), as (image data
+        URL, label), oldest first; blocking, so run it in a thread."""
+        store = self.require_store()
+        out = []
+        for item in store.items().values():
+            if item.label is None or not held_out(item.id):
+                continue
+            try:
+                png = store.png(item)
+            except FileNotFoundError:  # pruned or deleted since the index was read
+                continue
+            out.append(("data:image/png;base64," + base64.b64encode(png).decode(), item.label))
+        return out
 
     def require_store(self) -> CaptureStore:
         """The store; the capture routes' 404 while capture is off."""

@@ -205,7 +205,7 @@ class AdapterLifecycle:
                 await self._unload(info.served_as)
                 raise
             self.policies[info.served_as] = policy
-            self.shadow.start(info.served_as, policy)
+            self.shadow.start(info.served_as, policy, self.policy)
             self.candidate = info
             log.info("candidate router %s loaded from %s; shadowing %.0f%% of auto requests", info.served_as, folder,
                      100 * self.config.gateway.shadow_fraction)
@@ -348,7 +348,8 @@ class AdapterLifecycle:
         if candidate is None:
             self.shadow.end()
         elif self.candidate is None or self.candidate.served_as != candidate.served_as:
-            self.shadow.start(candidate.served_as, self.policies[candidate.served_as], desired.shadow_fraction)
+            self.shadow.start(candidate.served_as, self.policies[candidate.served_as], self.policy,
+                              desired.shadow_fraction)
         self.candidate = candidate
         for info in retired:
             await self._drain(info.served_as)
