@@ -163,6 +163,38 @@ def routers(pretrained_base, tmp_path_factory) -> dict:
     return result
 
 
+def make_tower_adapters(pretrained_base: Path, root: Path) -> None:
+    """Random stand-in routers on the vision tower, in root: `tower` (PEFT's all-linear, the vision tower and its
+    mergers included) and `vision-only` (the same adapter with the language model's LoRA B zeroed and the tower's
+    scaled up, so any change from the base model comes from the tower)."""
+    from safetensors.torch import load_file, save_file
+
+    from training.random_adapter import make_random_adapter
+
+    make_random_adapter(str(pretrained_base), root / "tower", seed=3, labels=list(THREE), vision_tower=True)
+    shutil.copytree(root / "tower", root / "vision-only")
+    weights = load_file(str(root / "tower" / "adapter_model.safetensors"))
+    save_file({k: (v * 8 if ".visual." in k else v * 0) if ".lora_B." in k else v for k, v in weights.items()},
+              str(root / "vision-only" / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def pretrained_served(routers, pretrained_base, tmp_path_factory) -> VLLMServer:
+    """One vLLM CPU server on the pre-trained base, tower LoRA on, for the router and tower tests: the 3- and
+    4-class routers as named adapters (router3, router4) and the tower stand-ins (tower, vision-only)."""
+    root = tmp_path_factory.mktemp("pretrained-served")
+    make_tower_adapters(pretrained_base, root)
+    adapters = {**{f"router{n}": routers[n]["adapter"] for n in (3, 4)}, "tower": root / "tower",
+                "vision-only": root / "vision-only"}
+    config = deployment(root, model={"path": str(pretrained_base), "served_name": "base"}, router=None,
+                        experts=[{"name": name, "path": str(path)} for name, path in adapters.items()],
+                        engine={"port": 0, "kv_cache_gib": 1, "max_lora_rank": 32, "tower_lora": True,
+                                "startup_timeout_s": 600})
+    server = start_server(config, root / "vllm.log")
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def plain_python(tmp_path_factory) -> Path:
     """A fresh virtual environment holding the plain install: the base dependencies as the lock pins them, then

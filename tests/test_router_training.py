@@ -1,7 +1,8 @@
 """End to end on the pre-trained tiny base: generate a routing dataset, train the router LoRA with the trainer CLI,
 validate it in-process and as served by a real vLLM CPU server; 3 classes, then 4 (chandra-ocr added, same
 command). Held-out screens come from seeds disjoint from the training ones (generate_dataset's eval-only split).
-The training is the session fixture `routers` (tests/conftest.py), shared with the adapter lifecycle test.
+The training is the session fixture `routers` (tests/conftest.py), shared with the adapter lifecycle test; the
+server is `pretrained_served`, shared with the tower LoRA test.
 """
 
 from __future__ import annotations
@@ -11,24 +12,12 @@ import json
 import pytest
 
 from benchmarks.validate_served import validate_served
-from tests.conftest import EVAL_PER_CLASS, FOUR, THREE, deployment, start_server
+from tests.conftest import EVAL_PER_CLASS, FOUR, THREE
 
 pytestmark = pytest.mark.integration
 
 # Issue 3's target for the validation CLI's held-out accuracy (measured 0.967 with 3 classes, 0.958 with 4).
 ACCURACY_TARGET = 0.95
-
-
-@pytest.fixture(scope="module")
-def served_routers(routers, pretrained_base, tmp_path_factory):
-    """One vLLM CPU server with both routers as named adapters (router3, router4) on the pre-trained base."""
-    adapters = tmp_path_factory.mktemp("served-routers")
-    config = deployment(adapters, model={"path": str(pretrained_base), "served_name": "base"}, router=None,
-                        experts=[{"name": f"router{n}", "path": str(routers[n]["adapter"])} for n in (3, 4)],
-                        engine={"port": 0, "kv_cache_gib": 1, "max_lora_rank": 32, "startup_timeout_s": 600})
-    server = start_server(config, tmp_path_factory.mktemp("logs") / "vllm-routers.log")
-    yield server
-    server.stop()
 
 
 @pytest.mark.parametrize("n", [3, 4])
@@ -48,10 +37,10 @@ def test_router_is_accurate_on_held_out_screens(routers, n):
 
 
 @pytest.mark.parametrize("n", [3, 4])
-def test_served_router_agrees_with_in_process_within_2_points(routers, served_routers, tmp_path, n):
+def test_served_router_agrees_with_in_process_within_2_points(routers, pretrained_served, tmp_path, n):
     run = routers[n]
-    served = validate_served(run["data"] / "eval-classification.jsonl", tmp_path / "served", served_routers.base_url,
-                             model=f"router{n}", adapter=run["adapter"], api_key=served_routers.config.engine.api_key)
+    served = validate_served(run["data"] / "eval-classification.jsonl", tmp_path / "served", pretrained_served.base_url,
+                             model=f"router{n}", adapter=run["adapter"], api_key=pretrained_served.config.engine.api_key)
     served_cal, in_process_cal = served["calibration"]["fitted"], run["in_process"]["calibration"]["fitted"]
     print(f"\n{n}-class router served: accuracy {served['accuracy']} vs in-process {run['in_process']['accuracy']}; "
           f"ECE raw {served_cal['ece_raw']} vs {in_process_cal['ece_raw']}, fitted temperature "
@@ -66,7 +55,7 @@ def test_served_router_agrees_with_in_process_within_2_points(routers, served_ro
 
 
 @pytest.mark.parametrize("n", [3, 4])
-def test_client_routes_match_the_validated_router_in_both_modes(routers, served_routers, n):
+def test_client_routes_match_the_validated_router_in_both_modes(routers, pretrained_served, n):
     """router_client against the served router: choice and one-token mode pick the same label on every held-out
     screenshot, and their accuracy is the validation CLI's."""
     import asyncio
@@ -80,8 +69,8 @@ def test_client_routes_match_the_validated_router_in_both_modes(routers, served_
     labels = list(FOUR if n == 4 else THREE)
 
     async def route_all(mode: str) -> list:
-        config = ClientConfig(base_url=served_routers.base_url, router_name=f"router{n}", labels=labels,
-                              api_key=served_routers.config.engine.api_key, router_mode=mode)
+        config = ClientConfig(base_url=pretrained_served.base_url, router_name=f"router{n}", labels=labels,
+                              api_key=pretrained_served.config.engine.api_key, router_mode=mode)
         async with RouterClient(config) as client:
             return await asyncio.gather(*(client.route(c.images[0]) for c in conversations))
 

@@ -1,21 +1,19 @@
 """Adapters on the vision tower, served by the vLLM CPU build with engine.tower_lora (--enable-tower-connector-lora):
 served answers match in-process ones, and the tower's LoRA changes them as it does in-process.
 
-Random stand-in routers on the pre-trained base: `tower` (PEFT's all-linear, the vision tower and its mergers
-included) and `vision-only` (the same adapter with the language model's LoRA B zeroed and the tower's scaled up, so
-any change from the base model comes from the tower). Answers of a random adapter drift in their later tokens under
+Random stand-in routers on the pre-trained base (tests/conftest.py, make_tower_adapters), served by the session's
+`pretrained_served` beside the trained routers: `tower` (PEFT's all-linear, the vision tower and its mergers
+included) and `vision-only` (the LoRA on the tower alone, so any change from the base model comes from it). Answers of a random adapter drift in their later tokens under
 bf16 (vLLM) against float32 (transformers), so answers are compared on their first words.
 """
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from lora_router.images import prepare_image
 from lora_router.openai_wire import bearer_headers, chat_request, read_completion, user_turn
-from tests.conftest import THREE, deployment, start_server
+from tests.conftest import THREE
 from training.llava_data import Conversation
 from training.validate_router import eval_set, in_process_answers
 
@@ -35,30 +33,18 @@ def _lead(answer: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tower(pretrained_base, tmp_path_factory):
-    """The two adapters, 30 held-out screens, one server with tower LoRA on: {"root", "data", "server"}."""
-    from safetensors.torch import load_file, save_file
-
+def tower(pretrained_served, tmp_path_factory):
+    """30 held-out screens and the server holding the two adapters (tests/conftest.py, make_tower_adapters):
+    {"adapters": {name: folder}, "data", "server"}."""
     from training.convert_routing_to_classification import convert_dataset
     from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
-    from training.random_adapter import make_random_adapter
 
-    root = tmp_path_factory.mktemp("tower")
-    data = root / "routing"
+    data = tmp_path_factory.mktemp("tower") / "routing"
     generate_routing_dataset(RoutingDatasetConfig(classes=THREE, train_images={c: 1 for c in THREE},
                                                   eval_images=EVAL_PER_CLASS, train_val_split=1.0, seed=11, output=data))
     convert_dataset(data)
-    make_random_adapter(str(pretrained_base), root / "tower", seed=3, labels=list(THREE), vision_tower=True)
-    shutil.copytree(root / "tower", root / "vision-only")
-    weights = load_file(str(root / "tower" / "adapter_model.safetensors"))
-    save_file({k: (v * 8 if ".visual." in k else v * 0) if ".lora_B." in k else v for k, v in weights.items()},
-              str(root / "vision-only" / "adapter_model.safetensors"))
-    config = deployment(root, model={"path": str(pretrained_base), "served_name": "base"}, router=None,
-                        experts=[{"name": n, "path": str(root / n)} for n in ("tower", "vision-only")],
-                        engine={"port": 0, "kv_cache_gib": 1, "tower_lora": True, "startup_timeout_s": 600})
-    server = start_server(config, root / "vllm.log")
-    yield {"root": root, "data": data / "eval-classification.jsonl", "server": server}
-    server.stop()
+    adapters = {e.name: e.path for e in pretrained_served.config.experts}
+    return {"adapters": adapters, "data": data / "eval-classification.jsonl", "server": pretrained_served}
 
 
 def _served(tower: dict, model: str, conversations: list[Conversation]) -> list[str]:
@@ -87,11 +73,11 @@ def _served(tower: dict, model: str, conversations: list[Conversation]) -> list[
 def test_tower_lora_is_served_as_transformers_runs_it_and_changes_the_answers(tower, pretrained_base):
     from training.inference import greedy_generate, load_model, load_processor
 
-    conversations, labels = eval_set(tower["data"], tower["root"] / "tower")
+    conversations, labels = eval_set(tower["data"], tower["adapters"]["tower"])
     # Served in this order, on the same screens: had vision-only reused the encoding made for the base model or
     # tower, its answers would not match in-process ones (vLLM keys the encoder cache by adapter).
     served = {name: _served(tower, name, conversations) for name in ("base", "tower", "vision-only")}
-    in_process = {name: in_process_answers(conversations, tower["root"] / name, labels, quiet=True,
+    in_process = {name: in_process_answers(conversations, tower["adapters"][name], labels, quiet=True,
                                            max_new_tokens=MAX_TOKENS)[0]
                   for name in ("tower", "vision-only")}
     in_process["base"] = greedy_generate(load_model(pretrained_base), load_processor(pretrained_base), conversations,
