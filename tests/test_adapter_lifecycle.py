@@ -3,8 +3,12 @@ routers (the session fixture `routers`), and a steady load of `auto` requests th
 
 The scenario (the module fixture `scenario`) starts with three experts and the 3-class router, adds the chandra-ocr
 expert, adds and removes a scratch expert while requests run on it, loads the 4-class router as a candidate,
-shadows it on all traffic, promotes it, rolls back and forward again, then restarts the deployment. The tests check
-what it recorded, then send bad admin calls to the restarted deployment, whose LoRA slots are all taken.
+shadows it on all traffic, promotes it, rolls back and forward again; then the router learns from traffic
+(benchmarks.learning_loop, small): screenshots of a look it never saw through `auto`, capture, callers' feedback,
+a played review, export, a retrained router (a few steps: the loop is under test here, its gain is the benchmark's)
+loaded as a candidate, shadowed, scored on the labelled captures, promoted, and rolled back by the operator; then
+the deployment restarts. The tests check what it recorded, then send bad admin calls to the restarted deployment,
+whose LoRA slots are all taken.
 
 Experts are random non-zero stand-ins (training.random_adapter) on the pre-trained base: routing is what is under
 test, and training four experts, even briefly, would cost minutes of a suite that must stay within 40 on 2 cores.
@@ -23,8 +27,11 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.learning_loop import LoopConfig, LoopTarget, run_loop
+from lora_router.capture import CaptureStore, held_out
 from lora_router.images import prepare_image
 from lora_router.jsonl import read_jsonl
+from lora_router.manifest import AdapterManifest
 from serving.adapters import adapter_fingerprint
 from serving.launcher import VLLMServer
 from serving.probe import probe_image
@@ -41,6 +48,8 @@ SHADOWED = 60
 # Screens per class checked before and after rollback, and the most whose route may differ (bf16 rounding in
 # different batches can flip a near-tie; a router version decides the rest the same way every time).
 CHECKED, FLIPS = 10, 1
+# The learning loop: its traffic per class, the most labelled captures, fresh screenshots per class before and after.
+LOOP_PER_CLASS, LOOP_LABELLED, LOOP_TEST_PER_CLASS = 8, 24, 3
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +72,14 @@ def _config(experts_dir: Path, routers: dict, pretrained_base: Path, state: Path
         experts_dir, model={"path": str(pretrained_base), "served_name": "base"},
         router={"name": "router", "path": str(routers[3]["adapter"])},
         experts=[{"name": n, "path": str(experts_dir / n), "prompt": f"Do the {n} task."} for n in THREE],
-        engine={"port": 0, "kv_cache_gib": 1, "api_key": KEY, "max_lora_rank": 16, "lora_headroom": 2, **engine},
+        # Slots: the router, 3 experts, chandra-ocr, the candidate and the previous router, the loop's candidate.
+        engine={"port": 0, "kv_cache_gib": 1, "api_key": KEY, "max_lora_rank": 16, "lora_headroom": 3,
+                "tower_lora": True, **engine},
         gateway={"admin_api_key": ADMIN, "adapter_dirs": [str(experts_dir), str(routers["root"])],
-                 "shadow_fraction": 1.0, "state_file": str(state)})
+                 "shadow_fraction": 1.0, "state_file": str(state),
+                 "capture": {"dir": str(state.parent / "captures"), "fraction": 0.5, "recent": 512}},
+        # Choice: every route names a label, even the loop's router of a few training steps.
+        client={"router_mode": "choice"})
 
 
 def _url(image: Image.Image | Path) -> str:
@@ -194,9 +208,24 @@ async def _run_scenario(server: VLLMServer, experts_dir: Path, routers: dict, re
         record["docs_rolled_back"] = await _routes(session, server, doc_urls)
         record["three_rolled_back"] = await _routes(session, server, three_urls)
         record["roll_forward"] = await _admin(session, server, "POST", "/admin/router/rollback")
-        record["end_state"] = (await _admin(session, server, "GET", "/admin/state"))[1]
         await load.stop()
     record["load"] = {"sent": load.sent, "answers": load.answers, "fewest_in_flight": load.fewest_in_flight}
+
+
+async def _learning_loop(server: VLLMServer, experts_dir: Path, routers: dict, work: Path, record: dict):
+    """The loop on the 4-class router, live by now; then the operator rolls its few-steps router back."""
+    folder = experts_dir / "loop"
+    folder.mkdir()
+    settings = LoopConfig(family="classic", traffic_per_class=LOOP_PER_CLASS, labelled=LOOP_LABELLED,
+                          test_per_class=LOOP_TEST_PER_CLASS, recipe="tower",
+                          train_args=["--max_steps", "4", "--num_train_epochs", "1"])
+    metrics = await run_loop(LoopTarget.of(server.config, server.base_url, folder), routers[4]["data"], settings, work)
+    async with aiohttp.ClientSession() as session:
+        record["loop_promoted"] = (await _admin(session, server, "GET", "/admin/state"))[1]
+        record["loop_rollback"] = await _admin(session, server, "POST", "/admin/router/rollback")
+        record["end_state"] = (await _admin(session, server, "GET", "/admin/state"))[1]
+    record["loop_folder"] = folder
+    return metrics
 
 
 async def _drain_scratch(session, server: VLLMServer, experts_dir: Path) -> dict:
@@ -235,6 +264,8 @@ def scenario(experts_dir, routers, pretrained_base, tmp_path_factory) -> dict:
         record["start_s"] = time.perf_counter() - started
         asyncio.run(_run_scenario(server, experts_dir, routers, record))
         record["scenario_s"] = time.perf_counter() - started
+        record["loop"] = asyncio.run(_learning_loop(server, experts_dir, routers, tmp_path_factory.mktemp("loop"),
+                                                    record))
     finally:
         server.stop()
     # The restart sets max_loras to what is served, so the bad calls below find every slot taken.
@@ -252,7 +283,7 @@ def test_start_serves_three_experts_and_the_3_class_router_with_headroom(scenari
     assert start["router"]["version"] == adapter_fingerprint(routers[3]["adapter"])
     assert start["router"]["served_as"] == f"router@{start['router']['version']}"
     assert [e["name"] for e in start["experts"]] == list(THREE)
-    assert start["slots"] == {"used": 4, "total": 6}  # router + 3 experts + engine.lora_headroom
+    assert start["slots"] == {"used": 4, "total": 7}  # router + 3 experts + engine.lora_headroom
     assert "chandra-ocr" not in scenario["docs_before"], "the 3-class router cannot name chandra-ocr"
 
 
@@ -272,7 +303,7 @@ def test_an_added_expert_is_listed_and_answers_by_name(scenario):
     status, added = scenario["add"]
     assert status == 200, added
     assert added["added"]["name"] == "chandra-ocr" and added["added"]["served_as"].startswith("chandra-ocr@")
-    assert added["slots"] == {"used": 5, "total": 6}
+    assert added["slots"] == {"used": 5, "total": 7}
     assert {"auto", "base", "router", *FOUR} <= scenario["models_after_add"]
     assert not any("@" in m for m in scenario["models_after_add"]), "versioned names are vLLM's own"
     assert scenario["named_chandra"] == 200
@@ -335,6 +366,46 @@ def test_rollback_restores_the_3_class_routing(scenario):
         assert differ <= FLIPS, (scenario[before], scenario[after])
     status, forward = scenario["roll_forward"]  # rolling back twice goes back to the promoted version
     assert status == 200 and forward["router"]["labels"] == list(FOUR)
+
+
+def test_every_request_of_the_learning_loop_was_answered(scenario):
+    metrics = scenario["loop"]
+    print(f"\nlearning loop (a few training steps): {json.dumps(metrics.labelled)} labelled, accuracy on classic "
+          f"{metrics.family_before} -> {metrics.family_after}, today's looks {metrics.in_distribution_before} -> "
+          f"{metrics.in_distribution_after}; {metrics.requests} requests, stages {metrics.stages_s}")
+    assert metrics.failed == []
+    # The traffic, then each fresh set routed before the promotion and again after it.
+    assert metrics.latency.count == len(FOUR) * (LOOP_PER_CLASS + 4 * LOOP_TEST_PER_CLASS)
+    assert metrics.requests > metrics.latency.count  # feedback and admin calls too
+
+
+def test_feedback_on_wrong_routes_and_review_label_the_exported_captures(scenario):
+    metrics = scenario["loop"]
+    wrong = round((1 - metrics.traffic_accuracy) * len(FOUR) * LOOP_PER_CLASS)
+    assert metrics.labelled["feedback"] == min(wrong, LOOP_LABELLED)
+    folder = scenario["restarted"].config.capture_path
+    labelled = [i for i in CaptureStore(folder, max_items=1 << 62, max_age_s=float("inf"),
+                                        max_bytes=1 << 62).items().values() if i.label is not None]
+    assert len(labelled) == sum(metrics.labelled.values()) <= LOOP_LABELLED
+    assert sum(1 for i in labelled if "feedback" in i.reasons) == metrics.labelled["feedback"]
+    assert {i.label for i in labelled} <= set(FOUR)
+    exported = {split: sum(counts.values()) for split, counts in metrics.exported.items() if split != "unlabelled"}
+    assert exported == {"train": sum(1 for i in labelled if not held_out(i.id)),
+                        "eval": sum(1 for i in labelled if held_out(i.id))}
+
+
+def test_the_retrained_router_was_shadowed_scored_on_the_captures_and_promoted(scenario):
+    metrics, promoted = scenario["loop"], scenario["loop_promoted"]
+    shadow = metrics.shadow
+    assert shadow["candidate"] == metrics.candidate and shadow["failed"] == 0
+    assert shadow["compared"] + shadow["skipped"] == 2 * len(FOUR) * LOOP_TEST_PER_CLASS
+    scored = shadow["labelled"]
+    assert scored["failed"] == 0 and scored["scored"] == scored["count"] == sum(metrics.exported["eval"].values())
+    assert promoted["router"]["served_as"] == metrics.candidate
+    manifest = AdapterManifest.read(promoted["router"]["path"])
+    assert manifest.labels == list(FOUR) and manifest.vision_tower  # the tower recipe's
+    status, rolled = scenario["loop_rollback"]
+    assert status == 200 and rolled["live"]["served_as"] == promoted["previous_router"]["served_as"]
 
 
 def test_a_restart_after_promotion_comes_back_with_the_4_class_router_live(scenario, routers):

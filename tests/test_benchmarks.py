@@ -444,3 +444,29 @@ def test_two_runs_compared_target_by_target_within_the_tolerance(tmp_path):
     assert compare_main([str(first), str(apart), "--tolerance", "0.1"]) == 1
     assert "| gateway / client-side | 0.95 | 0.7 | -26.3% | **no** |" in (apart / "compare.md").read_text()
     assert compare_main([str(first), str(tmp_path / "missing")]) == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"family": "vaporwave"}, "family must be one of"),
+    ({"recipe": "full"}, "recipe must be one of lm, tower, got 'full'"),
+    ({"labelled": 0}, "must be >= 1"),
+])
+def test_bad_learning_loop_settings_are_refused_naming_them(settings, message):
+    from benchmarks.learning_loop import LoopConfig
+
+    with pytest.raises(ValueError, match=message):
+        LoopConfig(**settings)
+
+
+def test_the_played_reviewer_labels_unlabelled_captures_with_the_truth_up_to_the_most(tmp_path):
+    from benchmarks.learning_loop import review
+    from lora_router.capture import CaptureItem, CaptureStore
+
+    store = CaptureStore(tmp_path / "captures", max_items=100, max_age_s=1e9, max_bytes=1 << 30)
+    for n, label in enumerate(["calendar", None, None, None, None]):
+        store.add(CaptureItem(id=f"r{n}", captured_at=1e9 + n, router="router@1", expert="calendar", confidence=0.9,
+                              probabilities={}, fallback=None, reasons=["random"], size=3, label=label), b"png")
+    truth = {"r0": "calendar", "r1": "claim-window", "r2": "provider-select", "r4": "calendar"}  # r3: unknown
+    assert review(store, truth, most=3) == 2  # r0 was labelled already: room for two more, in order
+    assert {i.id: i.label for i in store.items().values()} == {
+        "r0": "calendar", "r1": "claim-window", "r2": "provider-select", "r3": None, "r4": None}

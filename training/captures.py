@@ -131,9 +131,9 @@ def label_studio_tasks(store: CaptureStore) -> list[dict]:
         data_url = "data:image/png;base64," + base64.b64encode(store.png(item)).decode()
         task = {"data": {"image": data_url, "capture_id": item.id},
                 "predictions": [{"model_version": item.router or "", "score": item.confidence,
-                                 "result": [_choice(item.expert)]}]}
+                                 "result": [choice_result(item.expert)]}]}
         if item.label is not None:
-            task["annotations"] = [{"result": [_choice(item.label)]}]
+            task["annotations"] = [{"result": [choice_result(item.label)]}]
         tasks.append(task)
     return tasks
 
@@ -165,7 +165,8 @@ LABEL_CONFIG = f"""<View>
 </View>"""
 
 
-def _choice(label: str) -> dict:
+def choice_result(label: str) -> dict:
+    """A Label Studio result choosing `label`."""
     return {"from_name": _FROM, "to_name": _TO, "type": "choices", "value": {"choices": [label]}}
 
 
