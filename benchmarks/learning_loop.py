@@ -393,6 +393,8 @@ def learning_loop(args: LoopArguments, config: LoopConfig) -> int:
     deployment = args.deployment(
         "engine.port=0", "engine.tower_lora=true", "engine.lora_headroom=2", f"router.path={live}",
         f"gateway.admin_api_key={admin_key}", "gateway.shadow_fraction=1.0", f"gateway.adapter_dirs=[{work}]",
+        # Its own state file: the config's would make the next `serve` of it come back with this run's routers.
+        f"gateway.state_file={work / 'deployment.state.json'}",
         f"gateway.capture={{dir: {work / 'captures'}, fraction: {config.fraction}, recent: 4096}}")
     out = args.out or default_out_dir("-learning-loop")
     server = ServerProcess(deployment, work / "vllm.log")
