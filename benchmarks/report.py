@@ -137,9 +137,10 @@ def markdown(result: BenchmarkResult) -> str:
 
     if result.baselines:
         out.append("\n## transformers + PEFT baselines (one screenshot at a time)\n\n")
-        out.append(_table(("baseline", "device / dtype / threads", "screenshots", "screenshots/s",
+        out.append(_table(("baseline", "round", "device / dtype / threads", "screenshots", "screenshots/s",
                            "s per screenshot (mean)", "output tokens", "routing acc."),
-                          [(b.name, f"{b.device} / {b.dtype} / {b.threads}", b.screenshots, _f(b.screenshots_per_s, 3),
+                          [(b.name, b.round, f"{b.device} / {b.dtype} / {b.threads}", b.screenshots,
+                            _f(b.screenshots_per_s, 3),
                             _f(sum(b.seconds_per_screenshot) / len(b.seconds_per_screenshot)), b.output_tokens,
                             _f(b.routing_accuracy)) for b in result.baselines]))
 

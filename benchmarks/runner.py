@@ -20,7 +20,8 @@ and share one /metrics difference. The client-side phases talk to vLLM directly;
           c=C: adapters mixed, base only
           rounds 2..R of the compared phases (per expert, c=1 and c=C pairs, mixed and base), as above
           two-stage sweep above C, then two-stage open loop (Poisson)
-    then  the server stops; the transformers + PEFT baselines.
+    the transformers + PEFT baselines run after each round's compare-concurrency phases, vLLM idle (on a GPU,
+          once per round after the server stops).
 """
 
 from __future__ import annotations
@@ -515,6 +516,16 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
                 gateway_session, gateway_url.rstrip("/"), deployment.gateway.auto_model, deployment.engine.api_key)
             plan = build_plan(bench, mode, kinds, with_gateway=gateway is not None)
             run = _Run(bench, client, gateway, pool, session)
+            hf_items = pool.take(bench.hf_requests)
+            baselines = None
+            if hf_items and on_cpu:
+                log.info("loading the transformers + PEFT baselines ...")
+                baselines = hf_baselines.Baselines(model_dir, processor, deployment, hf_items, "cpu", threads)
+            # On a CPU each round of the baselines runs right after that round's compare-concurrency phases, as
+            # every compared pair does: the machine's speed drifts over a run, and vLLM idles meanwhile. (On a GPU
+            # vLLM holds the memory the model needs: after the server stops.)
+            baseline_after = {roles.gateway_c or roles.two_stage_c: i for i, roles in enumerate(plan.rounds)}
+            baseline_rounds: list[list[BaselineResult]] = [[] for _ in plan.rounds]
             before = await run.snapshot()
             warmup = await run.warm_up(plan)
             peers = []
@@ -529,19 +540,22 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
                 if spec.name == (plan.roles.gateway_c or plan.roles.two_stage_c) and bench.peer_requests:
                     # Right after our phases at the compare concurrency, so it sees the same machine load.
                     peers = await run.run_peers(model_dir, deployment.model.served_name, out_dir)
+                if baselines is not None and spec.name in baseline_after:
+                    log.info("transformers + PEFT baselines, round %d ...", baseline_after[spec.name] + 1)
+                    baseline_rounds[baseline_after[spec.name]] = baselines.run(baseline_after[spec.name] + 1)
             after = await run.snapshot()
     finally:
         if process is not None:
             process.stop()
-    baselines = []
-    if bench.hf_requests:
-        log.info("transformers + PEFT baselines ...")
-        baselines = hf_baselines.run_baselines(model_dir, processor, deployment, pool.take(bench.hf_requests),
-                                               "cpu" if on_cpu else "cuda", threads)
+    if hf_items and not on_cpu:
+        log.info("transformers + PEFT baselines, %d rounds ...", len(plan.rounds))
+        baselines = hf_baselines.Baselines(model_dir, processor, deployment, hf_items, "cuda", threads)
+        baseline_rounds = [baselines.run(i + 1) for i in range(len(plan.rounds))]
     resolution = [agreement(m, [r for r in run.records if r.phase in {full for full, _ in pairs}],
                             [r for r in run.records if r.phase in {reduced for _, reduced in pairs}])
                   for m, pairs in plan.roles.resolution_pairs.items()]
-    targets = over_rounds([evaluate(run.phases, roles, baselines, resolution, run.records) for roles in plan.rounds])
+    targets = over_rounds([evaluate(run.phases, roles, hf, resolution, run.records)
+                           for roles, hf in zip(plan.rounds, baseline_rounds)])
     setup = _setup(bench, deployment, config_path, model_dir, server, base_url, gateway_url,
                    threads if on_cpu else None, mode, client_config, run)
     setup.update(started_utc=started.isoformat(timespec="seconds"),
@@ -549,7 +563,8 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
                  load_average_1m={"start": load_start, "end": os.getloadavg()[0]})
     return BenchmarkResult(setup=setup, phases=list(run.phases.values()), records=run.records, warmup=warmup,
                            server_before=before.counters, server_after=after.counters, peers=peers,
-                           baselines=baselines, resolution=resolution, targets=targets)
+                           baselines=[b for hf in baseline_rounds for b in hf], resolution=resolution,
+                           targets=targets)
 
 
 def default_out_dir(suffix: str = "", root: Path = Path(__file__).parent / "results") -> Path:

@@ -19,8 +19,8 @@ from benchmarks.metrics import PhaseMetrics, summarise
 from benchmarks.pool import ScreenPool
 from benchmarks.report import write_report
 from benchmarks.runner import build_plan, interleaved, phase_name, run_benchmark
-from benchmarks.server_metrics import ServerSnapshot, parse_metrics
-from benchmarks.targets import Roles, Target, evaluate, meets, over_rounds, paired_difference
+from benchmarks.server_metrics import GATEWAY_STAGE, ServerSnapshot, parse_metrics
+from benchmarks.targets import Roles, Target, evaluate, meets, over_rounds, paired
 from benchmarks.workloads import EXPERT_ONLY, RequestRecord, gateway, router_only, two_stage
 from router_client import PreparedImage
 
@@ -208,25 +208,33 @@ def _targets(phases: list[PhaseMetrics], records: list[RequestRecord] = ()) -> t
 def test_gateway_targets_compare_it_with_the_client_side_two_stage_phases():
     roles, _ = _targets([])
     client_1 = [_record(roles.two_stage_1, i, e) for i, e in enumerate([0.200, 0.210, 0.300])]
-    gateway_1 = [_record(roles.gateway_1, i, e) for i, e in enumerate([0.204, 0.216, 0.301])]
-    phases = [_phase(roles.two_stage_1, client_1, 1.0, 1), _phase(roles.gateway_1, gateway_1, 1.0, 1),
+    gateway_1 = [_record(roles.gateway_1, i, e) for i, e in enumerate([0.204, 0.216, 0.303])]
+    # The gateway's stage histograms: 0.2062 s in all, 0.04 + 0.163 s of it in its two vLLM calls.
+    stages = {f"{GATEWAY_STAGE}[{k}]": v for k, v in
+              {"image": 0.001, "route": 0.040, "expert": 0.163, "total": 0.2062}.items()}
+    phases = [_phase(roles.two_stage_1, client_1, 1.0, 1),
+              dataclasses.replace(_phase(roles.gateway_1, gateway_1, 1.0, 1), server_means_s=stages),
               _phase(roles.two_stage_c, client_1 * 4, 1.0, 16), _phase(roles.gateway_c, gateway_1 * 4, 1.25, 16)]
     _, targets = _targets(phases, client_1 + gateway_1)
     latency = targets["gateway added latency"]
-    assert latency.measured == pytest.approx(4.0)  # per screenshot 4, 6 and 1 ms (the p50s differ by 6)
-    assert latency.met is True and latency.detail.startswith("over 3 screenshots; p50 0.216 s vs 0.21 s")
+    assert latency.measured == pytest.approx(3.2)  # 206.2 - 40 - 163 ms
+    assert latency.met is True and "its own time beside the two vLLM calls 3.2 ms" in latency.detail
+    end_to_end = targets["gateway / client-side two-stage end to end"]
+    assert end_to_end.measured == pytest.approx(1.02)  # per screenshot 1.02, 1.0286 and 1.01
+    assert end_to_end.detail.startswith("over 3 screenshots (median difference 0.004 s); p50 0.216 s vs 0.21 s")
     throughput = targets["gateway / client-side two-stage screenshots/s, compare concurrency (same screenshots)"]
     assert throughput.measured == pytest.approx(0.8)  # 12 in 1.25 s against 12 in 1 s
     assert throughput.met is False
     _, absent = _targets(phases[:1] + phases[2:3])
     assert absent["gateway added latency"].met is None and "no gateway" in absent["gateway added latency"].detail
+    assert absent["gateway / client-side two-stage end to end"].measured is None
 
 
-def test_paired_difference_matches_screenshots_by_index_and_skips_failures():
+def test_paired_matches_screenshots_by_index_and_skips_failures():
     a = [_record("a", 0, 0.1), _record("a", 1, 0.2), _record("a", 2, 0.3)]
     b = [_record("b", 1, 0.25), _record("b", 0, 0.1), dataclasses.replace(_record("b", 2, 0.9), e2e_s=None)]
-    assert paired_difference(a + b, "a", "b") == (pytest.approx(0.025), 2)
-    assert paired_difference(a, "a", "b") == (None, 0)
+    assert paired(a + b, "a", "b") == [(0.2, 0.25), (0.1, 0.1)]
+    assert paired(a, "a", "b") == []
 
 
 def test_routing_cost_per_expert_and_the_router_mode_targets():
@@ -391,7 +399,11 @@ def test_smoke_run_accounts_for_every_request(served, tmp_path):
     assert {t["name"].split(":")[0] for t in data["targets"]} >= {
         "chaining adds nothing", "pipelining adds nothing", "gateway added latency",
         "gateway / client-side two-stage screenshots/s, compare concurrency (same screenshots)"}
-    assert [b["name"] for b in data["baselines"]] == ["hf-two-stage-inference", "hf-single-load"]
+    # Both baselines once per round of the compared phases, each round's ratio against that round's vLLM phase.
+    assert [(b["name"], b["round"]) for b in data["baselines"]] == [
+        ("hf-two-stage-inference", 1), ("hf-single-load", 1), ("hf-two-stage-inference", 2), ("hf-single-load", 2)]
+    hf = next(t for t in data["targets"] if t["name"].endswith("/ hf-two-stage-inference screenshots/s"))
+    assert len(hf["rounds"]) == 2 and None not in hf["rounds"]
     # Every request of both runs answered (through the gateway, a refused route counts as failed).
     assert [(p["target"], p["returncode"], p["result"]["completed"] + p["result"]["failed"])
             for p in data["peers"]] == [("vllm", 0, 2), ("gateway", 0, 2)]
