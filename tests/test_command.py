@@ -86,6 +86,12 @@ def test_tiny_cpu_config_sets_cpu_environment():
     pinned = build_command(load_config(CONFIGS / "tiny-cpu.yaml", ["engine.cpu_threads=3"]), "/m", [], port=1)
     assert pinned.env["OMP_NUM_THREADS"] == "3"
     assert "--enable-lora" not in cmd.argv
+    # oneDNN's kernel cache bounded (its default let the worker grow for 20 minutes), and settable.
+    assert cmd.env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64"
+    bigger = build_command(load_config(CONFIGS / "tiny-cpu.yaml", ["engine.cpu_kernel_cache=256"]), "/m", [], port=1)
+    assert bigger.env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
+    gpu = build_command(load_config(CONFIGS / "qwen3-vl-8b.yaml", ["router=null", "experts=[]"]), "/m", [], port=1)
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in gpu.env
 
 
 NODES = ["engine.data_parallel_size=4", "engine.data_parallel_size_local=2", "engine.data_parallel_address=10.0.0.5",

@@ -152,6 +152,7 @@ CONFIG_CASES = [
     ("bad adapter name", {"experts": [{"name": "a b", "path": "x"}]}, "adapter name 'a b'"),
     ("base name clashes with adapter", {"model": {"served_name": "a"}, "experts": [{"name": "a", "path": "x"}]}, "clashes"),
     ("zero KV cache on CPU", {"engine": {"kv_cache_gib": 0}}, "kv_cache_gib must be > 0 on CPU"),
+    ("negative kernel cache", {"engine": {"cpu_kernel_cache": -1}}, "engine.cpu_kernel_cache must be >= 0, got -1"),
 ]
 
 

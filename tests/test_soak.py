@@ -22,7 +22,9 @@ def _metrics(vllm_growth_mb: float, slow_last_minute: bool, failed_at: float | N
         requests.append({"start_s": start, "e2e_s": 0.5 if slow else 0.2 + (i % 7) / 100, "kind": "good",
                          "status": 200 if ok else 502, "ok": ok})
     for t in range(0, 180, 5):
-        memory.append({"t_s": float(t), "gateway_mb": 300.0, "vllm_mb": 3000.0 + vllm_growth_mb * t / 180})
+        worker = 2000.0 + vllm_growth_mb * t / 180  # the worker grows, the API server does not
+        memory.append({"t_s": float(t), "gateway_mb": 300.0, "vllm_mb": 1000.0 + worker,
+                       "vllm_by_process_mb": {"python": 1000.0, "VLLM::Worker": worker}})
     return SoakMetrics(seconds=180.0, requests=requests, memory=memory)
 
 
@@ -46,6 +48,11 @@ def test_a_steady_run_meets_every_target_and_counts_each_minute():
 def test_each_target_is_missed_by_what_it_watches(growth, slow, failed, missed):
     metrics = summarize(_metrics(growth, slow, failed), CONFIG)
     assert [t for t, met in metrics.summary["targets"].items() if not met] == [missed]
+    # Which process grew: the medians of the same two minutes, per vLLM process.
+    by_process = metrics.summary["vllm_by_process"]
+    assert by_process["python"] == {"first_mb": 1000.0, "last_mb": 1000.0}
+    assert by_process["VLLM::Worker"]["last_mb"] - by_process["VLLM::Worker"]["first_mb"] == pytest.approx(
+        growth / 3, abs=growth / 30 + 1e-9)
 
 
 def test_the_report_has_json_markdown_and_plot(tmp_path):
@@ -55,6 +62,7 @@ def test_the_report_has_json_markdown_and_plot(tmp_path):
     assert saved["setup"]["soak"]["concurrency"] == 16 and len(saved["per_minute"]) == 3
     assert "requests" not in saved and saved["summary"]["requests"] == 180
     assert "| 3 | 60 | 0 | 6 | 0 |" in (tmp_path / "soak.md").read_text()
+    assert "vLLM by process: VLLM::Worker 2000 -> 2000 MB, python 1000 -> 1000 MB." in (tmp_path / "soak.md").read_text()
     assert (tmp_path / "soak.png").stat().st_size > 0
 
 
