@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
-from benchmarks.server import ServerProcess
+from benchmarks.server import ServerProcess, until
 from lora_router.configuration import check_types, parse_command, run_command
 from lora_router.deployment import DeploymentArguments, DeploymentConfig
 from lora_router.images import prepare_image
@@ -102,14 +102,6 @@ async def _load(session: aiohttp.ClientSession, url: str, bodies: list[dict], co
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
 
 
-async def _until(condition, what: str, deadline_s: float = 600.0) -> None:
-    start = time.monotonic()
-    while not await condition():
-        if time.monotonic() - start > deadline_s:
-            raise TimeoutError(f"failover phase: waited {deadline_s:g} s for {what}")
-        await asyncio.sleep(0.2)
-
-
 async def run_failover(deployment: DeploymentConfig, config: FailoverConfig, out_dir: Path) -> FailoverMetrics:
     """Start two replicas and the balancer, run the load, kill replica B's vLLM, measure; stop everything."""
     deployment = dataclasses.replace(deployment, engine=dataclasses.replace(deployment.engine, port=0))
@@ -146,18 +138,18 @@ async def _measure(config: FailoverConfig, bodies: list[dict], balancer: Balance
             except aiohttp.ClientError:
                 return False
 
-        await _until(lambda: healthy(balancer.url), "the balancer")
+        await until(lambda: healthy(balancer.url), "the balancer")
         t0 = time.time()
         load = asyncio.create_task(_load(session, balancer.url, bodies, config.failover_concurrency, t0, stop, requests))
         await asyncio.sleep(config.failover_window_s)
         killed = time.time()
         log.info("failover phase: killing replica B's vLLM under load")
         victim.kill_vllm()
-        await _until(lambda: _not(healthy(victim_url)), "replica B to notice its vLLM died", 30)
-        await _until(lambda: healthy(victim_url), "replica B's vLLM to be restarted and warm")
+        await until(lambda: _not(healthy(victim_url)), "replica B to notice its vLLM died", 30)
+        await until(lambda: healthy(victim_url), "replica B's vLLM to be restarted and warm")
         restarted = time.time()
         # B was down from the kill on: the first time the balancer marked it up since is its rejoining.
-        await _until(lambda: _true(balancer.marked(victim_host, up=True, after=killed) is not None),
+        await until(lambda: _true(balancer.marked(victim_host, up=True, after=killed) is not None),
                      "the balancer to take replica B back", 60)
         back = balancer.marked(victim_host, up=True, after=killed)
         await asyncio.sleep(config.failover_window_s)

@@ -36,6 +36,7 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks.server import ServerProcess, until
 from lora_router.capture import CaptureStore
 from lora_router.configuration import CommandError, check_types, parse_command, run_command
 from lora_router.deployment import DeploymentArguments, DeploymentConfig
@@ -234,14 +235,6 @@ def train_router(model_path: str, config: LoopConfig, recipe: str, data: Path, b
     return time.perf_counter() - started
 
 
-async def _until(condition, what: str, deadline_s: float = 600.0) -> None:
-    start = time.monotonic()
-    while not await condition():
-        if time.monotonic() - start > deadline_s:
-            raise CommandError(f"waited {deadline_s:g} s for {what}")
-        await asyncio.sleep(0.2)
-
-
 async def run_loop(target: LoopTarget, base: Path, config: LoopConfig, work: Path) -> LoopMetrics:
     """The whole loop on `target`, whose live router was trained on the routing dataset `base` (its labels are the
     classes); the promoted router stays live."""
@@ -290,7 +283,7 @@ async def run_loop(target: LoopTarget, base: Path, config: LoopConfig, work: Pat
             return (report["compared"] + report["failed"] + report["skipped"] >= sampled
                     and scored["scored"] + scored["failed"] >= scored["count"])
 
-        await _until(shadow_done, "the shadow comparison to end")
+        await until(shadow_done, "the shadow comparison to end")
         shadow = await caller.admin("GET", "/admin/router/shadow")
         stage("candidate and shadow")
         await caller.admin("POST", "/admin/router/promote")
@@ -380,7 +373,6 @@ class LoopArguments(DeploymentArguments):
 def learning_loop(args: LoopArguments, config: LoopConfig) -> int:
     from benchmarks.quickstart import make_dataset
     from benchmarks.runner import default_out_dir
-    from benchmarks.server import ServerProcess
 
     work = args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)

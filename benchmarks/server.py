@@ -7,10 +7,11 @@ import asyncio
 import multiprocessing
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_router.configuration import setup_logging
+from lora_router.configuration import CommandError, setup_logging
 from lora_router.deployment import DeploymentConfig
 from serving.command import ServerCommand
 from serving.launcher import VLLMServer
@@ -93,3 +94,12 @@ def _serve(deployment: DeploymentConfig, log_path: Path, conn) -> None:
                 server.kill_vllm()
     finally:
         server.stop()
+
+
+async def until(condition, what: str, deadline_s: float = 600.0) -> None:
+    """Wait for the async `condition` (polled every 0.2 s) to be true; CommandError naming `what` past the deadline."""
+    start = time.monotonic()
+    while not await condition():
+        if time.monotonic() - start > deadline_s:
+            raise CommandError(f"waited {deadline_s:g} s for {what}")
+        await asyncio.sleep(0.2)

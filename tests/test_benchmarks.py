@@ -482,3 +482,23 @@ def test_the_played_reviewer_labels_unlabelled_captures_with_the_truth_up_to_the
     assert review(store, truth, most=3) == 2  # r0 was labelled already: room for two more, in order
     assert {i.id: i.label for i in store.items().values()} == {
         "r0": "calendar", "r1": "claim-window", "r2": "provider-select", "r3": None, "r4": None}
+
+
+def test_until_waits_for_the_condition_and_names_what_it_waited_for():
+    from benchmarks.server import until
+    from lora_router.configuration import CommandError
+
+    calls = []
+
+    async def third_time() -> bool:
+        calls.append(1)
+        return len(calls) == 3
+
+    asyncio.run(until(third_time, "the third call"))
+    assert len(calls) == 3
+
+    async def never() -> bool:
+        return False
+
+    with pytest.raises(CommandError, match=r"waited 0.1 s for the balancer"):
+        asyncio.run(until(never, "the balancer", deadline_s=0.1))
