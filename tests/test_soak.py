@@ -38,6 +38,9 @@ def test_a_steady_run_meets_every_target_and_counts_each_minute():
     assert metrics.summary["good_failed"] == 0 and metrics.summary["bad_not_refused_as_expected"] == 0
     assert metrics.summary["memory_growth"]["vllm"]["growth_pct"] == 0
     assert all(metrics.summary["targets"].values()), metrics.summary
+    # Minutes 2 and 3 pooled, one each: the same latencies, so the same p99.
+    first, second = metrics.summary["p99_halves_s"]
+    assert first == pytest.approx(second) and 0.2 <= first <= 0.27
 
 
 @pytest.mark.parametrize("growth, slow, failed, missed", [
@@ -53,6 +56,8 @@ def test_each_target_is_missed_by_what_it_watches(growth, slow, failed, missed):
     assert by_process["python"] == {"first_mb": 1000.0, "last_mb": 1000.0}
     assert by_process["VLLM::Worker"]["last_mb"] - by_process["VLLM::Worker"]["first_mb"] == pytest.approx(
         growth / 3, abs=growth / 30 + 1e-9)
+    first, second = metrics.summary["p99_halves_s"]
+    assert (second == pytest.approx(0.5)) is slow and first < 0.3  # the slow last minute shows in its half
 
 
 def test_the_report_has_json_markdown_and_plot(tmp_path):
