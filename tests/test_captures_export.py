@@ -7,6 +7,7 @@ import base64
 import functools
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,8 @@ def test_export_writes_a_routing_dataset_the_converter_takes_with_a_stable_held_
     assert len(read_user_dataset(out / "classes" / "claim-window")) == 10
 
 
-def test_export_merged_with_base_data_repeats_the_captured_training_lines(store, tmp_path):
+def _base(tmp_path: Path) -> Path:
+    """A base routing dataset: 4 training lines (calendar twice), 2 eval lines."""
     base = tmp_path / "base"
     (base / "images").mkdir(parents=True)
     lines = []
@@ -68,6 +70,11 @@ def test_export_merged_with_base_data_repeats_the_captured_training_lines(store,
     (base / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines[:4]))
     (base / "eval.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines[4:]))
     (base / "dataset.json").write_text(json.dumps({"classes": CLASSES}))
+    return base
+
+
+def test_export_merged_with_base_data_repeats_the_captured_training_lines(store, tmp_path):
+    base = _base(tmp_path)
     out = tmp_path / "merged"
     main(["export", "--store", str(store.folder), "--out", str(out), "--base", str(base), "--weight", "3"])
     train, evaluation = read_jsonl(out / "train.jsonl"), read_jsonl(out / "eval.jsonl")
@@ -78,11 +85,29 @@ def test_export_merged_with_base_data_repeats_the_captured_training_lines(store,
     assert convert_dataset(out)["train"]  # base images resolve from the merged folder
 
 
+def test_export_with_replay_keeps_a_seeded_sample_of_the_base_per_class(store, tmp_path):
+    base = _base(tmp_path)
+    kept = []
+    for run in ("a", "b"):
+        out = tmp_path / f"replay-{run}"
+        assert main(["export", "--store", str(store.folder), "--out", str(out), "--base", str(base), "--weight", "2",
+                     "--replay", "1"]) == 0
+        train = read_jsonl(out / "train.jsonl")
+        kept.append([line["id"] for line in train if line["metadata"].get("family") != "captured"])
+        captured = [line for line in train if line["metadata"].get("family") == "captured"]
+        assert len(captured) == 2 * len({line["id"] for line in captured})  # the captures all kept
+        assert json.loads((out / "dataset.json").read_text())["base_train"] == 3
+    assert kept[0] == kept[1]  # the same sample every time
+    assert len(kept[0]) == 3 and {"b1", "b2"} < set(kept[0]) <= {"b0", "b1", "b2", "b3"}  # one line per class
+    assert len(read_jsonl(tmp_path / "replay-a" / "eval.jsonl")) >= 2  # every base eval line
+
+
 @pytest.mark.parametrize("argv, message", [
     (["export", "--classes", "calendar,claim-window"], "labelled provider-select, which the classes"),
     (["export"], "needs --out"),
     (["import-labels"], "needs --tasks"),
     (["export", "--eval_fraction", "1"], "eval_fraction must be in [0, 1)"),
+    (["export", "--replay", "5"], "replay must be >= 0 and needs --base"),
 ])
 def test_bad_exports_are_refused_naming_the_problem(store, tmp_path, capsys, argv, message):
     out = [] if "needs --out" in message else ["--out", str(tmp_path / "x")]

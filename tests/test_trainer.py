@@ -1,18 +1,20 @@
 """The trainer (transformers.Trainer + PEFT): the seed's flags verbatim, config precedence, precision messages, bad
 inputs, and tiny runs (a YAML recipe's learning rate, checkpoint pruning, resume, manifest, a servable adapter,
-gradient checkpointing)."""
+gradient checkpointing, a warm start from another adapter)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
 
 from lora_router.configuration import ConfigError
+from lora_router.manifest import MANIFEST_NAME
 from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.llava_data import DataError
 from training.train_qwen import main
@@ -349,6 +351,44 @@ def test_resume_from_the_last_checkpoint_gives_the_same_adapter(straight_run, re
     assert resumed.keys() == straight.keys()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-6)
+
+
+def _warm_model(init: Path, tmp_path: Path, **model_kwargs):
+    from training.tiny_model import resolve_base_model
+    from training.trainer.args import TrainArguments
+    from training.trainer.run import build_model
+
+    model_args = ModelArguments(init_adapter=str(init), lora_r=4, serving_config=None, **model_kwargs)
+    return build_model(resolve_base_model("tiny-random"), model_args, TrainArguments(output_dir=str(tmp_path)))
+
+
+def test_a_warm_start_begins_from_the_adapter_s_weights_and_new_modules_start_fresh(straight_run, tmp_path):
+    from peft.utils import get_peft_model_state_dict
+
+    saved = _adapter_weights(straight_run[0])
+    same = get_peft_model_state_dict(_warm_model(straight_run[0], tmp_path))
+    assert same.keys() == saved.keys() and all(same[k].equal(saved[k]) for k in saved)
+    # With the vision tower too (the learning loop's recipe): the language model's LoRA as saved, the tower's fresh.
+    wider = get_peft_model_state_dict(_warm_model(straight_run[0], tmp_path, lora_target_modules=["all-linear"],
+                                                  lora_vision_tower=True))
+    tower = [k for k in wider if ".visual." in k]
+    assert tower and saved.keys() == wider.keys() - set(tower) and all(wider[k].equal(saved[k]) for k in saved)
+    assert all(not wider[k].any() for k in tower if ".lora_B." in k)
+
+
+def test_a_warm_start_from_an_adapter_that_does_not_fit_is_refused(straight_run, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(straight_run[0], init, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    with pytest.raises(ConfigError, match=r"init_adapter .* has LoRA weights on \d+ modules this run does not adapt"):
+        _warm_model(init, tmp_path, lora_target_modules=["q_proj"])
+    with pytest.raises(ConfigError, match="has lora_r=4, lora_alpha=8; this run trains lora_r=4, lora_alpha=16"):
+        _warm_model(init, tmp_path, lora_alpha=16)
+    manifest = json.loads((init / MANIFEST_NAME).read_text())
+    (init / MANIFEST_NAME).write_text(json.dumps({**manifest, "base_model_fingerprint": "0" * 16}))
+    with pytest.raises(ConfigError, match="was trained on another base model"):
+        _warm_model(init, tmp_path)
+    with pytest.raises(ConfigError, match="init_adapter .* holds no adapter_model.safetensors"):
+        ModelArguments(init_adapter=str(tmp_path / "nothing"))
 
 
 def test_gradient_checkpointing_accumulation_and_the_label_loss_train(recipe, tiny_data, tmp_path):

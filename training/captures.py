@@ -10,7 +10,8 @@ chosen by id so an item keeps its split as the store grows) and dataset.json, wh
 `training.convert_routing_to_classification` turns into router training data. Each line's metadata.family is
 "captured", so `training.family_accuracy` reports the captured held-out set apart. With `--base` (a routing dataset
 made by `training.generate_dataset`), the base data comes first in both files and the captured training lines are
-repeated `--weight` times: captures are few next to the base data. `classes/<label>/captures.jsonl` holds each
+repeated `--weight` times: captures are few next to the base data; `--replay N` keeps N base training lines per
+class, for a router retrained from the live one. `classes/<label>/captures.jsonl` holds each
 label's captures as an expert dataset folder, usable as `--<label>-dataset` by `training.generate_dataset`.
 
 label-studio: every capture as a Label Studio task (image as a data URL, the router's route as a pre-annotation
@@ -22,6 +23,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import random
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -54,6 +56,10 @@ class CapturesArguments:
                 "the labels."})
     weight: int = field(default=1, metadata={
         "help": "export with --base: times each captured training line is repeated next to the base data."})
+    replay: int | None = field(default=None, metadata={
+        "help": "export with --base: at most this many base training lines per class (a seeded sample; default all): "
+                "a router retrained from the live one (the trainer's --init_adapter) needs only a reminder of the "
+                "base data beside the captures."})
     eval_fraction: float = field(default=HELD_OUT_FRACTION, metadata={
         "help": "export: share of the captures held out (the gateway's shadow report scores routers on the "
                 "labelled ones of the default share)."})
@@ -69,12 +75,14 @@ class CapturesArguments:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.weight < 1:
             raise ConfigError(f"weight must be >= 1, got {self.weight}")
+        if self.replay is not None and (self.replay < 0 or self.base is None):
+            raise ConfigError(f"replay must be >= 0 and needs --base, got {self.replay}")
         if not self.store.is_dir():
             raise ConfigError(f"no capture store at {self.store}")
 
 
 def export(store: CaptureStore, out: Path, *, classes: list[str] | None = None, base: Path | None = None,
-           weight: int = 1, eval_fraction: float = HELD_OUT_FRACTION) -> dict:
+           weight: int = 1, replay: int | None = None, eval_fraction: float = HELD_OUT_FRACTION) -> dict:
     """Write the labelled captures as a routing dataset (see the module docstring); what dataset.json says."""
     base_meta = json.loads((base / "dataset.json").read_text()) if base else None
     labelled = [i for i in store.items().values() if i.label is not None]
@@ -99,17 +107,30 @@ def export(store: CaptureStore, out: Path, *, classes: list[str] | None = None, 
                 write_jsonl(work / "classes" / label / "captures.jsonl", mine)
         base_train = base_eval = []
         if base:
-            base_train = [_rebased(line, base) for line in read_jsonl(base / "train.jsonl")]
+            base_train = _sample([_rebased(line, base) for line in read_jsonl(base / "train.jsonl")], replay)
             base_eval = [_rebased(line, base) for line in read_jsonl(base / "eval.jsonl")]
         write_jsonl(work / "train.jsonl", base_train + train * weight)
         write_jsonl(work / "eval.jsonl", base_eval + evaluation)
         meta = {"classes": classes, "captures": {"train": dict(Counter(line["adapter"] for line in train)),
                                                  "eval": dict(Counter(line["adapter"] for line in evaluation)),
                                                  "unlabelled": len(store.items()) - len(labelled)},
-                "base": str(base) if base else None, "weight": weight, "eval_fraction": eval_fraction,
+                "base": str(base) if base else None, "base_train": len(base_train), "weight": weight,
+                "eval_fraction": eval_fraction,
                 "store": str(store.folder)}
         (work / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _sample(lines: list[dict], per_class: int | None) -> list[dict]:
+    """At most `per_class` lines of each class, drawn with a fixed seed, in their order; all with None."""
+    if per_class is None:
+        return lines
+    by_class: dict[str, list[int]] = {}
+    for n, line in enumerate(lines):
+        by_class.setdefault(line["adapter"], []).append(n)
+    rng = random.Random(0)
+    kept = {n for indices in by_class.values() for n in rng.sample(indices, min(per_class, len(indices)))}
+    return [line for n, line in enumerate(lines) if n in kept]
 
 
 def _line(item: CaptureItem, image: str, classes: list[str]) -> dict:
@@ -175,7 +196,7 @@ def run(args: CapturesArguments) -> int:
     store = CaptureStore(args.store, max_items=1 << 62, max_age_s=float("inf"), max_bytes=1 << 62)
     if args.action == "export":
         classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-        meta = export(store, args.out, classes=classes, base=args.base, weight=args.weight,
+        meta = export(store, args.out, classes=classes, base=args.base, weight=args.weight, replay=args.replay,
                       eval_fraction=args.eval_fraction)
         log.info("wrote %s: captures %s train, %s eval (%d unlabelled left out)", args.out, meta["captures"]["train"],
                  meta["captures"]["eval"], meta["captures"]["unlabelled"])

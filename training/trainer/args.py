@@ -62,6 +62,10 @@ class ModelArguments:
         "help": "Also put LoRA on the vision tower and its mergers (with all-linear, or names such as qkv, proj, "
                 "linear_fc1, linear_fc2). vLLM serves such an adapter only with engine.tower_lora, which keys "
                 "its vision-encoder cache by adapter: router and expert no longer share a screenshot's encoding."})
+    init_adapter: str | None = field(default=None, metadata={
+        "help": "Start the LoRA from this adapter's weights instead of fresh ones (a warm start, e.g. a router "
+                "retrained from the live one on new data): trained on the same base with the same lora_r and "
+                "lora_alpha, on modules lora_target_modules names; modules only this run adapts start fresh."})
     serving_config: str | None = field(default=str(DEFAULT_SERVING_CONFIG), metadata={
         "help": "Deployment YAML whose engine.max_lora_rank / min_pixels / max_pixels the adapter must fit "
                 "(default: configs/tiny-cpu.yaml)."})
@@ -115,6 +119,8 @@ class ModelArguments:
                             f"modules (e.g. {','.join(LANGUAGE_MODEL_TARGETS)}) or {ALL_LINEAR}")
         if "patch_embed" in self.lora_target_modules:
             problems.append("lora_target_modules: patch_embed is a Conv3d in vLLM, where no LoRA can be served")
+        if self.init_adapter and not (Path(self.init_adapter) / "adapter_model.safetensors").is_file():
+            problems.append(f"init_adapter {self.init_adapter} holds no adapter_model.safetensors")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             problems.append(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
         if problems:

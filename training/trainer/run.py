@@ -106,6 +106,8 @@ def build_model(base_path: str, model_args: ModelArguments, args: TrainArguments
         model = get_peft_model(model, lora)
     except ValueError as exc:
         raise ConfigError(f"lora_target_modules {model_args.lora_target_modules}: {exc}") from None
+    if model_args.init_adapter:
+        warm_start(model, base_path, model_args)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     problems = []
     if not any(".language_model." in n for n in trainable):
@@ -117,6 +119,36 @@ def build_model(base_path: str, model_args: ModelArguments, args: TrainArguments
     if problems:
         raise ConfigError("; ".join(problems))
     return model
+
+
+def warm_start(model, base_path: str, model_args: ModelArguments) -> None:
+    """Load init_adapter's LoRA weights into the fresh PEFT model, refusing one of another base or shape, or with
+    weights on modules this run does not adapt."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from lora_router.manifest import MANIFEST_NAME, AdapterManifest, model_fingerprint
+
+    folder = Path(model_args.init_adapter)
+    config = LoraConfig.from_pretrained(str(folder))
+    problems = []
+    if (config.r, config.lora_alpha) != (model_args.lora_r, model_args.lora_alpha):
+        problems.append(f"init_adapter {folder} has lora_r={config.r}, lora_alpha={config.lora_alpha}; this run "
+                        f"trains lora_r={model_args.lora_r}, lora_alpha={model_args.lora_alpha}")
+    if (folder / MANIFEST_NAME).is_file():
+        trained_on = AdapterManifest.read(folder).base_model_fingerprint
+        if trained_on and trained_on != model_fingerprint(base_path):
+            problems.append(f"init_adapter {folder} was trained on another base model (fingerprint {trained_on}) "
+                            f"than {base_path}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    loaded = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    if loaded.unexpected_keys:
+        raise ConfigError(f"init_adapter {folder} has LoRA weights on {len(loaded.unexpected_keys)} modules this run "
+                          f"does not adapt (e.g. {loaded.unexpected_keys[0]}); name them in lora_target_modules")
+    fresh = sum(1 for key in loaded.missing_keys if ".lora_" in key)
+    log.info("LoRA started from %s (%d weights fresh: modules it did not adapt)", folder, fresh)
 
 
 def label_first_ids(tokenizer, labels: list[str] | None, weight: float, device):
