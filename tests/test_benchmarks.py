@@ -462,6 +462,8 @@ def test_two_runs_compared_target_by_target_within_the_tolerance(tmp_path):
     ({"family": "vaporwave"}, "family must be one of"),
     ({"recipe": "full"}, "recipe must be one of lm, tower, got 'full'"),
     ({"labelled": 0}, "must be >= 1"),
+    ({"replay_per_class": 0}, "replay_per_class must be >= 1"),
+    ({"warm_epochs": 0.0}, "warm_epochs > 0"),
 ])
 def test_bad_learning_loop_settings_are_refused_naming_them(settings, message):
     from benchmarks.learning_loop import LoopConfig
