@@ -42,6 +42,7 @@ class BaselineResult:
     seconds_per_screenshot: list[float]
     output_tokens: int
     routing_accuracy: float
+    cpu_s: float = 0.0  # CPU seconds of this process over the measured screenshots (the baselines run in it)
     round: int = 1  # which round of the compared phases it ran after
 
 
@@ -115,18 +116,19 @@ class Baselines:
 
         step(self.images[0], self.items[0])  # warm-up
         seconds, tokens, correct = [], 0, 0
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for image, item in zip(self.images, self.items):
             t = time.perf_counter()
             label, n = step(image, item)
             seconds.append(time.perf_counter() - t)
             tokens += n
             correct += label == item.kind
-        duration = time.perf_counter() - start
+        duration, cpu = time.perf_counter() - start, time.process_time() - cpu
         return BaselineResult(name=name, device=self.device, dtype=self.dtype, threads=torch.get_num_threads(),
                               screenshots=len(self.items), duration_s=duration,
                               screenshots_per_s=len(self.items) / duration, seconds_per_screenshot=seconds,
-                              output_tokens=tokens, routing_accuracy=correct / len(self.items), round=round_)
+                              output_tokens=tokens, routing_accuracy=correct / len(self.items), cpu_s=cpu,
+                              round=round_)
 
     def run(self, round_: int = 1) -> list[BaselineResult]:
         from peft import PeftModel

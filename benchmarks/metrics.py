@@ -66,13 +66,16 @@ class PhaseMetrics:
     load_before: float  # 1-minute load average of the machine running the benchmark
     load_after: float
     client_cpu_s: float  # CPU seconds the benchmark's own process used during the phase (it shares the machine)
+    # CPU seconds of the server's processes (vLLM's and the gateway's) during the phase; None for a server started
+    # elsewhere. With client_cpu_s, the phase's cost on the machine, whatever else ran on it meanwhile.
+    server_cpu_s: float | None
     interleaved_with: str | None  # ran request by request with this phase: server, load, CPU and retries are the pair's
 
 
 def summarise(name: str, workload: str, records: Sequence[RequestRecord], duration_s: float, server: ServerSnapshot,
               load: tuple[float, float], retries: int, client_cpu_s: float, concurrency: int | None = None,
               arrival_rate: float | None = None, kind: str | None = None, reduced_router: bool = False,
-              interleaved_with: str | None = None) -> PhaseMetrics:
+              interleaved_with: str | None = None, server_cpu_s: float | None = None) -> PhaseMetrics:
     """PhaseMetrics of one phase (for an interleaved one, `server` and the rest are the pair's)."""
     ok = [r for r in records if r.ok]
     routed = [r for r in records if r.route_s is not None]
@@ -111,5 +114,6 @@ def summarise(name: str, workload: str, records: Sequence[RequestRecord], durati
         server=dict(server.counters),
         mm_cache_hit_rate=server.ratio("vllm:mm_cache_hits_total", "vllm:mm_cache_queries_total"),
         prefix_cache_hit_rate=server.ratio("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"),
-        load_before=load[0], load_after=load[1], client_cpu_s=client_cpu_s, interleaved_with=interleaved_with,
+        load_before=load[0], load_after=load[1], client_cpu_s=client_cpu_s, server_cpu_s=server_cpu_s,
+        interleaved_with=interleaved_with,
     )

@@ -55,6 +55,10 @@ class ServerProcess:
         """The child's process id: the gateway runs in it, and vLLM's processes descend from it."""
         return self._process.pid
 
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by the server's processes: the gateway's (the child) and vLLM's (its descendants)."""
+        return process_tree_cpu_s(self.pid)
+
     def kill_vllm(self) -> None:
         """SIGKILL the server's vLLM (its gateway stays, and its launcher restarts vLLM)."""
         self._conn.send("kill_vllm")
@@ -94,6 +98,25 @@ def _serve(deployment: DeploymentConfig, log_path: Path, conn) -> None:
                 server.kill_vllm()
     finally:
         server.stop()
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and its living descendants (one that exits mid-way drops out)."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return total
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
 
 
 async def until(condition, what: str, deadline_s: float = 600.0) -> None:

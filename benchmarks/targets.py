@@ -107,6 +107,21 @@ def paired(records: Sequence[RequestRecord], first: str, second: str) -> list[tu
             if r.phase == second and r.e2e_s is not None and r.index in before]
 
 
+def per_cpu_s(phase: PhaseMetrics | None, amount: float | None) -> float | None:
+    """`amount` (of screenshots, tokens) per CPU second the phase cost the server's processes and the benchmark's
+    own: what its work took, whatever else ran on the machine meanwhile; None without the server's CPU time."""
+    if phase is None or phase.server_cpu_s is None or amount is None:
+        return None
+    return _ratio(amount, phase.server_cpu_s + phase.client_cpu_s)
+
+
+def _cpu_detail(phase: PhaseMetrics | None) -> str:
+    if phase is None or phase.server_cpu_s is None or not phase.completed:
+        return "n/a"
+    return (f"{(phase.server_cpu_s + phase.client_cpu_s) / phase.completed:.3g} CPU s per screenshot (server "
+            f"{phase.server_cpu_s:.1f} s + benchmark {phase.client_cpu_s:.1f} s over {phase.duration_s:.1f} s)")
+
+
 def gateway_own_s(phase: PhaseMetrics | None) -> float | None:
     """The gateway's mean time per request beside its two vLLM calls (its stage histograms: total - route - expert)."""
     means = phase.server_means_s if phase else {}
@@ -175,6 +190,12 @@ def evaluate(phases: Mapping[str, PhaseMetrics], roles: Roles, baselines: Sequen
                               f">= {threshold:g}" if threshold else "(informational)", met,
                               f"vLLM {_fmt(tsc.screenshots_per_s if tsc else None, '/s')}, "
                               f"{baseline} {_fmt(hf.screenshots_per_s if hf else None, '/s')}"))
+        hf_per_cpu = _ratio(hf.screenshots, hf.cpu_s) if hf else None
+        ratio = _ratio(per_cpu_s(tsc, tsc.completed if tsc else None), hf_per_cpu)
+        targets.append(Target(f"vLLM multi-LoRA two-stage (compare concurrency) / {baseline} screenshots per CPU "
+                              "second", ratio, "(informational)", None,
+                              f"vLLM {_cpu_detail(tsc)}; {baseline} {_fmt(_ratio(1, hf_per_cpu))} CPU s per "
+                              "screenshot"))
 
     # On generated tokens/s: LoRA costs per token, and an adapter or the base model may stop at EOS before
     # max_tokens, so screenshots/s would reward whichever writes less.
@@ -188,6 +209,10 @@ def evaluate(phases: Mapping[str, PhaseMetrics], roles: Roles, baselines: Sequen
                           f"{_fmt(base.output_tokens_per_s if base else None, ' tok/s')} "
                           f"({_fmt(base.mean_expert_completion_tokens if base else None)} per request); "
                           f"screenshots/s ratio {_fmt(shots)}"))
+    ratio = _ratio(per_cpu_s(mixed, mixed.output_tokens_per_s * mixed.duration_s if mixed else None),
+                   per_cpu_s(base, base.output_tokens_per_s * base.duration_s if base else None))
+    targets.append(Target("all expert adapters mixed / base model without LoRA, generated tokens per CPU second",
+                          ratio, "(informational)", None, f"mixed {_cpu_detail(mixed)}; base {_cpu_detail(base)}"))
 
     one_token = [phases[n] for n in roles.one_token if n in phases]
     routes = sum(p.routes for p in one_token)
@@ -270,6 +295,11 @@ def _gateway_targets(phases: Mapping[str, PhaseMetrics], roles: Roles,
         f"gateway {_fmt(gwc.screenshots_per_s, '/s')} ({gwc.failed} failed), client-side "
         f"{_fmt(tsc.screenshots_per_s, '/s')} ({tsc.failed} failed); p50 end to end {_fmt(gwc.e2e_s.p50, ' s')} vs "
         f"{_fmt(tsc.e2e_s.p50, ' s')}; {gateway_stages_ms(gwc)}")
+    ratio = _ratio(per_cpu_s(gwc, gwc.completed if gwc else None), per_cpu_s(tsc, tsc.completed if tsc else None))
+    cost = Target(
+        "gateway / client-side two-stage screenshots per CPU second, compare concurrency (same screenshots)", ratio,
+        "(informational)", None, absent if not gwc or not tsc else
+        f"gateway {_cpu_detail(gwc)}; client-side {_cpu_detail(tsc)}")
     # Measured by the gateway itself: end to end, two runs of vLLM at c=1 differ by tens of ms per screenshot
     # (round medians of paired differences from -36 to +40 ms), which no few rounds can resolve to 5 ms.
     own = gateway_own_s(gw1)
@@ -289,7 +319,7 @@ def _gateway_targets(phases: Mapping[str, PhaseMetrics], roles: Roles,
         f"over {len(pairs)} screenshots (median difference {_fmt(difference, ' s')}); p50 {_fmt(gw1.e2e_s.p50, ' s')} "
         f"vs {_fmt(ts1.e2e_s.p50, ' s')}; route p50 {_fmt(gw1.route_s.p50, ' s')} (x-route-ms) vs "
         f"{_fmt(ts1.route_s.p50, ' s')} (client)")
-    return [throughput, latency, end_to_end]
+    return [throughput, cost, latency, end_to_end]
 
 
 _COMPARE = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}

@@ -230,6 +230,58 @@ def test_gateway_targets_compare_it_with_the_client_side_two_stage_phases():
     assert absent["gateway / client-side two-stage end to end"].measured is None
 
 
+def test_the_c16_pairs_are_also_compared_per_cpu_second_of_the_server_and_the_benchmark():
+    from benchmarks.hf_baselines import TWO_STAGE_INFERENCE, BaselineResult
+
+    roles, _ = _targets([])
+    # The gateway phase took longer on the clock (another tenant) but the same CPU: 12 screenshots, 6 CPU s each.
+    client = dataclasses.replace(_phase(roles.two_stage_c, [_record(roles.two_stage_c, i, 0.2) for i in range(12)],
+                                        1.0, 16), server_cpu_s=5.0, client_cpu_s=1.0)
+    gateway = dataclasses.replace(_phase(roles.gateway_c, [_record(roles.gateway_c, i, 0.2) for i in range(12)],
+                                         1.5, 16), server_cpu_s=5.5, client_cpu_s=0.5)
+    mixed = dataclasses.replace(_phase(roles.mixed_c, [_record(roles.mixed_c, i, 0.2) for i in range(12)], 1.0, 16,
+                                       "adapters-mixed"), server_cpu_s=3.0, client_cpu_s=1.0)
+    base = dataclasses.replace(_phase(roles.base_c, [_record(roles.base_c, i, 0.2) for i in range(12)], 2.0, 16,
+                                      "base-only"), server_cpu_s=4.0, client_cpu_s=1.0)
+    hf = BaselineResult(name=TWO_STAGE_INFERENCE, device="cpu", dtype="float32", threads=2, screenshots=4,
+                        duration_s=2.0, screenshots_per_s=2.0, seconds_per_screenshot=[0.5] * 4, output_tokens=80,
+                        routing_accuracy=1.0, cpu_s=4.0)
+    targets = {t.name: t for t in evaluate({p.name: p for p in (client, gateway, mixed, base)}, roles, [hf], [])}
+    wall = targets["gateway / client-side two-stage screenshots/s, compare concurrency (same screenshots)"]
+    cost = targets["gateway / client-side two-stage screenshots per CPU second, compare concurrency (same screenshots)"]
+    assert wall.measured == pytest.approx(1 / 1.5) and cost.measured == pytest.approx(1.0) and cost.met is None
+    assert "0.5 CPU s per screenshot (server 5.5 s + benchmark 0.5 s over 1.5 s)" in cost.detail
+    vllm_hf = targets[f"vLLM multi-LoRA two-stage (compare concurrency) / {TWO_STAGE_INFERENCE} screenshots per "
+                      "CPU second"]
+    assert vllm_hf.measured == pytest.approx((12 / 6) / (4 / 4.0))
+    tokens = targets["all expert adapters mixed / base model without LoRA, generated tokens per CPU second"]
+    assert tokens.measured == pytest.approx((12 * 20 / 4.0) / (12 * 20 / 5.0))
+    # A server started elsewhere: its CPU time is unknown, so is the ratio.
+    elsewhere = {t.name: t for t in evaluate({roles.two_stage_c: dataclasses.replace(client, server_cpu_s=None),
+                                              roles.gateway_c: gateway}, roles, [], [])}
+    assert elsewhere[cost.name].measured is None
+
+
+def test_a_process_tree_s_cpu_time_counts_its_children():
+    import subprocess
+    import sys
+
+    from benchmarks.server import process_tree_cpu_s
+
+    burn = ("import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\n"
+            "print(1, flush=True)\nimport sys; sys.stdin.read()")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; c = subprocess.Popen([sys.executable, "
+                               f"'-c', {burn!r}], stdout=sys.stdout, stdin=subprocess.PIPE); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline() == "1\n"  # the child has burnt its 0.3 s and waits
+        assert process_tree_cpu_s(parent.pid) >= 0.3
+    finally:
+        parent.kill()
+        parent.wait()
+    assert process_tree_cpu_s(parent.pid) == 0.0  # gone
+
+
 def test_paired_matches_screenshots_by_index_and_skips_failures():
     a = [_record("a", 0, 0.1), _record("a", 1, 0.2), _record("a", 2, 0.3)]
     b = [_record("b", 1, 0.25), _record("b", 0, 0.1), dataclasses.replace(_record("b", 2, 0.9), e2e_s=None)]
