@@ -387,7 +387,8 @@ def test_a_warm_start_from_an_adapter_that_does_not_fit_is_refused(straight_run,
     (init / MANIFEST_NAME).write_text(json.dumps({**manifest, "base_model_fingerprint": "0" * 16}))
     with pytest.raises(ConfigError, match="was trained on another base model"):
         _warm_model(init, tmp_path)
-    with pytest.raises(ConfigError, match="init_adapter .* holds no adapter_model.safetensors"):
+    with pytest.raises(ConfigError, match="init_adapter .* is no PEFT adapter folder: no adapter_config.json or "
+                                          "adapter_model.safetensors"):
         ModelArguments(init_adapter=str(tmp_path / "nothing"))
 
 

@@ -119,8 +119,11 @@ class ModelArguments:
                             f"modules (e.g. {','.join(LANGUAGE_MODEL_TARGETS)}) or {ALL_LINEAR}")
         if "patch_embed" in self.lora_target_modules:
             problems.append("lora_target_modules: patch_embed is a Conv3d in vLLM, where no LoRA can be served")
-        if self.init_adapter and not (Path(self.init_adapter) / "adapter_model.safetensors").is_file():
-            problems.append(f"init_adapter {self.init_adapter} holds no adapter_model.safetensors")
+        if self.init_adapter:
+            absent = [name for name in ("adapter_config.json", "adapter_model.safetensors")
+                      if not (Path(self.init_adapter) / name).is_file()]
+            if absent:
+                problems.append(f"init_adapter {self.init_adapter} is no PEFT adapter folder: no {' or '.join(absent)}")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             problems.append(f"min_pixels {self.min_pixels} exceeds max_pixels {self.max_pixels}")
         if problems:
