@@ -263,9 +263,9 @@ class _Run:
     session (vLLM's, with the client's key)."""
 
     def __init__(self, bench: BenchConfig, client: RouterClient, gateway: GatewayTarget | None, pool: ScreenPool,
-                 session: aiohttp.ClientSession, server_cpu: Callable[[], float] | None = None):
+                 session: aiohttp.ClientSession, server_cpu: Callable[[], float | None] = lambda: None):
         self.bench = bench
-        self.server_cpu = server_cpu  # CPU seconds of the server's processes so far, when this run started it
+        self.server_cpu = server_cpu  # CPU seconds of the server's processes so far (None: started elsewhere)
         self.client = client
         self.gateway = gateway
         self.pool = pool
@@ -316,14 +316,14 @@ class _Run:
         """Two phases at concurrency 1, interleaved; both get the pair's /metrics difference, load and CPU."""
         items = (self.take(first), self.take(second))
         load_before, retries, cpu = os.getloadavg()[0], self.client.stats.retries, _cpu_s(resource.RUSAGE_SELF)
-        server_cpu = self._server_cpu()
+        server_cpu = self.server_cpu()
         before = await self.snapshot(with_gateway=True)
         records_a, duration_a, records_b, duration_b = await interleaved(
             self.client, self.gateway, (first.workload, items[0], first.name), (second.workload, items[1], second.name))
         server = (await self.snapshot(with_gateway=True)).minus(before)
         load, retries, cpu = ((load_before, os.getloadavg()[0]), self.client.stats.retries - retries,
                               _cpu_s(resource.RUSAGE_SELF) - cpu)
-        server_cpu = _minus(self._server_cpu(), server_cpu)
+        server_cpu = _minus(self.server_cpu(), server_cpu)
         for spec, records, duration, other in ((first, records_a, duration_a, second.name),
                                                (second, records_b, duration_b, first.name)):
             self._add(spec, summarise(spec.name, spec.workload.name, records, duration, server, load, retries, cpu,
@@ -333,7 +333,7 @@ class _Run:
     async def run_phase(self, spec: PhaseSpec) -> PhaseMetrics:
         items = self.take(spec)
         load_before, retries, cpu = os.getloadavg()[0], self.client.stats.retries, _cpu_s(resource.RUSAGE_SELF)
-        server_cpu = self._server_cpu()
+        server_cpu = self.server_cpu()
         via_gateway = spec.workload.via_gateway
         before = await self.snapshot(via_gateway)
         rate = None
@@ -350,12 +350,9 @@ class _Run:
         metrics = summarise(spec.name, spec.workload.name, records, duration, server,
                             (load_before, os.getloadavg()[0]), self.client.stats.retries - retries,
                             _cpu_s(resource.RUSAGE_SELF) - cpu, spec.concurrency, rate, spec.kind,
-                            spec.reduced_router, server_cpu_s=_minus(self._server_cpu(), server_cpu))
+                            spec.reduced_router, server_cpu_s=_minus(self.server_cpu(), server_cpu))
         self._add(spec, metrics, records)
         return metrics
-
-    def _server_cpu(self) -> float | None:
-        return None if self.server_cpu is None else self.server_cpu()
 
     def _add(self, spec: PhaseSpec, metrics: PhaseMetrics, records: list[RequestRecord]) -> None:
         self.phases[spec.name] = metrics
@@ -527,7 +524,7 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
             gateway = None if gateway_url is None else GatewayTarget(
                 gateway_session, gateway_url.rstrip("/"), deployment.gateway.auto_model, deployment.engine.api_key)
             plan = build_plan(bench, mode, kinds, with_gateway=gateway is not None)
-            run = _Run(bench, client, gateway, pool, session, process.cpu_s if process else None)
+            run = _Run(bench, client, gateway, pool, session, process.cpu_s if process else lambda: None)
             hf_items = pool.take(bench.hf_requests)
             baselines = None
             if hf_items and on_cpu:
