@@ -1,5 +1,7 @@
 """Two benchmark runs side by side: each target's value (a median over rounds where it has them) in both, and
-whether they agree within a tolerance (the issue's "two runs back to back within 10%").
+whether they agree within a tolerance (the issue's "two runs back to back within 10%"). For a ratio measured over
+rounds it also gives each run's range, and how many rounds per run its spread would take for two medians to agree
+within the tolerance 19 times in 20 (when that exceeds the rounds run, a disagreement is the machine's noise).
 
     python -m benchmarks.compare benchmarks/results/<first> benchmarks/results/<second>
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +46,8 @@ class Row:
     first: float | None
     second: float | None
     in_ms: bool  # a difference in ms (compared absolutely), else a ratio (compared relatively)
+    first_rounds: tuple[float, ...] = ()
+    second_rounds: tuple[float, ...] = ()
 
     @property
     def difference(self) -> float | None:
@@ -54,25 +60,44 @@ class Row:
         diff = self.difference
         return None if diff is None else abs(diff) <= (ms_tolerance if self.in_ms else tolerance)
 
+    def rounds_needed(self, tolerance: float) -> int | None:
+        """Rounds per run for two runs' medians to differ by at most `tolerance` 19 times in 20, from the spread of
+        this ratio's log over the rounds of both runs (normal approximation: a median's standard error is 1.2533
+        sigma / sqrt(n)); None for a target in ms or without two positive rounds in each run."""
+        logs = [[math.log(v) for v in rounds if v > 0] for rounds in (self.first_rounds, self.second_rounds)]
+        if self.in_ms or any(len(values) < 2 for values in logs):
+            return None
+        sigma = math.sqrt((statistics.variance(logs[0]) + statistics.variance(logs[1])) / 2)
+        return max(1, math.ceil((1.96 * math.sqrt(2) * 1.2533 * sigma / math.log1p(tolerance)) ** 2))
+
 
 def rows(first: dict, second: dict) -> list[Row]:
     """The targets of two report.json files, matched by name (a target's name carries no measured value)."""
-    theirs = {t["name"]: t["measured"] for t in second["targets"]}
-    return [Row(t["name"], t["measured"], theirs.get(t["name"]), t["threshold"].endswith(" ms"))
+    theirs = {t["name"]: t for t in second["targets"]}
+    return [Row(t["name"], t["measured"], theirs.get(t["name"], {}).get("measured"), t["threshold"].endswith(" ms"),
+                tuple(t.get("rounds") or ()), tuple(theirs.get(t["name"], {}).get("rounds") or ()))
             for t in first["targets"]]
 
 
 def markdown(table: list[Row], tolerance: float, ms_tolerance: float, first: Path, second: Path) -> str:
     lines = [f"# Two benchmark runs back to back\n\n`{first}` against `{second}`: a ratio agrees when "
              f"|second / first - 1| <= {tolerance:.0%}, a target in ms when they differ by at most "
-             f"{ms_tolerance:g} ms.\n",
-             "| target | first | second | difference | agrees |", "|---|---|---|---|---|"]
+             f"{ms_tolerance:g} ms. Rounds: each run's range over its rounds; rounds needed: per run, for two "
+             f"medians within {tolerance:.0%} 19 times in 20 at this spread.\n",
+             "| target | first | second | difference | agrees | first rounds | second rounds | rounds needed |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in table:
         diff, agrees = row.difference, row.agrees(tolerance, ms_tolerance)
         shown = "-" if diff is None else f"{diff:+.1f} ms" if row.in_ms else f"{diff:+.1%}"
+        needed = row.rounds_needed(tolerance)
         lines.append(f"| {row.name} | {_f(row.first)} | {_f(row.second)} | {shown} | "
-                     f"{ {None: '-', True: 'yes', False: '**no**'}[agrees]} |")
+                     f"{ {None: '-', True: 'yes', False: '**no**'}[agrees]} | {_range(row.first_rounds)} | "
+                     f"{_range(row.second_rounds)} | {'-' if needed is None else needed} |")
     return "\n".join(lines) + "\n"
+
+
+def _range(rounds: tuple[float, ...]) -> str:
+    return f"{len(rounds)}: {_f(min(rounds))}-{_f(max(rounds))}" if len(rounds) > 1 else "-"
 
 
 def _f(value: float | None) -> str:
@@ -92,7 +117,8 @@ def compare(args: CompareArguments) -> int:
     verdicts = [(r, r.agrees(args.tolerance, args.ms_tolerance)) for r in table]
     apart = [r for r, agrees in verdicts if agrees is False]
     for row in apart:
-        log.warning("%s: %s vs %s", row.name, _f(row.first), _f(row.second))
+        log.warning("%s: %s vs %s (rounds needed at its spread: %s)", row.name, _f(row.first), _f(row.second),
+                    row.rounds_needed(args.tolerance) or "-")
     log.info("%d of %d targets measured in both runs agree; table: %s", sum(a is True for _, a in verdicts),
              sum(a is not None for _, a in verdicts), out)
     return 1 if apart else 0

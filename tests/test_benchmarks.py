@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks import peer, random_8b
 from benchmarks.compare import main as compare_main
+from benchmarks.compare import rows as compare_rows
 from benchmarks.config import BenchConfig
 from benchmarks.metrics import PhaseMetrics, summarise
 from benchmarks.pool import ScreenPool
@@ -490,23 +491,33 @@ def test_the_failover_windows_count_each_request_once_by_when_it_started(tmp_pat
 
 
 def test_two_runs_compared_target_by_target_within_the_tolerance(tmp_path):
-    def run(name: str, values: dict) -> Path:
+    def run(name: str, values: dict, rounds: dict | None = None) -> Path:
         folder = tmp_path / name
         folder.mkdir()
         (folder / "report.json").write_text(json.dumps({"targets": [
-            {"name": n, "measured": v, "threshold": "<= 5 ms" if n == "added" else ">= 0.95"}
-            for n, v in values.items()]}))
+            {"name": n, "measured": v, "threshold": "<= 5 ms" if n == "added" else ">= 0.95",
+             "rounds": (rounds or {}).get(n)} for n, v in values.items()]}))
         return folder
 
-    first = run("a", {"gateway / client-side": 0.95, "mode": 1.20, "not run": None, "only first": 1.0, "added": -1.9})
-    close = run("b", {"gateway / client-side": 0.99, "mode": 1.10, "not run": None, "added": 2.5})
+    first = run("a", {"gateway / client-side": 0.95, "mode": 1.20, "not run": None, "only first": 1.0, "added": -1.9},
+                {"gateway / client-side": [0.9, 0.95, 1.0], "mode": [1.2, 1.2, 1.2]})
+    close = run("b", {"gateway / client-side": 0.99, "mode": 1.10, "not run": None, "added": 2.5},
+                {"gateway / client-side": [0.8, 0.99, 1.3], "mode": [1.1, 1.1, 1.1]})
     assert compare_main([str(first), str(close)]) == 0
     table = (close / "compare.md").read_text()
-    assert "| gateway / client-side | 0.95 | 0.99 | +4.2% | yes |" in table and "| only first | 1 | - | - | - |" in table
-    assert "| added | -1.9 | 2.5 | +4.4 ms | yes |" in table  # a difference near 0: compared in ms
+    assert "| gateway / client-side | 0.95 | 0.99 | +4.2% | yes | 3: 0.9-1 | 3: 0.8-1.3 |" in table
+    assert "| only first | 1 | - | - | - | - | - | - |" in table
+    assert "| added | -1.9 | 2.5 | +4.4 ms | yes | - | - | - |" in table  # a difference near 0: compared in ms
+    rows = {r.name: r for r in compare_rows(*(json.loads((f / "report.json").read_text()) for f in (first, close)))}
+    # Rounds that never move need one; a spread as wide as the benchmark's c=16 pairs needs many more than 5.
+    assert rows["mode"].rounds_needed(0.1) == 1 and "| mode | 1.2 | 1.1 | -8.3% | yes | 3: 1.2-1.2 | 3: 1.1-1.1 | 1 |" \
+        in table
+    assert rows["gateway / client-side"].rounds_needed(0.1) > rows["gateway / client-side"].rounds_needed(0.3) > 5
+    assert rows["added"].rounds_needed(0.1) is None
     apart = run("c", {"gateway / client-side": 0.70, "mode": 1.20})
     assert compare_main([str(first), str(apart), "--tolerance", "0.1"]) == 1
-    assert "| gateway / client-side | 0.95 | 0.7 | -26.3% | **no** |" in (apart / "compare.md").read_text()
+    assert "| gateway / client-side | 0.95 | 0.7 | -26.3% | **no** | 3: 0.9-1 | - | - |" in (
+        apart / "compare.md").read_text()
     assert compare_main([str(first), str(tmp_path / "missing")]) == 1
 
 
