@@ -74,9 +74,12 @@ class Row:
 def rows(first: dict, second: dict) -> list[Row]:
     """The targets of two report.json files, matched by name (a target's name carries no measured value)."""
     theirs = {t["name"]: t for t in second["targets"]}
-    return [Row(t["name"], t["measured"], theirs.get(t["name"], {}).get("measured"), t["threshold"].endswith(" ms"),
-                tuple(t.get("rounds") or ()), tuple(theirs.get(t["name"], {}).get("rounds") or ()))
-            for t in first["targets"]]
+    table = []
+    for ours in first["targets"]:
+        other = theirs.get(ours["name"], {})
+        table.append(Row(ours["name"], ours["measured"], other.get("measured"), ours["threshold"].endswith(" ms"),
+                         tuple(ours.get("rounds") or ()), tuple(other.get("rounds") or ())))
+    return table
 
 
 def markdown(table: list[Row], tolerance: float, ms_tolerance: float, first: Path, second: Path) -> str:
