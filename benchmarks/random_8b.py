@@ -90,6 +90,14 @@ class Qwen3VLShape:
                 "gate_proj": (h, m), "up_proj": (h, m), "down_proj": (m, h)}
 
 
+# A scaled-down shape with the same structure (tests, and benchmarks.gpu_8b --small on a CPU).
+SMALL_SHAPE = Qwen3VLShape(
+    hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
+    mrope_section=(12, 10, 10), intermediate_size=256, vocab_size=2048, regular_tokens=2000,
+    max_position_embeddings=8192, vision_depth=2, vision_hidden_size=64, vision_intermediate_size=128,
+    vision_heads=4, num_position_embeddings=1024, deepstack_visual_indexes=(0, 1))
+
+
 def build_tokenizer(shape: Qwen3VLShape):
     """Byte-level BPE learned from the project's prompts and answers, padded to `regular_tokens`, then Qwen's
     special tokens: the ids of the real tokenizer."""

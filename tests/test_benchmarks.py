@@ -358,20 +358,13 @@ def test_peer_dataset_carries_our_images_first_and_the_command_is_vllm_bench_ser
     assert cmd[cmd.index("--result-filename") + 1] == peer.GATEWAY_RESULT_FILE
 
 
-SMALL_SHAPE = random_8b.Qwen3VLShape(
-    hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-    mrope_section=(12, 10, 10), intermediate_size=256, vocab_size=2048, regular_tokens=2000,
-    max_position_embeddings=8192, vision_depth=2, vision_hidden_size=64, vision_intermediate_size=128,
-    vision_heads=4, num_position_embeddings=1024, deepstack_visual_indexes=(0, 1))
-
-
 def test_random_model_on_a_scaled_down_shape_loads_and_passes_serving_checks(tmp_path):
     from peft import PeftModel
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
     from lora_router.deployment import load_config
 
-    path = random_8b.build(tmp_path, SMALL_SHAPE, rank=4, seed=0,
+    path = random_8b.build(tmp_path, random_8b.SMALL_SHAPE, rank=4, seed=0,
                            base_config=random_8b.configs_dir() / "qwen3-vl-8b.yaml", shard_bytes=300_000)
     deployment = load_config(path)  # build() already ran serving's adapter checks on it
     assert deployment.model.path == str(tmp_path / "model")
@@ -389,6 +382,45 @@ def test_random_model_on_a_scaled_down_shape_loads_and_passes_serving_checks(tmp
     assert float(model.model.language_model.norm.weight.detach().float().mean()) == 1.0
     PeftModel.from_pretrained(model, str(tmp_path / "adapters" / "calendar"))
     assert AutoProcessor.from_pretrained(str(tmp_path / "model")).tokenizer.convert_tokens_to_ids("<|im_end|>") == 2002
+
+
+def test_gpu_8b_trains_a_router_and_runs_both_baselines_on_the_scaled_down_shape(tmp_path):
+    """The GPU script's whole path on a CPU: random model, routing dataset, the project's trainer, baselines."""
+    from benchmarks import gpu_8b
+
+    out = tmp_path / "out"
+    assert gpu_8b.main(["--work", str(tmp_path / "work"), "--out", str(out), "--small", "True", "--steps", "3",
+                        "--warmup_steps", "1", "--batch_size", "2", "--screenshots", "1"]) == 0
+    result = json.loads((out / "gpu_8b.json").read_text())
+    training = result["training"]
+    assert training["steps"] == 3 and training["step_s"]["count"] == 2  # the warm-up step left out
+    assert training["loss_first"] > 0 and training["peak_memory_gib"] is None  # no GPU here
+    assert (tmp_path / "work" / "router" / "adapter_model.safetensors").is_file()
+    baselines = result["baselines"]
+    assert [b["name"] for b in baselines] == ["hf-two-stage-inference", "hf-single-load"]
+    assert all(b["screenshots"] == 1 and b["output_tokens"] > 0 for b in baselines)
+    assert "| step p50 s |" in (out / "gpu_8b.md").read_text()
+    # A second run reuses the model it wrote (the 8B one took 4 minutes to write) and makes its dataset afresh.
+    weights = next((tmp_path / "work" / "model").glob("*.safetensors"))
+    written = weights.stat().st_mtime_ns
+    assert gpu_8b.main(["--work", str(tmp_path / "work"), "--out", str(out), "--small", "True", "--steps", "2",
+                        "--warmup_steps", "1", "--batch_size", "2", "--screenshots", "0"]) == 0
+    assert weights.stat().st_mtime_ns == written
+    rerun = json.loads((out / "gpu_8b.json").read_text())
+    assert rerun["training"]["steps"] == 2 and rerun["baselines"] == []
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--steps", "3", "--warmup_steps", "3"], "warmup_steps (3) must be below steps (3)"),
+    (["--batch_size", "0", "--screenshots", "-1"], "batch_size must be >= 1, got 0; screenshots must be >= 0, got -1"),
+])
+def test_gpu_8b_refuses_bad_settings_naming_each(tmp_path, flags, problem, capsys):
+    from benchmarks import gpu_8b
+
+    with pytest.raises(SystemExit) as exit_:
+        gpu_8b.main(["--work", str(tmp_path), *flags])
+    assert exit_.value.code == 2 and problem in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before writing anything
 
 
 def test_the_default_shape_is_qwen3_vl_8b():
