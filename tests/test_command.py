@@ -94,6 +94,26 @@ def test_tiny_cpu_config_sets_cpu_environment():
     assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in gpu.env
 
 
+def test_a_cpu_engine_runs_its_worker_in_the_engine_process_unless_told_otherwise():
+    def command(config: str, *overrides: str):
+        return build_command(load_config(CONFIGS / config, ["router=null", "experts=[]", *overrides]), "/m", [], port=1)
+
+    # Worker apart, vLLM's shared-memory queue between the two spins a core while either waits.
+    cmd = command("tiny-cpu.yaml")
+    assert _flag(cmd.argv, "--distributed-executor-backend") == "uni"
+    assert cmd.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # without it vLLM's CPU platform picks "mp" again
+    for apart in (command("tiny-cpu.yaml", "engine.cpu_worker_in_engine=false"),
+                  command("tiny-cpu.yaml", "engine.tensor_parallel_size=2"),  # two workers need their own processes
+                  command("qwen3-vl-8b.yaml")):
+        assert "--distributed-executor-backend" not in apart.argv
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in apart.env
+    # Data-parallel engines each keep their worker: the flag reaches every engine, head and headless worker nodes.
+    nodes = load_config(CONFIGS / "tiny-cpu.yaml", ["router=null", "experts=[]", *NODES])
+    worker = build_worker_command(nodes, "/m", 2)
+    assert _flag(worker.argv, "--distributed-executor-backend") == "uni"
+    assert worker.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
 NODES = ["engine.data_parallel_size=4", "engine.data_parallel_size_local=2", "engine.data_parallel_address=10.0.0.5",
          "engine.data_parallel_rpc_port=13345", "engine.max_loras=6", "engine.max_lora_rank=16"]
 
