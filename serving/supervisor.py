@@ -1,13 +1,14 @@
 """What the launcher needs to keep one vLLM instance without leaving anything behind: vLLM's processes as one
 group that is always ended whole, the wait between restarts, and which start-up failures a restart cannot fix.
 
-vLLM's API server starts a `VLLM::EngineCore` process, which starts a `VLLM::Worker`. A SIGKILL of the API server
-alone leaves both running as orphans, holding their memory (3.4 GB on the tiny default; on a GPU, the GPU's memory,
-so the next vLLM fails to start). So vLLM runs in its own session, whose process group every child inherits, and
-is ended as that whole group: SIGTERM, SIGKILL after a grace period, then a wait until no process of it is left.
-Processes are found by their group in /proc (Linux: vLLM runs nowhere else). Python's multiprocessing resource
-tracker, one of vLLM's processes, ignores SIGTERM by design and, once the processes it tracks are gone, removes the
-shared memory they left in /dev/shm (250 MB on the tiny default); so SIGKILL spares it while it can.
+vLLM's API server starts a `VLLM::EngineCore` process, which starts a `VLLM::Worker` (on a CPU the worker may run
+inside it: engine.cpu_worker_in_engine). A SIGKILL of the API server alone leaves them running as orphans, holding
+their memory (3.4 GB on the tiny default; on a GPU, the GPU's memory, so the next vLLM fails to start). So vLLM runs
+in its own session, whose process group every child inherits, and is ended as that whole group: SIGTERM, SIGKILL
+after a grace period, then a wait until no process of it is left. Processes are found by their group in /proc
+(Linux: vLLM runs nowhere else). Python's multiprocessing resource tracker, one of vLLM's processes, ignores SIGTERM
+by design and, once the processes it tracks are gone, removes the shared memory they left in /dev/shm (250 MB on the
+tiny default); so SIGKILL spares it while it can.
 """
 
 from __future__ import annotations
