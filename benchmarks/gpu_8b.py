@@ -29,7 +29,7 @@ from benchmarks.pool import ScreenPool
 from benchmarks.random_8b import SMALL_SHAPE, Qwen3VLShape, build
 from benchmarks.runner import _image_token_counter, default_out_dir
 from lora_router.configuration import ConfigError, check_types, parse_command, run_command
-from lora_router.deployment import load_config
+from lora_router.deployment import DeploymentConfig, load_config
 from lora_router.percentiles import Percentiles, percentiles
 from lora_router.resources import configs_dir
 from training.convert_routing_to_classification import convert_dataset
@@ -120,11 +120,10 @@ def model_folder(work: Path, shape: Qwen3VLShape, rank: int) -> Path:
     return build(work, shape, rank, seed=0, base_config=configs_dir() / "qwen3-vl-8b.yaml")
 
 
-def train_router(args: Gpu8bArguments, deployment_path: Path) -> TrainingFigures:
+def train_router(args: Gpu8bArguments, deployment_path: Path, deployment: DeploymentConfig) -> TrainingFigures:
     """Train a router with the project's trainer on a generated routing dataset; its timings and peak memory."""
     import torch
 
-    deployment = load_config(deployment_path)
     data = args.work / "routing"
     shutil.rmtree(data, ignore_errors=True)  # a rerun's dataset: the generator refuses a non-empty folder
     per_class = -(-args.steps * args.batch_size // len(deployment.labels))  # one pass covers every step
@@ -154,7 +153,7 @@ def train_router(args: Gpu8bArguments, deployment_path: Path) -> TrainingFigures
         loss_first=metrics["loss_first"], loss_last=metrics["loss_last"])
 
 
-def run_baselines(args: Gpu8bArguments, deployment_path: Path) -> list[BaselineResult]:
+def run_baselines(args: Gpu8bArguments, deployment: DeploymentConfig) -> list[BaselineResult]:
     """Both transformers + PEFT baselines, one round, on the random model's adapters."""
     import gc
 
@@ -164,7 +163,6 @@ def run_baselines(args: Gpu8bArguments, deployment_path: Path) -> list[BaselineR
     gc.collect()  # the trained model's memory back before the base loads again
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    deployment = load_config(deployment_path)
     processor = AutoProcessor.from_pretrained(deployment.model.path)
     tokenizer = processor.tokenizer
     pool = ScreenPool(0, {label: 1.0 for label in deployment.labels}, image_max_pixels=deployment.engine.max_pixels,
@@ -206,11 +204,12 @@ def gpu_8b(args: Gpu8bArguments) -> int:
     shape = SMALL_SHAPE if args.small else Qwen3VLShape()
     out = args.out or default_out_dir("-gpu-8b")
     deployment_path = model_folder(args.work, shape, args.rank)
+    deployment = load_config(deployment_path)
     log.info("training a router, %d steps ...", args.steps)
-    training = train_router(args, deployment_path)
+    training = train_router(args, deployment_path, deployment)
     log.info("training: %s", json.dumps(asdict(training)))
     log.info("transformers + PEFT baselines on %d screenshots ...", args.screenshots)
-    baselines = run_baselines(args, deployment_path) if args.screenshots else []
+    baselines = run_baselines(args, deployment) if args.screenshots else []
     setup = {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(args).items()},
              "shape": "scaled-down Qwen3-VL" if args.small else "Qwen3-VL-8B-Instruct (random weights)",
              "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
