@@ -17,7 +17,6 @@ Writes learning-curve.json (setup and every point), learning-curve.png and learn
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import shutil
@@ -95,7 +94,7 @@ def captured_store(folder: Path, labels: list[str], family: str, per_class: int,
     for n in range(per_class):
         for label in labels:
             image = prepare_image(generate(label, _CAPTURE_SEED + n, family=family).image, max_pixels=max_pixels)
-            png = base64.b64decode(image.data_url.partition(",")[2])
+            png = image.png
             store.add(CaptureItem(id=f"{label}-{n:04d}", captured_at=time.time(), router=None, expert=label,
                                   confidence=0.0, probabilities={}, fallback=None, reasons=["feedback"],
                                   size=len(png), label=label), png)

@@ -62,7 +62,7 @@ class ScreenshotArguments:
 
 def fill(store: CaptureStore, family: str) -> None:
     for n, (kind, routed, confidence, reasons, feedback, label) in enumerate(ITEMS):
-        png = base64.b64decode(prepare_image(generate(kind, 40 + n, family=family).image).data_url.partition(",")[2])
+        png = prepare_image(generate(kind, 40 + n, family=family).image).png
         others = [k for k in LABELS if k != routed]
         probabilities = {routed: confidence, others[0]: round((1 - confidence) * 0.7, 3),
                          others[1]: round((1 - confidence) * 0.3, 3)}

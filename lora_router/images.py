@@ -45,6 +45,11 @@ class PreparedImage:
     height: int
     source: str
 
+    @property
+    def png(self) -> bytes:
+        """The PNG bytes the data URL carries."""
+        return base64.b64decode(self.data_url.partition(",")[2])
+
 
 ImageInput = str | os.PathLike | bytes | Image.Image | PreparedImage
 

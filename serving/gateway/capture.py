@@ -54,7 +54,7 @@ class Capturer:
 
     def observe(self, request_id: str, image: PreparedImage, decision: RouteDecision, flagged: bool) -> None:
         """Remember a routed auto request, and capture it if the policy says so."""
-        png = None if self.store is None else base64.b64decode(image.data_url.partition(",")[2])
+        png = None if self.store is None else image.png
         self._recent[request_id] = _Recent(png, decision)
         while len(self._recent) > self.settings.recent:
             self._recent.popitem(last=False)
