@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from lora_router import images, routing
@@ -122,16 +122,17 @@ class RouterClient:
 
     async def run_expert(self, expert: str, image: ImageInput, prompt: str | None = None, *,
                          max_tokens: int | None = None, timeout: Timeout | None = None,
-                         max_retries: int | None = None) -> ExpertResult:
+                         max_retries: int | None = None, extra_body: Mapping[str, Any] | None = None) -> ExpertResult:
         """Run `expert` (an expert name, or the base model's served name) on `image` with `prompt` (default:
-        the expert's prompt from the config; base_prompt for the base model).
+        the expert's prompt from the config; base_prompt for the base model). `extra_body` adds fields to the
+        request as openai-python's does (vLLM's sampling extras, e.g. {"ignore_eos": True}).
 
         Raises UnknownExpertError before any request for a name the deployment does not serve.
         """
         with self._count_errors():
             prompt = self._task_prompt(expert, prompt)
             prepared = await self._prepare(image)
-            return await self._run_expert(expert, prepared, prompt, max_tokens, timeout, max_retries)
+            return await self._run_expert(expert, prepared, prompt, max_tokens, timeout, max_retries, extra_body)
 
     async def process(self, image: ImageInput, prompt: str | None = None, *, mode: str | None = None,
                       timeout: Timeout | None = None, max_retries: int | None = None) -> ProcessResult:
@@ -274,9 +275,10 @@ class RouterClient:
         return self.config.expert_prompts[expert]
 
     async def _run_expert(self, expert: str, image: PreparedImage, prompt: str, max_tokens: int | None,
-                          timeout: Timeout | None, max_retries: int | None) -> ExpertResult:
+                          timeout: Timeout | None, max_retries: int | None,
+                          extra_body: Mapping[str, Any] | None = None) -> ExpertResult:
         body = chat_request(self.config.served(expert), [user_turn(image.data_url, prompt)],
-                            max_tokens or self.config.expert_max_tokens)
+                            max_tokens or self.config.expert_max_tokens, **(extra_body or {}))
         start = time.perf_counter()
         completion = await self._http.chat_completion(body, timeout, max_retries)
         latency = time.perf_counter() - start

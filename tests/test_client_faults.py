@@ -260,6 +260,15 @@ async def test_process_sends_identical_image_bytes_and_the_trained_prompts(fake_
     assert result.timings.total_s >= result.timings.route_s + result.timings.expert_s
 
 
+async def test_run_expert_adds_extra_body_fields_to_the_request(fake_vllm):
+    async with RouterClient(config(fake_vllm)) as client:
+        await client.run_expert("calendar", screenshot(), max_tokens=7, extra_body={"ignore_eos": True})
+        await client.run_expert("calendar", screenshot(), max_tokens=7)
+    with_extra, without = fake_vllm.chat_requests("calendar")
+    assert with_extra.body["ignore_eos"] is True and with_extra.body["max_tokens"] == 7
+    assert "ignore_eos" not in without.body and without.body["max_tokens"] == 7
+
+
 async def test_process_via_gateway_is_one_auto_request_read_into_the_same_result(fake_vllm):
     fake_vllm.route = lambda png: "claim-window"
     fake_vllm.faults.append(Fault(stall_s=0.01))  # a call longer than the route the fake reports (1.5 ms)
