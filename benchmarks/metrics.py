@@ -69,7 +69,7 @@ class PhaseMetrics:
     # CPU seconds of the server's processes (vLLM's and the gateway's) during the phase; None for a server started
     # elsewhere. With client_cpu_s, the phase's cost on the machine, whatever else ran on it meanwhile.
     server_cpu_s: float | None
-    interleaved_with: str | None  # ran request by request with this phase: server, load, CPU and retries are the pair's
+    interleaved_with: str | None  # ran in turns with this phase: server /metrics, load and retries are the pair's
 
 
 def summarise(name: str, workload: str, records: Sequence[RequestRecord], duration_s: float, server: ServerSnapshot,

@@ -10,15 +10,19 @@ reduced-resolution router.
 
 A phase compared with an earlier one screenshot by screenshot sends its *twins* (twins()): the same screenshots with
 one pixel nudged, so they do the same work (the same image tokens; the same answers, lengths included) while no
-cache of the server (multimodal inputs, prefix KV) has seen them.
+cache of the server (multimodal inputs, prefix KV) has seen them. A twin's reduced-resolution router image is nudged
+too, so it is new beside the original's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from PIL import Image
 
 from lora_router.images import PreparedImage, prepare_image
 from training.expert_datasets import sample_seed
@@ -40,6 +44,7 @@ class BenchItem:
     router_image: PreparedImage  # sent to the router: `image`, or a reduced copy
     image_tokens: int
     router_image_tokens: int
+    twin: bool = False  # a twin of an earlier item: its images carry the nudged pixel
 
 
 class ScreenPool:
@@ -75,20 +80,18 @@ class ScreenPool:
         out = []
         for item in items:
             small = prepare_image(build_example(item.kind, item.seed).image, max_pixels=self.router_max_pixels)
+            small = _nudged(small) if item.twin else small
             out.append(dataclasses.replace(item, router_image=small,
                                            router_image_tokens=self.image_tokens(small.width, small.height)))
         return out
 
     def twins(self, items: Sequence[BenchItem]) -> list[BenchItem]:
-        """The same screenshots, new to the server: the top-left pixel's red value flipped in its lowest bit, so the
-        PNG bytes (vLLM's multimodal cache key, and through it the prefix cache's) differ and the picture does not."""
+        """The same screenshots, new to the server (see _nudged)."""
         out = []
         for item in items:
-            image = build_example(item.kind, item.seed).image.convert("RGB")
-            red, green, blue = image.getpixel((0, 0))
-            image.putpixel((0, 0), (red ^ 1, green, blue))
-            twin = prepare_image(image, max_pixels=self.image_max_pixels)
-            out.append(dataclasses.replace(item, image=twin, router_image=twin, router_image_tokens=item.image_tokens))
+            twin = _nudged(prepare_image(build_example(item.kind, item.seed).image, max_pixels=self.image_max_pixels))
+            out.append(dataclasses.replace(item, image=twin, router_image=twin, router_image_tokens=item.image_tokens,
+                                           twin=True))
         return out
 
     def _make(self, index: int, kind: str) -> BenchItem:
@@ -99,3 +102,12 @@ class ScreenPool:
         max_tokens = self.expert_max_tokens or self.answer_tokens(example.answer) + 1
         return BenchItem(index=index, kind=kind, seed=seed, prompt=example.prompt, max_tokens=max_tokens,
                          image=image, router_image=image, image_tokens=tokens, router_image_tokens=tokens)
+
+
+def _nudged(prepared: PreparedImage) -> PreparedImage:
+    """The picture as sent with its top-left pixel's red value flipped in its lowest bit: the PNG bytes (vLLM's
+    multimodal cache key, and through it the prefix cache's) differ, the size and the picture do not."""
+    image = Image.open(io.BytesIO(prepared.png)).convert("RGB")
+    red, green, blue = image.getpixel((0, 0))
+    image.putpixel((0, 0), (red ^ 1, green, blue))
+    return prepare_image(image)

@@ -113,8 +113,8 @@ def markdown(result: BenchmarkResult) -> str:
     out.append("\n## Phases\n\nLatencies in ms as p50 / p90 / p99, over successful requests. TTFT in ms from "
                "vLLM's /metrics histogram over all requests of the phase (router and expert alike): the exact mean, "
                "then p50 / p99 interpolated inside its coarse buckets. Tokens are means per request. Phases marked "
-               "*(interleaved)* ran request by request with their pair (at concurrency 1); their TTFT, cache and load "
-               "columns cover both.\n\n")
+               "*(interleaved)* ran in turns with their pair on twins of its screenshots (request by request at "
+               "concurrency 1); their TTFT, cache and load columns cover both.\n\n")
     out.append(_table(
         ("phase", "ok/sent", "errors", "retries", "screenshots/s", "route", "expert", "end to end",
          "TTFT mean (p50 / p99)",

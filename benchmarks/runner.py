@@ -3,21 +3,25 @@
 Phases run one after another on one server, each on screenshots it alone sends, so a phase's /metrics difference
 is its own (a phase that re-sends an earlier one's screenshots sends copies the server has not seen: twins, or
 reduced-resolution router images). Phases that a target compares run next to each other, because the machine's
-load drifts; two phases at concurrency 1 compared screenshot by screenshot run interleaved, request by request,
-and share one /metrics difference. The client-side phases talk to vLLM directly; gateway phases send
-`model: auto` to the gateway.
+load drifts; pairs compared on the same screenshots run interleaved (A | B: B sends A's twins), in turns that
+alternate which side goes first, A B B A: request by request at concurrency 1, at the compare concurrency C two turns
+each of a phase's worth of screenshots. An interleaved pair shares one /metrics difference; each side has its own
+duration and CPU time. The client-side phases talk to vLLM directly; gateway phases send `model: auto` to the
+gateway.
 
     plan  warm-up (every request kind, unmeasured)
-          per expert at c=1: expert-only | two-stage (twins), interleaved   (routing overhead per expert)
-          c=1: router-only, expert-only,
-               two-stage | gateway (twins), interleaved                     (chaining, gateway added latency)
+          per expert at c=1: expert-only | two-stage, interleaved           (routing overhead per expert)
+          c=1: router-only | router-only in the other mode, interleaved     (router modes)
+               expert-only,
+               two-stage | gateway, interleaved                             (chaining, gateway added latency)
           c=1: router-only at reduced resolution (same screenshots); the same in the other router mode
           two-stage sweep below the compare concurrency C
-          c=C: router-only, expert-only, two-stage                          (pipelining, vs HF)
+          c=C: router-only | router-only in the other mode, interleaved     (router modes)
+               expert-only, two-stage                                       (pipelining, vs HF)
                gateway (twins of the two-stage screenshots)                 (gateway throughput)
                `vllm bench serve` on the expert-only path, then through the gateway (model auto)
-          c=C: reduced router-only (same screenshots), the same two in the other mode, reduced two-stage
-          c=C: adapters mixed, base only
+          c=C: reduced router-only (same screenshots) in both modes, reduced two-stage
+          c=C: adapters mixed | base only, interleaved, each writing exactly max_tokens (LoRA's cost per token)
           rounds 2..R of the compared phases (per expert, c=1 and c=C pairs, mixed and base), as above
           two-stage sweep above C, then two-stage open loop (Poisson)
     the transformers + PEFT baselines run after each round's compare-concurrency phases, vLLM idle (on a GPU,
@@ -96,7 +100,7 @@ class PhaseSpec:
 class Plan:
     """The phases in order, the roles they play in the targets (per round of the compared phases, the first round
     first), and which pairs run interleaved (first -> second: the second re-sends the first's screenshots as twins,
-    at concurrency 1)."""
+    at the same concurrency)."""
 
     phases: list[PhaseSpec]
     rounds: list[Roles]
@@ -151,39 +155,43 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway
 
     def one_round(r: int, first: Roles | None) -> Roles:
         """Round `r`'s phases; the first round (`first` None) also runs the phases measured once."""
+
+        def pair(first_name: str, workload: Workload) -> str:
+            """`workload` on twins of phase `first_name`'s screenshots, interleaved with it: the same work under
+            the same load."""
+            spec = next(p for p in phases if p.name == first_name)
+            interleaved[first_name] = add(workload, spec.concurrency, spec.requests, spec.kind, reuse=first_name,
+                                          round_=r)
+            return interleaved[first_name]
+
         per_expert: dict[str, tuple[str, str]] = {}
         if bench.per_expert_requests:
             for kind in kinds:
                 expert = add(EXPERT_ONLY, 1, bench.per_expert_requests, kind, round_=r)
-                # Twins of the expert-only screenshots, interleaved with them: the same answers under the same
-                # load, so the ratio is what routing adds.
-                per_expert[kind] = (add(ts, 1, bench.per_expert_requests, kind, reuse=expert, round_=r), expert)
-                interleaved[expert] = per_expert[kind][0]
+                per_expert[kind] = (pair(expert, ts), expert)  # the ratio is what routing adds
         n1, nc = bench.requests_at(1), bench.requests_at(c)
-        router_1, expert_1, two_stage_1 = add(ro, 1, n1, round_=r), add(EXPERT_ONLY, 1, n1, round_=r), add(
-            ts, 1, n1, round_=r)
-        gateway_1 = ""
-        if with_gateway:
-            # Twins of the client-side two-stage screenshots, interleaved with them: a few ms are measured here.
-            gateway_1 = add(gw, 1, n1, reuse=two_stage_1, round_=r)
-            interleaved[two_stage_1] = gateway_1
+        paired_c = 2 * turn_size(bench, c)  # pairs interleaved at c: two turns each, A B B A
+        router_1 = add(ro, 1, n1, round_=r)
+        other_1 = pair(router_1, ro_other)
+        expert_1, two_stage_1 = add(EXPERT_ONLY, 1, n1, round_=r), add(ts, 1, n1, round_=r)
+        gateway_1 = pair(two_stage_1, gw) if with_gateway else ""  # a few ms are measured here
         once = first is None
         reduced_route_1 = add(ro, 1, n1, reduced=True, reuse=router_1) if once else first.reduced_route_1
-        other_1 = add(ro_other, 1, n1, round_=r)
         reduced_other_1 = add(ro_other, 1, n1, reduced=True, reuse=other_1) if once else ""
         if once:
             for k in bench.concurrencies:
                 if 1 < k < c:
                     add(ts, k, bench.requests_at(k))
-        router_c, expert_c, two_stage_c = (add(ro, c, nc, round_=r), add(EXPERT_ONLY, c, nc, round_=r),
-                                           add(ts, c, nc, round_=r))
+        router_c = add(ro, c, paired_c, round_=r)
+        other_c = pair(router_c, ro_other)
+        expert_c, two_stage_c = add(EXPERT_ONLY, c, nc, round_=r), add(ts, c, nc, round_=r)
         # Right after the client-side phase, on twins of its screenshots: the same work, the next seconds' load.
         gateway_c = add(gw, c, nc, reuse=two_stage_c, round_=r) if with_gateway else ""
-        reduced_route_c = add(ro, c, nc, reduced=True, reuse=router_c) if once else ""
-        other_c = add(ro_other, c, nc, round_=r)
-        reduced_other_c = add(ro_other, c, nc, reduced=True, reuse=other_c) if once else ""
+        reduced_route_c = add(ro, c, paired_c, reduced=True, reuse=router_c) if once else ""
+        reduced_other_c = add(ro_other, c, paired_c, reduced=True, reuse=other_c) if once else ""
         reduced_two_stage_c = add(ts, c, nc, reduced=True) if once else first.reduced_two_stage_c
-        mixed_c, base_c = add(ADAPTERS_MIXED, c, nc, round_=r), add(BASE_ONLY, c, nc, round_=r)
+        mixed_c = add(ADAPTERS_MIXED, c, paired_c, round_=r)
+        base_c = pair(mixed_c, BASE_ONLY)
         compared = dict(
             two_stage_1=two_stage_1, router_1=router_1, expert_1=expert_1, two_stage_c=two_stage_c,
             router_c=router_c, expert_c=expert_c, mixed_c=mixed_c, base_c=base_c, gateway_1=gateway_1,
@@ -210,15 +218,18 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway
 
 
 async def closed_loop(client: RouterClient, workload: Workload, items: Sequence[BenchItem], concurrency: int,
-                      phase: str, gateway: GatewayTarget | None = None) -> tuple[list[RequestRecord], float]:
-    """`concurrency` workers, each sending its next screenshot as soon as its last one is answered."""
+                      phase: str, gateway: GatewayTarget | None = None,
+                      since: float | None = None) -> tuple[list[RequestRecord], float]:
+    """`concurrency` workers, each sending its next screenshot as soon as its last one is answered; records' start
+    times count from `since` (perf_counter; default: now)."""
     records: list[RequestRecord] = []
     queue = iter(items)
     start = time.perf_counter()
 
     async def worker() -> None:
         for item in queue:  # one iterator shared by the workers: every item is sent once
-            records.append(await run_request(client, workload, item, phase, start, gateway))
+            records.append(await run_request(client, workload, item, phase, start if since is None else since,
+                                             gateway))
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, len(items)))))
     return sorted(records, key=lambda r: r.index), time.perf_counter() - start
@@ -228,20 +239,46 @@ async def closed_loop(client: RouterClient, workload: Workload, items: Sequence[
 Side = tuple[Workload, Sequence[BenchItem], str]
 
 
-async def interleaved(client: RouterClient, gateway: GatewayTarget | None, first: Side,
-                      second: Side) -> tuple[list[RequestRecord], float, list[RequestRecord], float]:
-    """Two phases at concurrency 1, request by request: the i-th screenshot of each, alternating which goes first,
-    so both meet the same machine load. Each phase's duration is the sum of its own requests' times."""
-    records: tuple[list[RequestRecord], list[RequestRecord]] = ([], [])
-    durations = [0.0, 0.0]
+@dataclass
+class SideResult:
+    """What one side of an interleaved pair measured over its own turns."""
+
+    records: list[RequestRecord] = dataclasses.field(default_factory=list)
+    duration_s: float = 0.0
+    client_cpu_s: float = 0.0
+    server_cpu_s: float | None = 0.0  # None: the server's CPU time is not known (started elsewhere)
+
+
+def turn_size(bench: BenchConfig, concurrency: int) -> int:
+    """Screenshots one side of an interleaved pair sends per turn: one at concurrency 1 (request by request), else
+    as many as a phase of its own at that concurrency sends, so each turn is such a phase."""
+    return 1 if concurrency == 1 else bench.requests_at(concurrency)
+
+
+async def interleaved(client: RouterClient, gateway: GatewayTarget | None, first: Side, second: Side,
+                      concurrency: int = 1, turn: int = 1,
+                      meter: Callable[[], tuple[float, float | None]] = lambda: (0.0, 0.0),
+                      ) -> tuple[SideResult, SideResult]:
+    """Two phases in turns of `turn` screenshots, closed loop at `concurrency`: the i-th turn of each, alternating
+    which goes first (A B B A A B ...), so both meet the same machine load. Each side's duration is the sum of its
+    turns' times; `meter()` (client and server CPU seconds so far) is read around every turn."""
+    sides, results = (first, second), (SideResult(), SideResult())
     start = time.perf_counter()
-    for i, pair in enumerate(zip(first[1], second[1])):
+    for i, at in enumerate(range(0, max(len(first[1]), len(second[1])), turn)):
         for side in ((0, 1) if i % 2 == 0 else (1, 0)):
-            workload, _, phase = (first, second)[side]
-            sent = time.perf_counter()
-            records[side].append(await run_request(client, workload, pair[side], phase, start, gateway))
-            durations[side] += time.perf_counter() - sent
-    return records[0], durations[0], records[1], durations[1]
+            workload, items, phase = sides[side]
+            if not items[at:at + turn]:
+                continue
+            result, (client_cpu, server_cpu) = results[side], meter()
+            records, duration = await closed_loop(client, workload, items[at:at + turn], concurrency, phase,
+                                                  gateway, since=start)
+            client_after, server_after = meter()
+            result.records += records
+            result.duration_s += duration
+            result.client_cpu_s += client_after - client_cpu
+            spent = _minus(server_after, server_cpu)
+            result.server_cpu_s = None if result.server_cpu_s is None or spent is None else result.server_cpu_s + spent
+    return results
 
 
 async def open_loop(client: RouterClient, workload: Workload, items: Sequence[BenchItem], rate: float,
@@ -313,22 +350,24 @@ class _Run:
         return items
 
     async def run_interleaved(self, first: PhaseSpec, second: PhaseSpec) -> None:
-        """Two phases at concurrency 1, interleaved; both get the pair's /metrics difference, load and CPU."""
+        """Two phases at one concurrency, interleaved in turns; both get the pair's /metrics difference, load and
+        retries, and each its own duration and CPU time."""
+        if first.concurrency != second.concurrency or first.concurrency is None:
+            raise ValueError(f"{first.name} and {second.name}: interleaved phases need one closed-loop concurrency")
         items = (self.take(first), self.take(second))
-        load_before, retries, cpu = os.getloadavg()[0], self.client.stats.retries, _cpu_s(resource.RUSAGE_SELF)
-        server_cpu = self.server_cpu()
+        load_before, retries = os.getloadavg()[0], self.client.stats.retries
         before = await self.snapshot(with_gateway=True)
-        records_a, duration_a, records_b, duration_b = await interleaved(
-            self.client, self.gateway, (first.workload, items[0], first.name), (second.workload, items[1], second.name))
+        results = await interleaved(
+            self.client, self.gateway, (first.workload, items[0], first.name), (second.workload, items[1], second.name),
+            first.concurrency, turn_size(self.bench, first.concurrency),
+            lambda: (_cpu_s(resource.RUSAGE_SELF), self.server_cpu()))
         server = (await self.snapshot(with_gateway=True)).minus(before)
-        load, retries, cpu = ((load_before, os.getloadavg()[0]), self.client.stats.retries - retries,
-                              _cpu_s(resource.RUSAGE_SELF) - cpu)
-        server_cpu = _minus(self.server_cpu(), server_cpu)
-        for spec, records, duration, other in ((first, records_a, duration_a, second.name),
-                                               (second, records_b, duration_b, first.name)):
-            self._add(spec, summarise(spec.name, spec.workload.name, records, duration, server, load, retries, cpu,
-                                      1, None, spec.kind, spec.reduced_router, interleaved_with=other,
-                                      server_cpu_s=server_cpu), records)
+        load, retries = (load_before, os.getloadavg()[0]), self.client.stats.retries - retries
+        for spec, result, other in ((first, results[0], second.name), (second, results[1], first.name)):
+            self._add(spec, summarise(spec.name, spec.workload.name, result.records, result.duration_s, server, load,
+                                      retries, result.client_cpu_s, spec.concurrency, None, spec.kind,
+                                      spec.reduced_router, interleaved_with=other, server_cpu_s=result.server_cpu_s),
+                      result.records)
 
     async def run_phase(self, spec: PhaseSpec) -> PhaseMetrics:
         items = self.take(spec)

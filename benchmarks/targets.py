@@ -197,8 +197,8 @@ def evaluate(phases: Mapping[str, PhaseMetrics], roles: Roles, baselines: Sequen
                               f"vLLM {_cpu_detail(tsc)}; {baseline} {_fmt(_ratio(1, hf_per_cpu))} CPU s per "
                               "screenshot"))
 
-    # On generated tokens/s: LoRA costs per token, and an adapter or the base model may stop at EOS before
-    # max_tokens, so screenshots/s would reward whichever writes less.
+    # On generated tokens/s: LoRA costs per token. Both phases send the same screenshots (twins), interleaved, and
+    # write exactly max_tokens each (ignore_eos), so neither is rewarded for stopping early.
     mixed, base = get("mixed_c"), get("base_c")
     ratio = _ratio(mixed.output_tokens_per_s if mixed else None, base.output_tokens_per_s if base else None)
     shots = _ratio(mixed.screenshots_per_s if mixed else None, base.screenshots_per_s if base else None)

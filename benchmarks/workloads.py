@@ -6,6 +6,8 @@ straight to vLLM, or one request to the routing gateway.
     expert-only   run_expert(the screenshot's true expert, image)            -- oracle routing
     adapters-mixed run_expert(experts in turn, image)                        -- every LoRA in every batch
     base-only     run_expert(base model, image)                              -- no LoRA at all
+                  (both write exactly max_tokens, vLLM's ignore_eos: LoRA costs per token, so the pair compares
+                  the same work, whichever model would have stopped first)
     gateway       POST model "auto" to the gateway (image, the task prompt, max_tokens as two-stage sends them):
                   the gateway routes and runs the expert; its x-route-* headers say where and how long
 
@@ -40,12 +42,15 @@ class Workload:
     route_mode: str | None  # 'choice' / 'one-token'; None: no routing request
     expert: str | None  # one of EXPERT_TARGETS; None: no expert request
     via_gateway: bool = False  # one request to the gateway, which routes and runs the routed expert itself
+    exact_tokens: bool = False  # the expert writes exactly max_tokens (vLLM's ignore_eos), never stopping early
 
     def __post_init__(self) -> None:
         if self.via_gateway and (self.route_mode is None or self.expert != "routed"):
             raise ValueError(f"workload {self.name!r}: through the gateway it routes and runs the routed expert")
         if self.route_mode is None and self.expert in (None, "routed"):
             raise ValueError(f"workload {self.name!r}: without a routing request it needs a fixed expert target")
+        if self.exact_tokens and (self.expert is None or self.via_gateway):
+            raise ValueError(f"workload {self.name!r}: exact_tokens applies to an expert request of the client")
         if self.expert is not None and self.expert not in EXPERT_TARGETS:
             raise ValueError(f"workload {self.name!r}: expert must be one of {EXPERT_TARGETS}, got {self.expert!r}")
 
@@ -66,8 +71,8 @@ def gateway(mode: str) -> Workload:
 
 
 EXPERT_ONLY = Workload("expert-only", route_mode=None, expert="oracle")
-ADAPTERS_MIXED = Workload("adapters-mixed", route_mode=None, expert="round-robin")
-BASE_ONLY = Workload("base-only", route_mode=None, expert="base")
+ADAPTERS_MIXED = Workload("adapters-mixed", route_mode=None, expert="round-robin", exact_tokens=True)
+BASE_ONLY = Workload("base-only", route_mode=None, expert="base", exact_tokens=True)
 
 
 @dataclass
@@ -145,7 +150,8 @@ async def _via_client(client: RouterClient, workload: Workload, item: BenchItem,
         record.routed = decision.expert if decision.fallback_reason is None else None
     if workload.expert is not None:
         record.expert = _target(client, workload.expert, item, record.routed)
-        result = await client.run_expert(record.expert, item.image, item.prompt, max_tokens=item.max_tokens)
+        result = await client.run_expert(record.expert, item.image, item.prompt, max_tokens=item.max_tokens,
+                                         extra_body={"ignore_eos": True} if workload.exact_tokens else None)
         record.expert_s = result.latency_s
         record.expert_prompt_tokens = result.prompt_tokens
         record.expert_completion_tokens = result.completion_tokens

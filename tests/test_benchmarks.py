@@ -19,7 +19,7 @@ from benchmarks.config import BenchConfig
 from benchmarks.metrics import PhaseMetrics, summarise
 from benchmarks.pool import ScreenPool
 from benchmarks.report import write_report
-from benchmarks.runner import build_plan, interleaved, phase_name, run_benchmark
+from benchmarks.runner import build_plan, interleaved, phase_name, run_benchmark, turn_size
 from benchmarks.server_metrics import GATEWAY_STAGE, ServerSnapshot, parse_metrics
 from benchmarks.targets import Roles, Target, evaluate, meets, over_rounds, paired
 from benchmarks.workloads import EXPERT_ONLY, RequestRecord, gateway, router_only, two_stage
@@ -92,7 +92,7 @@ def test_plan_puts_compared_phases_side_by_side_and_names_them_once():
                  "reduced_route_1", "reduced_two_stage_c"):
         assert getattr(roles, role) in names, role
     c = names.index(roles.router_c)
-    assert names[c:c + 3] == [roles.router_c, roles.expert_c, roles.two_stage_c]
+    assert names[c:c + 4] == [roles.router_c, roles.mode_pairs[16][1], roles.expert_c, roles.two_stage_c]
     assert names.index(roles.base_c) == names.index(roles.mixed_c) + 1
     for spec in plan.phases:
         if spec.reuse:
@@ -110,11 +110,19 @@ def test_plan_puts_compared_phases_side_by_side_and_names_them_once():
     # Per expert, two-stage re-sends the expert-only phase's screenshots (as twins).
     for ts_name, ex_name in roles.per_expert.values():
         assert specs[ts_name].reuse == ex_name
-    # Pairs compared at concurrency 1 screenshot by screenshot run interleaved.
-    assert plan.interleaved == {pair: partner for r in plan.rounds for pair, partner in
-                                {**{ex: ts for ts, ex in r.per_expert.values()}, r.two_stage_1: r.gateway_1}.items()}
+    # Pairs compared on the same screenshots run interleaved, the second on twins of the first's.
+    assert plan.interleaved == {pair: partner for r in plan.rounds for pair, partner in {
+        **{ex: ts for ts, ex in r.per_expert.values()}, r.two_stage_1: r.gateway_1, **dict(r.mode_pairs.values()),
+        r.mixed_c: r.base_c}.items()}
+    assert all(specs[second].reuse == first and specs[second].concurrency == specs[first].concurrency
+               and specs[second].requests == specs[first].requests and names.index(second) == names.index(first) + 1
+               for first, second in plan.interleaved.items())
     assert roles.mode_pairs == {1: (roles.router_1, phase_name(router_only("choice"), 1)),
                                 16: (roles.router_c, phase_name(router_only("choice"), 16))}
+    # At the compare concurrency a pair runs two turns each, each turn a phase's worth of screenshots.
+    assert turn_size(bench, 1) == 1 and turn_size(bench, 16) == bench.requests_at(16) == 64
+    assert [specs[n].requests for n in (roles.router_c, roles.mixed_c, roles.expert_c)] == [128, 128, 64]
+    assert specs[roles.mixed_c].workload.exact_tokens and specs[roles.base_c].workload.exact_tokens
     without = build_plan(bench, "one-token", ["calendar", "claim-window"], with_gateway=False)
     assert not any(p.workload.via_gateway for p in without.phases)
     assert without.roles.gateway_1 == without.roles.gateway_c == ""
@@ -169,22 +177,40 @@ class _OrderClient:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    async def run_expert(self, expert, image, prompt, max_tokens):
+    async def run_expert(self, expert, image, prompt, max_tokens, extra_body=None):
         self.calls.append(prompt)
         return type("Result", (), {"latency_s": 0.0, "prompt_tokens": 1, "completion_tokens": 1})()
 
 
-def test_interleaved_phases_alternate_which_goes_first():
-    def screenshots(side: str) -> list[SimpleNamespace]:
-        return [SimpleNamespace(index=i, kind="calendar", prompt=f"{side}{i}", max_tokens=2, image=None,
-                                image_tokens=1, router_image_tokens=1) for i in range(3)]
+def _screenshots(side: str, n: int) -> list[SimpleNamespace]:
+    return [SimpleNamespace(index=i, kind="calendar", prompt=f"{side}{i}", max_tokens=2, image=None,
+                            image_tokens=1, router_image_tokens=1) for i in range(n)]
 
+
+def test_interleaved_phases_alternate_which_goes_first():
     client = _OrderClient()
-    records_a, duration_a, records_b, _ = asyncio.run(interleaved(client, None, (EXPERT_ONLY, screenshots("a"), "a"),
-                                                                  (EXPERT_ONLY, screenshots("b"), "b")))
+    a, b = asyncio.run(interleaved(client, None, (EXPERT_ONLY, _screenshots("a", 3), "a"),
+                                   (EXPERT_ONLY, _screenshots("b", 3), "b")))
     assert client.calls == ["a0", "b0", "b1", "a1", "a2", "b2"]
-    assert [r.phase for r in records_a] == ["a"] * 3 and [r.index for r in records_b] == [0, 1, 2]
-    assert all(r.ok for r in records_a + records_b) and duration_a >= 0
+    assert [r.phase for r in a.records] == ["a"] * 3 and [r.index for r in b.records] == [0, 1, 2]
+    assert all(r.ok for r in a.records + b.records) and a.duration_s >= 0
+
+
+def test_interleaved_turns_at_a_concurrency_alternate_and_count_each_side_s_cpu():
+    client, readings = _OrderClient(), iter(range(100))
+
+    def meter():  # 1 CPU second of the benchmark and 10 of the server between two readings
+        t = next(readings)
+        return float(t), 10.0 * t
+
+    a, b = asyncio.run(interleaved(client, None, (EXPERT_ONLY, _screenshots("a", 5), "a"),
+                                   (EXPERT_ONLY, _screenshots("b", 5), "b"), concurrency=2, turn=2, meter=meter))
+    assert client.calls == ["a0", "a1", "b0", "b1", "b2", "b3", "a2", "a3", "a4", "b4"]
+    assert [r.index for r in a.records] == [0, 1, 2, 3, 4] == [r.index for r in b.records]
+    assert (a.client_cpu_s, a.server_cpu_s) == (b.client_cpu_s, b.server_cpu_s) == (3.0, 30.0)  # 3 turns each
+    a, _ = asyncio.run(interleaved(client, None, (EXPERT_ONLY, _screenshots("a", 2), "a"),
+                                   (EXPERT_ONLY, _screenshots("b", 2), "b"), meter=lambda: (0.0, None)))
+    assert a.server_cpu_s is None  # a server started elsewhere: its CPU time is not known
 
 
 def _record(phase: str, index: int, e2e: float, route: float | None = 0.04) -> RequestRecord:
@@ -324,15 +350,18 @@ def test_twins_are_the_same_screenshots_in_new_bytes():
         changed = [xy for xy in ((0, 0), (1, 0), (0, 1), (copy.width - 1, copy.height - 1))
                    if original.getpixel(xy) != copy.getpixel(xy)]
         assert changed == [(0, 0)]
+    # Their reduced router images are new beside the originals' too, at the same size.
+    for item, twin in zip(pool.reduced(items), pool.reduced(twins)):
+        assert twin.router_image.data_url != item.router_image.data_url
+        assert (twin.router_image.width, twin.router_image_tokens) == (item.router_image.width, item.router_image_tokens)
 
 
 def _pixels(image: PreparedImage):
-    import base64
     import io
 
     from PIL import Image
 
-    return Image.open(io.BytesIO(base64.b64decode(image.data_url.split(",", 1)[1]))).convert("RGB")
+    return Image.open(io.BytesIO(image.png)).convert("RGB")
 
 
 def test_peer_dataset_carries_our_images_first_and_the_command_is_vllm_bench_serve(tmp_path):
@@ -467,6 +496,9 @@ def test_smoke_run_accounts_for_every_request(served, tmp_path):
             r.index for r in result.records if r.phase == source}
     assert result.warmup["screenshots"] == len({(s.workload, s.reduced_router) for s in plan.phases}) * (
         bench.warmup_requests + bench.compare_concurrency)
+    # Mixed adapters and the base model write exactly max_tokens each (ignore_eos), so they compare the same work.
+    exact = [r for r in result.records if r.phase in (plan.roles.mixed_c, plan.roles.base_c) and r.ok]
+    assert exact and all(r.expert_completion_tokens == r.max_tokens == 4 for r in exact)
     gateway_records = [r for r in result.records if r.phase in (plan.roles.gateway_1, plan.roles.gateway_c)]
     assert len(gateway_records) == 2 * 2
     for r in gateway_records:
