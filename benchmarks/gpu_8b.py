@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from transformers import TrainerCallback
 
@@ -34,7 +35,7 @@ from lora_router.percentiles import Percentiles, percentiles
 from lora_router.resources import configs_dir
 from training.convert_routing_to_classification import convert_dataset
 from training.generate_dataset import RoutingDatasetConfig, generate_routing_dataset
-from training.trainer.args import parse_args
+from training.trainer.args import parse_args, resolve_base_dtype
 from training.trainer.run import train
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class Gpu8bArguments:
     batch_size: int = field(default=8, metadata={"help": "Examples per step (per_device_train_batch_size)."})
     gradient_checkpointing: bool = field(default=True, metadata={
         "help": "Recompute activations in the backward pass (memory for time), as an 8B run on one GPU needs."})
+    base_dtype: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata={
+        "help": "The trainer's --base_dtype: the frozen base's weights (auto: bfloat16 when training in bf16)."})
     screenshots: int = field(default=8, metadata={"help": "Screenshots per baseline (0: no baselines)."})
     rank: int = field(default=16, metadata={"help": "LoRA rank of the random adapters and of the trained router."})
     small: bool = field(default=False, metadata={
@@ -101,6 +104,7 @@ class TrainingFigures:
     batch_size: int
     gradient_checkpointing: bool
     bf16: bool
+    base_dtype: str  # the frozen base's weights, as the trainer resolved it
     device: str
     train_wall_s: float
     step_s: Percentiles  # after the warm-up steps
@@ -136,7 +140,8 @@ def train_router(args: Gpu8bArguments, deployment_path: Path, deployment: Deploy
         "--output_dir", str(args.work / "router"), "--overwrite_output_dir", "True",
         "--max_steps", str(args.steps), "--per_device_train_batch_size", str(args.batch_size),
         "--learning_rate", "1e-4", "--lr_scheduler_type", "constant", "--bf16", "True",
-        "--gradient_checkpointing", str(args.gradient_checkpointing), "--save_strategy", "no",
+        "--gradient_checkpointing", str(args.gradient_checkpointing), "--base_dtype", args.base_dtype,
+        "--save_strategy", "no",
         "--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "True",
         "--lora_r", str(args.rank), "--lora_alpha", str(2 * args.rank), "--serving_config", str(deployment_path)])
     timer = StepTimes()
@@ -148,7 +153,8 @@ def train_router(args: Gpu8bArguments, deployment_path: Path, deployment: Deploy
     step = percentiles(timer.seconds[args.warmup_steps:])
     return TrainingFigures(
         steps=len(timer.seconds), batch_size=args.batch_size, gradient_checkpointing=args.gradient_checkpointing,
-        bf16=bool(train_args.bf16), device=str(train_args.device), train_wall_s=metrics["train_wall_s"],
+        bf16=bool(train_args.bf16), base_dtype=resolve_base_dtype(model_args.base_dtype, train_args.bf16),
+        device=str(train_args.device), train_wall_s=metrics["train_wall_s"],
         step_s=step, examples_per_s=args.batch_size / step.p50, peak_memory_gib=peak,
         loss_first=metrics["loss_first"], loss_last=metrics["loss_last"])
 
@@ -178,8 +184,9 @@ def run_baselines(args: Gpu8bArguments, deployment: DeploymentConfig) -> list[Ba
 def markdown(setup: dict, training: TrainingFigures, baselines: list[BaselineResult]) -> str:
     step = training.step_s
     lines = [f"# {setup['shape']} on {setup['device_name']}", "",
-             f"Router training ({training.device}, bf16 {training.bf16}, gradient checkpointing "
-             f"{training.gradient_checkpointing}, batch {training.batch_size}, {training.steps} steps):", "",
+             f"Router training ({training.device}, bf16 {training.bf16}, base {training.base_dtype}, gradient "
+             f"checkpointing {training.gradient_checkpointing}, batch {training.batch_size}, {training.steps} steps):",
+             "",
              "| step p50 s | p90 s | p99 s | examples/s | peak memory GiB | loss first -> last |",
              "| --- | --- | --- | --- | --- | --- |",
              f"| {step.p50:.3f} | {step.p90:.3f} | {step.p99:.3f} | {training.examples_per_s:.1f} | "

@@ -424,6 +424,7 @@ def test_gpu_8b_trains_a_router_and_runs_both_baselines_on_the_scaled_down_shape
     training = result["training"]
     assert training["steps"] == 3 and training["step_s"]["count"] == 2  # the warm-up step left out
     assert training["loss_first"] > 0 and training["peak_memory_gib"] is None  # no GPU here
+    assert (training["bf16"], training["base_dtype"]) == (False, "float32")  # bf16 and its base only on CUDA
     assert (tmp_path / "work" / "router" / "adapter_model.safetensors").is_file()
     baselines = result["baselines"]
     assert [b["name"] for b in baselines] == ["hf-two-stage-inference", "hf-single-load"]

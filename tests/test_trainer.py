@@ -18,7 +18,7 @@ from lora_router.manifest import MANIFEST_NAME
 from lora_router.prompts import ROUTER_USER_PROMPT, router_system_prompt
 from training.llava_data import DataError
 from training.train_qwen import main
-from training.trainer.args import ModelArguments, parse_args, resolve_precision
+from training.trainer.args import ModelArguments, parse_args, resolve_base_dtype, resolve_precision
 from training.trainer.run import train
 
 SEED_COMMAND = """
@@ -197,6 +197,24 @@ def test_precision_flags_on_a_cpu_are_reported_and_ignored():
     assert resolve_precision(True, True, cuda=True, bf16_supported=True) == (True, True, [])
     with pytest.raises(ConfigError, match="this GPU does not support bfloat16"):
         resolve_precision(True, True, cuda=True, bf16_supported=False)
+
+
+@pytest.mark.parametrize("requested, bf16, expected", [
+    ("auto", True, "bfloat16"), ("auto", False, "float32"), ("float32", True, "float32"),
+    ("float32", False, "float32"), ("bfloat16", True, "bfloat16")])
+def test_the_frozen_base_is_bfloat16_when_training_in_bf16_unless_asked_otherwise(requested, bf16, expected):
+    assert resolve_base_dtype(requested, bf16) == expected
+
+
+def test_a_bfloat16_base_without_bf16_training_is_refused_before_training(capsys):
+    with pytest.raises(ConfigError, match="--base_dtype bfloat16 needs bf16 training"):
+        resolve_base_dtype("bfloat16", False)
+    with pytest.raises(SystemExit) as exit_info:  # on a CPU --bf16 is dropped, so the base would be float32
+        parse_args([*PATHS, "--bf16", "True", "--base_dtype", "bfloat16"])
+    assert exit_info.value.code == 2 and "--base_dtype bfloat16 needs bf16 training" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args([*PATHS, "--base_dtype", "float16"])
+    assert "base_dtype" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------- tiny runs

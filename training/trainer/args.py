@@ -18,6 +18,7 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
@@ -78,6 +79,10 @@ class ModelArguments:
     max_pixels: int | None = field(default=None, metadata={
         "help": "Largest image area (pixels); default the serving config's engine.max_pixels, else the model "
                 "processor's."})
+    base_dtype: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata={
+        "help": "Dtype of the frozen base's weights: 'auto' is bfloat16 when training in bf16 (on a GPU: half the "
+                "memory of float32, as vLLM serves it), else float32; 'float32' keeps a full-precision base under "
+                "bf16 autocast. The LoRA's own weights stay float32 either way."})
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_target_modules, str):
@@ -184,6 +189,17 @@ def resolve_precision(bf16: bool, tf32: bool | None, cuda: bool, bf16_supported:
     return bf16, tf32, notes
 
 
+def resolve_base_dtype(base_dtype: str, bf16: bool) -> str:
+    """The frozen base's dtype for --base_dtype under the resolved --bf16; a bfloat16 base without bf16 training is
+    an error (on a CPU --bf16 is dropped: there the base trains in float32)."""
+    if base_dtype == "auto":
+        return "bfloat16" if bf16 else "float32"
+    if base_dtype == "bfloat16" and not bf16:
+        raise ConfigError("--base_dtype bfloat16 needs bf16 training (--bf16 True on a CUDA GPU); without it pass "
+                          "--base_dtype float32 or auto")
+    return base_dtype
+
+
 @dataclass
 class TrainArguments(TrainingArguments):
     """transformers' TrainingArguments, plus the seed's flags transformers 5 dropped and this project's runtime."""
@@ -241,4 +257,9 @@ def parse_args(argv: list[str] | None = None, description: str | None = None
     # transformers' own parser, as TRL keeps it: TrainingArguments has field types only it reads.
     parser = ArgumentParser([ModelArguments, DataArguments, TrainArguments], prog=PROG, description=description,
                             parser_class=HfArgumentParser)
-    return parser.parse(argv)
+    model_args, data_args, train_args = parser.parse(argv)
+    try:
+        resolve_base_dtype(model_args.base_dtype, train_args.bf16)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return model_args, data_args, train_args

@@ -20,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy, get_last_checkpoint
 
 from lora_router.configuration import ConfigError
-from training.trainer.args import DataArguments, ModelArguments, TrainArguments
+from training.trainer.args import DataArguments, ModelArguments, TrainArguments, resolve_base_dtype
 from training.trainer.callbacks import GenerationAccuracy, LogLines
 
 log = logging.getLogger("training.trainer")
@@ -87,8 +87,8 @@ def resume_point(args: TrainArguments) -> str | None:
 
 
 def build_model(base_path: str, model_args: ModelArguments, args: TrainArguments):
-    """The base model in float32 with a fresh LoRA on its language model, and on its vision tower and mergers if
-    lora_vision_tower (seeded by args.seed)."""
+    """The base model (in --base_dtype) with a fresh LoRA on its language model, and on its vision tower and mergers
+    if lora_vision_tower (seeded by args.seed). PEFT keeps the LoRA's weights in float32 on a bfloat16 base."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
@@ -96,7 +96,8 @@ def build_model(base_path: str, model_args: ModelArguments, args: TrainArguments
     from lora_router.manifest import VISION_TOWER_TARGETS, lora_targets, touches_vision_tower
 
     torch.manual_seed(args.seed)  # the LoRA's initial weights
-    model = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
+    dtype = getattr(torch, resolve_base_dtype(model_args.base_dtype, args.bf16))
+    model = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=dtype)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()  # PEFT freezes the embeddings: give checkpointed blocks a grad input
     lora = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
@@ -223,6 +224,7 @@ def build_trainer(model_args: ModelArguments, data_args: DataArguments, args: Tr
             callback.logging_dir = args.logging_dir
     resolved = {"base_model": base_path, "base_model_fingerprint": model_fingerprint(base_path),
                 "min_pixels": min_pixels, "max_pixels": max_pixels, "bf16_used": args.bf16,
+                "base_dtype": resolve_base_dtype(model_args.base_dtype, args.bf16),
                 "device": str(args.device), "labels": labels}
     return trainer, resolved
 
