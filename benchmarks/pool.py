@@ -10,8 +10,9 @@ reduced-resolution router.
 
 A phase compared with an earlier one screenshot by screenshot sends its *twins* (twins()): the same screenshots with
 one pixel nudged, so they do the same work (the same image tokens; the same answers, lengths included) while no
-cache of the server (multimodal inputs, prefix KV) has seen them. A twin's reduced-resolution router image is nudged
-too, so it is new beside the original's.
+cache of the server (multimodal inputs, prefix KV) has seen them. Each copy of a screenshot nudges a pixel of its own
+(the k-th copy the k-th pixel of the top row), in its reduced-resolution router image too, so every copy is new
+beside the original and the other copies.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class BenchItem:
     router_image: PreparedImage  # sent to the router: `image`, or a reduced copy
     image_tokens: int
     router_image_tokens: int
-    twin: bool = False  # a twin of an earlier item: its images carry the nudged pixel
+    copy: int = 0  # 0: the original; k: its k-th twin, whose images carry the k-th nudged pixel
 
 
 class ScreenPool:
@@ -66,6 +67,7 @@ class ScreenPool:
         self.answer_tokens = answer_tokens
         self.image_tokens = image_tokens
         self._next = 0
+        self._copies: dict[int, int] = {}  # item index -> twins made of it
 
     def take(self, n: int, kind: str | None = None) -> list[BenchItem]:
         """`n` new screenshots, of class `kind` or drawn from the class mix."""
@@ -80,18 +82,20 @@ class ScreenPool:
         out = []
         for item in items:
             small = prepare_image(build_example(item.kind, item.seed).image, max_pixels=self.router_max_pixels)
-            small = _nudged(small) if item.twin else small
+            small = _nudged(small, item.copy) if item.copy else small
             out.append(dataclasses.replace(item, router_image=small,
                                            router_image_tokens=self.image_tokens(small.width, small.height)))
         return out
 
     def twins(self, items: Sequence[BenchItem]) -> list[BenchItem]:
-        """The same screenshots, new to the server (see _nudged)."""
+        """The same screenshots, new to the server and to every earlier copy (see _nudged)."""
         out = []
         for item in items:
-            twin = _nudged(prepare_image(build_example(item.kind, item.seed).image, max_pixels=self.image_max_pixels))
+            copy = self._copies[item.index] = self._copies.get(item.index, 0) + 1
+            image = prepare_image(build_example(item.kind, item.seed).image, max_pixels=self.image_max_pixels)
+            twin = _nudged(image, copy)
             out.append(dataclasses.replace(item, image=twin, router_image=twin, router_image_tokens=item.image_tokens,
-                                           twin=True))
+                                           copy=copy))
         return out
 
     def _make(self, index: int, kind: str) -> BenchItem:
@@ -104,10 +108,11 @@ class ScreenPool:
                          image=image, router_image=image, image_tokens=tokens, router_image_tokens=tokens)
 
 
-def _nudged(prepared: PreparedImage) -> PreparedImage:
-    """The picture as sent with its top-left pixel's red value flipped in its lowest bit: the PNG bytes (vLLM's
-    multimodal cache key, and through it the prefix cache's) differ, the size and the picture do not."""
+def _nudged(prepared: PreparedImage, copy: int) -> PreparedImage:
+    """The picture as sent with the red value of pixel `copy` - 1 of its top row flipped in its lowest bit: the PNG
+    bytes (vLLM's multimodal cache key, and through it the prefix cache's) differ, the size and the picture do not."""
     image = Image.open(io.BytesIO(prepared.png)).convert("RGB")
-    red, green, blue = image.getpixel((0, 0))
-    image.putpixel((0, 0), (red ^ 1, green, blue))
+    at = ((copy - 1) % image.width, (copy - 1) // image.width)
+    red, green, blue = image.getpixel(at)
+    image.putpixel(at, (red ^ 1, green, blue))
     return prepare_image(image)

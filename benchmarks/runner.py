@@ -2,27 +2,25 @@
 
 Phases run one after another on one server, each on screenshots it alone sends, so a phase's /metrics difference
 is its own (a phase that re-sends an earlier one's screenshots sends copies the server has not seen: twins, or
-reduced-resolution router images). Phases that a target compares run next to each other, because the machine's
-load drifts; pairs compared on the same screenshots run interleaved (A | B: B sends A's twins), in turns that
-alternate which side goes first, A B B A: request by request at concurrency 1, at the compare concurrency C two turns
-each of a phase's worth of screenshots. An interleaved pair shares one /metrics difference; each side has its own
-duration and CPU time. The client-side phases talk to vLLM directly; gateway phases send `model: auto` to the
-gateway.
+reduced-resolution router images). Phases that a target compares run side by side, because the machine's load
+drifts: a group compared on the same screenshots runs interleaved (A | B | C: B and C send twins of A's), in turns
+whose order reverses every time, A B C C B A A B C ...: request by request at concurrency 1, at the compare
+concurrency C two turns each of a phase's worth of screenshots. A group shares one /metrics difference; each phase
+has its own duration and CPU time. The client-side phases talk to vLLM directly; gateway phases send `model: auto`
+to the gateway.
 
     plan  warm-up (every request kind, unmeasured)
-          per expert at c=1: expert-only | two-stage, interleaved           (routing overhead per expert)
-          c=1: router-only | router-only in the other mode, interleaved     (router modes)
-               expert-only,
-               two-stage | gateway, interleaved                             (chaining, gateway added latency)
+          per expert at c=1: expert-only | two-stage                        (routing overhead per expert)
+          c=1: router-only | router-only in the other mode | expert-only | two-stage | gateway
+                                                                            (modes, chaining, gateway added latency)
           c=1: router-only at reduced resolution (same screenshots); the same in the other router mode
           two-stage sweep below the compare concurrency C
-          c=C: router-only | router-only in the other mode, interleaved     (router modes)
-               expert-only, two-stage                                       (pipelining, vs HF)
-               gateway (twins of the two-stage screenshots)                 (gateway throughput)
+          c=C: router-only | router-only in the other mode | expert-only | two-stage | gateway
+                                                                            (modes, pipelining, vs HF, gateway)
                `vllm bench serve` on the expert-only path, then through the gateway (model auto)
           c=C: reduced router-only (same screenshots) in both modes, reduced two-stage
-          c=C: adapters mixed | base only, interleaved, each writing exactly max_tokens (LoRA's cost per token)
-          rounds 2..R of the compared phases (per expert, c=1 and c=C pairs, mixed and base), as above
+          c=C: adapters mixed | base only, each writing exactly max_tokens     (LoRA's cost per token)
+          rounds 2..R of the compared groups, as above
           two-stage sweep above C, then two-stage open loop (Poisson)
     the transformers + PEFT baselines run after each round's compare-concurrency phases, vLLM idle (on a GPU,
           once per round after the server stops).
@@ -99,12 +97,12 @@ class PhaseSpec:
 @dataclass
 class Plan:
     """The phases in order, the roles they play in the targets (per round of the compared phases, the first round
-    first), and which pairs run interleaved (first -> second: the second re-sends the first's screenshots as twins,
-    at the same concurrency)."""
+    first), and which groups run interleaved (first -> the others, which re-send its screenshots as twins, at the
+    same concurrency)."""
 
     phases: list[PhaseSpec]
     rounds: list[Roles]
-    interleaved: dict[str, str]
+    interleaved: dict[str, list[str]]
 
     @property
     def roles(self) -> Roles:
@@ -144,7 +142,7 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway
     ts, ro, ro_other, gw = two_stage(mode), router_only(mode), router_only(other), gateway(mode)
     c = bench.compare_concurrency
     phases: list[PhaseSpec] = []
-    interleaved: dict[str, str] = {}
+    interleaved: dict[str, list[str]] = {}
 
     def add(workload: Workload, concurrency: int | None, requests: int, kind: str | None = None,
             reduced: bool = False, reuse: str | None = None, round_: int = 1) -> str:
@@ -156,25 +154,24 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway
     def one_round(r: int, first: Roles | None) -> Roles:
         """Round `r`'s phases; the first round (`first` None) also runs the phases measured once."""
 
-        def pair(first_name: str, workload: Workload) -> str:
-            """`workload` on twins of phase `first_name`'s screenshots, interleaved with it: the same work under
-            the same load."""
+        def join(first_name: str, workload: Workload) -> str:
+            """`workload` on twins of phase `first_name`'s screenshots, interleaved with its group: the same work
+            under the same load."""
             spec = next(p for p in phases if p.name == first_name)
-            interleaved[first_name] = add(workload, spec.concurrency, spec.requests, spec.kind, reuse=first_name,
-                                          round_=r)
-            return interleaved[first_name]
+            name = add(workload, spec.concurrency, spec.requests, spec.kind, reuse=first_name, round_=r)
+            interleaved.setdefault(first_name, []).append(name)
+            return name
 
         per_expert: dict[str, tuple[str, str]] = {}
         if bench.per_expert_requests:
             for kind in kinds:
                 expert = add(EXPERT_ONLY, 1, bench.per_expert_requests, kind, round_=r)
-                per_expert[kind] = (pair(expert, ts), expert)  # the ratio is what routing adds
+                per_expert[kind] = (join(expert, ts), expert)  # the ratio is what routing adds
         n1, nc = bench.requests_at(1), bench.requests_at(c)
-        paired_c = 2 * turn_size(bench, c)  # pairs interleaved at c: two turns each, A B B A
+        grouped_c = 2 * turn_size(bench, c)  # groups interleaved at c: two turns each
         router_1 = add(ro, 1, n1, round_=r)
-        other_1 = pair(router_1, ro_other)
-        expert_1, two_stage_1 = add(EXPERT_ONLY, 1, n1, round_=r), add(ts, 1, n1, round_=r)
-        gateway_1 = pair(two_stage_1, gw) if with_gateway else ""  # a few ms are measured here
+        other_1, expert_1, two_stage_1 = join(router_1, ro_other), join(router_1, EXPERT_ONLY), join(router_1, ts)
+        gateway_1 = join(router_1, gw) if with_gateway else ""  # a few ms are measured here
         once = first is None
         reduced_route_1 = add(ro, 1, n1, reduced=True, reuse=router_1) if once else first.reduced_route_1
         reduced_other_1 = add(ro_other, 1, n1, reduced=True, reuse=other_1) if once else ""
@@ -182,16 +179,14 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway
             for k in bench.concurrencies:
                 if 1 < k < c:
                     add(ts, k, bench.requests_at(k))
-        router_c = add(ro, c, paired_c, round_=r)
-        other_c = pair(router_c, ro_other)
-        expert_c, two_stage_c = add(EXPERT_ONLY, c, nc, round_=r), add(ts, c, nc, round_=r)
-        # Right after the client-side phase, on twins of its screenshots: the same work, the next seconds' load.
-        gateway_c = add(gw, c, nc, reuse=two_stage_c, round_=r) if with_gateway else ""
-        reduced_route_c = add(ro, c, paired_c, reduced=True, reuse=router_c) if once else ""
-        reduced_other_c = add(ro_other, c, paired_c, reduced=True, reuse=other_c) if once else ""
+        router_c = add(ro, c, grouped_c, round_=r)
+        other_c, expert_c, two_stage_c = join(router_c, ro_other), join(router_c, EXPERT_ONLY), join(router_c, ts)
+        gateway_c = join(router_c, gw) if with_gateway else ""
+        reduced_route_c = add(ro, c, grouped_c, reduced=True, reuse=router_c) if once else ""
+        reduced_other_c = add(ro_other, c, grouped_c, reduced=True, reuse=other_c) if once else ""
         reduced_two_stage_c = add(ts, c, nc, reduced=True) if once else first.reduced_two_stage_c
-        mixed_c = add(ADAPTERS_MIXED, c, paired_c, round_=r)
-        base_c = pair(mixed_c, BASE_ONLY)
+        mixed_c = add(ADAPTERS_MIXED, c, grouped_c, round_=r)
+        base_c = join(mixed_c, BASE_ONLY)
         compared = dict(
             two_stage_1=two_stage_1, router_1=router_1, expert_1=expert_1, two_stage_c=two_stage_c,
             router_c=router_c, expert_c=expert_c, mixed_c=mixed_c, base_c=base_c, gateway_1=gateway_1,
@@ -235,13 +230,13 @@ async def closed_loop(client: RouterClient, workload: Workload, items: Sequence[
     return sorted(records, key=lambda r: r.index), time.perf_counter() - start
 
 
-# One side of an interleaved pair: the workload, its screenshots, the phase name.
+# One side of an interleaved group: the workload, its screenshots, the phase name.
 Side = tuple[Workload, Sequence[BenchItem], str]
 
 
 @dataclass
 class SideResult:
-    """What one side of an interleaved pair measured over its own turns."""
+    """What one side of an interleaved group measured over its own turns."""
 
     records: list[RequestRecord] = dataclasses.field(default_factory=list)
     duration_s: float = 0.0
@@ -250,22 +245,22 @@ class SideResult:
 
 
 def turn_size(bench: BenchConfig, concurrency: int) -> int:
-    """Screenshots one side of an interleaved pair sends per turn: one at concurrency 1 (request by request), else
+    """Screenshots one side of an interleaved group sends per turn: one at concurrency 1 (request by request), else
     as many as a phase of its own at that concurrency sends, so each turn is such a phase."""
     return 1 if concurrency == 1 else bench.requests_at(concurrency)
 
 
-async def interleaved(client: RouterClient, gateway: GatewayTarget | None, first: Side, second: Side,
+async def interleaved(client: RouterClient, gateway: GatewayTarget | None, sides: Sequence[Side],
                       concurrency: int = 1, turn: int = 1,
-                      meter: Callable[[], tuple[float, float | None]] = lambda: (0.0, 0.0),
-                      ) -> tuple[SideResult, SideResult]:
-    """Two phases in turns of `turn` screenshots, closed loop at `concurrency`: the i-th turn of each, alternating
-    which goes first (A B B A A B ...), so both meet the same machine load. Each side's duration is the sum of its
-    turns' times; `meter()` (client and server CPU seconds so far) is read around every turn."""
-    sides, results = (first, second), (SideResult(), SideResult())
+                      meter: Callable[[], tuple[float, float | None]] = lambda: (0.0, 0.0)) -> list[SideResult]:
+    """Phases in turns of `turn` screenshots, closed loop at `concurrency`: the i-th turn of each, in an order that
+    reverses every time (A B C C B A A B C ...), so all meet the same machine load, a steady drift included. Each
+    side's duration is the sum of its turns' times; `meter()` (client and server CPU seconds so far) is read around
+    every turn."""
+    results = [SideResult() for _ in sides]
     start = time.perf_counter()
-    for i, at in enumerate(range(0, max(len(first[1]), len(second[1])), turn)):
-        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+    for i, at in enumerate(range(0, max(len(items) for _, items, _ in sides), turn)):
+        for side in (range(len(sides)) if i % 2 == 0 else reversed(range(len(sides)))):
             workload, items, phase = sides[side]
             if not items[at:at + turn]:
                 continue
@@ -349,24 +344,24 @@ class _Run:
         self.items[spec.name] = items
         return items
 
-    async def run_interleaved(self, first: PhaseSpec, second: PhaseSpec) -> None:
-        """Two phases at one concurrency, interleaved in turns; both get the pair's /metrics difference, load and
+    async def run_interleaved(self, group: Sequence[PhaseSpec]) -> None:
+        """Phases at one concurrency, interleaved in turns; all get the group's /metrics difference, load and
         retries, and each its own duration and CPU time."""
-        if first.concurrency != second.concurrency or first.concurrency is None:
-            raise ValueError(f"{first.name} and {second.name}: interleaved phases need one closed-loop concurrency")
-        items = (self.take(first), self.take(second))
+        concurrency = group[0].concurrency
+        if concurrency is None or any(spec.concurrency != concurrency for spec in group):
+            raise ValueError(f"{', '.join(s.name for s in group)}: interleaved phases need one closed-loop concurrency")
+        sides = [(spec.workload, self.take(spec), spec.name) for spec in group]
         load_before, retries = os.getloadavg()[0], self.client.stats.retries
         before = await self.snapshot(with_gateway=True)
-        results = await interleaved(
-            self.client, self.gateway, (first.workload, items[0], first.name), (second.workload, items[1], second.name),
-            first.concurrency, turn_size(self.bench, first.concurrency),
-            lambda: (_cpu_s(resource.RUSAGE_SELF), self.server_cpu()))
+        results = await interleaved(self.client, self.gateway, sides, concurrency, turn_size(self.bench, concurrency),
+                                    lambda: (_cpu_s(resource.RUSAGE_SELF), self.server_cpu()))
         server = (await self.snapshot(with_gateway=True)).minus(before)
         load, retries = (load_before, os.getloadavg()[0]), self.client.stats.retries - retries
-        for spec, result, other in ((first, results[0], second.name), (second, results[1], first.name)):
+        for spec, result in zip(group, results):
+            others = ", ".join(other.name for other in group if other is not spec)
             self._add(spec, summarise(spec.name, spec.workload.name, result.records, result.duration_s, server, load,
-                                      retries, result.client_cpu_s, spec.concurrency, None, spec.kind,
-                                      spec.reduced_router, interleaved_with=other, server_cpu_s=result.server_cpu_s),
+                                      retries, result.client_cpu_s, concurrency, None, spec.kind,
+                                      spec.reduced_router, interleaved_with=others, server_cpu_s=result.server_cpu_s),
                       result.records)
 
     async def run_phase(self, spec: PhaseSpec) -> PhaseMetrics:
@@ -572,7 +567,7 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
             # On a CPU each round of the baselines runs right after that round's compare-concurrency phases, as
             # every compared pair does: the machine's speed drifts over a run, and vLLM idles meanwhile. (On a GPU
             # vLLM holds the memory the model needs: after the server stops.)
-            baseline_after = {roles.gateway_c or roles.two_stage_c: i for i, roles in enumerate(plan.rounds)}
+            baseline_after = {roles.two_stage_c: i for i, roles in enumerate(plan.rounds)}
             baseline_rounds: list[list[BaselineResult]] = [[] for _ in plan.rounds]
             before = await run.snapshot()
             warmup = await run.warm_up(plan)
@@ -581,16 +576,18 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
             for spec in plan.phases:
                 if spec.name in run.phases:
                     continue  # ran interleaved with an earlier one
-                if spec.name in plan.interleaved:
-                    await run.run_interleaved(spec, specs[plan.interleaved[spec.name]])
+                group = [spec, *(specs[name] for name in plan.interleaved.get(spec.name, []))]
+                if len(group) > 1:
+                    await run.run_interleaved(group)
                 else:
                     await run.run_phase(spec)
-                if spec.name == (plan.roles.gateway_c or plan.roles.two_stage_c) and bench.peer_requests:
+                names = {member.name for member in group}
+                if plan.roles.two_stage_c in names and bench.peer_requests:
                     # Right after our phases at the compare concurrency, so it sees the same machine load.
                     peers = await run.run_peers(model_dir, deployment.model.served_name, out_dir)
-                if baselines is not None and spec.name in baseline_after:
-                    log.info("transformers + PEFT baselines, round %d ...", baseline_after[spec.name] + 1)
-                    baseline_rounds[baseline_after[spec.name]] = baselines.run(baseline_after[spec.name] + 1)
+                for name in names & baseline_after.keys() if baselines is not None else ():
+                    log.info("transformers + PEFT baselines, round %d ...", baseline_after[name] + 1)
+                    baseline_rounds[baseline_after[name]] = baselines.run(baseline_after[name] + 1)
             after = await run.snapshot()
     finally:
         if process is not None:

@@ -217,7 +217,8 @@ def evaluate(phases: Mapping[str, PhaseMetrics], roles: Roles, baselines: Sequen
     one_token = [phases[n] for n in roles.one_token if n in phases]
     routes = sum(p.routes for p in one_token)
     most = max((p.route_completion_tokens_max or 0 for p in one_token), default=None) if one_token else None
-    router_only = [p for p in one_token if p.workload.startswith("router-only")]
+    # Their own /metrics difference: an interleaved phase shares its pair's, the other mode's tokens included.
+    router_only = [p for p in one_token if p.workload.startswith("router-only") and not p.interleaved_with]
     server_per_route = _ratio(sum(p.server.get("vllm:generation_tokens_total", 0.0) for p in router_only),
                               sum(p.routes for p in router_only))
     targets.append(Target("generated tokens per route in one-token mode (most in any route)", most, "== 1",

@@ -91,9 +91,6 @@ def test_plan_puts_compared_phases_side_by_side_and_names_them_once():
     for role in ("two_stage_1", "router_1", "expert_1", "two_stage_c", "router_c", "expert_c", "mixed_c", "base_c",
                  "reduced_route_1", "reduced_two_stage_c"):
         assert getattr(roles, role) in names, role
-    c = names.index(roles.router_c)
-    assert names[c:c + 4] == [roles.router_c, roles.mode_pairs[16][1], roles.expert_c, roles.two_stage_c]
-    assert names.index(roles.base_c) == names.index(roles.mixed_c) + 1
     for spec in plan.phases:
         if spec.reuse:
             assert names.index(spec.reuse) < names.index(spec.name)
@@ -101,27 +98,27 @@ def test_plan_puts_compared_phases_side_by_side_and_names_them_once():
     assert set(roles.per_expert) == {"calendar", "claim-window"}
     assert all("one-token" in n for n in roles.one_token)
     specs = {p.name: p for p in plan.phases}
-    # Gateway phases: right after the client-side two-stage phase they are compared with, on its screenshots.
-    for two_stage_name, gateway_name, concurrency in ((roles.two_stage_1, roles.gateway_1, 1),
-                                                      (roles.two_stage_c, roles.gateway_c, 16)):
-        assert gateway_name == phase_name(gateway("one-token"), concurrency)
-        assert names.index(gateway_name) == names.index(two_stage_name) + 1
-        assert specs[gateway_name].reuse == two_stage_name and not specs[gateway_name].reduced_router
-    # Per expert, two-stage re-sends the expert-only phase's screenshots (as twins).
-    for ts_name, ex_name in roles.per_expert.values():
-        assert specs[ts_name].reuse == ex_name
-    # Pairs compared on the same screenshots run interleaved, the second on twins of the first's.
-    assert plan.interleaved == {pair: partner for r in plan.rounds for pair, partner in {
-        **{ex: ts for ts, ex in r.per_expert.values()}, r.two_stage_1: r.gateway_1, **dict(r.mode_pairs.values()),
-        r.mixed_c: r.base_c}.items()}
-    assert all(specs[second].reuse == first and specs[second].concurrency == specs[first].concurrency
-               and specs[second].requests == specs[first].requests and names.index(second) == names.index(first) + 1
-               for first, second in plan.interleaved.items())
+    # Groups compared on the same screenshots run interleaved, each phase after the first on twins of its screenshots:
+    # per expert (routing overhead), and at c=1 and c=16 the router modes, expert-only, two-stage and the gateway.
+    groups = {first: others for r in plan.rounds for first, others in {
+        **{ex: [ts] for ts, ex in r.per_expert.values()},
+        **{mine: [other, expert, client, gw] for mine, other, expert, client, gw in (
+            (*r.mode_pairs[1], r.expert_1, r.two_stage_1, r.gateway_1),
+            (*r.mode_pairs[16], r.expert_c, r.two_stage_c, r.gateway_c))},
+        r.mixed_c: [r.base_c]}.items()}
+    assert plan.interleaved == groups
+    for first, others in plan.interleaved.items():
+        at = names.index(first)
+        assert names[at:at + 1 + len(others)] == [first, *others]
+        assert all(specs[o].reuse == first and not specs[o].reduced_router and specs[o].concurrency ==
+                   specs[first].concurrency and specs[o].requests == specs[first].requests for o in others)
+    assert (roles.gateway_1, roles.gateway_c) == (phase_name(gateway("one-token"), 1),
+                                                  phase_name(gateway("one-token"), 16))
     assert roles.mode_pairs == {1: (roles.router_1, phase_name(router_only("choice"), 1)),
                                 16: (roles.router_c, phase_name(router_only("choice"), 16))}
-    # At the compare concurrency a pair runs two turns each, each turn a phase's worth of screenshots.
+    # At the compare concurrency a group runs two turns each, each turn a phase's worth of screenshots.
     assert turn_size(bench, 1) == 1 and turn_size(bench, 16) == bench.requests_at(16) == 64
-    assert [specs[n].requests for n in (roles.router_c, roles.mixed_c, roles.expert_c)] == [128, 128, 64]
+    assert {specs[n].requests for n in (roles.router_c, roles.expert_c, roles.gateway_c, roles.mixed_c)} == {128}
     assert specs[roles.mixed_c].workload.exact_tokens and specs[roles.base_c].workload.exact_tokens
     without = build_plan(bench, "one-token", ["calendar", "claim-window"], with_gateway=False)
     assert not any(p.workload.via_gateway for p in without.phases)
@@ -187,13 +184,16 @@ def _screenshots(side: str, n: int) -> list[SimpleNamespace]:
                             image_tokens=1, router_image_tokens=1) for i in range(n)]
 
 
-def test_interleaved_phases_alternate_which_goes_first():
+def test_interleaved_phases_reverse_their_order_every_turn():
     client = _OrderClient()
-    a, b = asyncio.run(interleaved(client, None, (EXPERT_ONLY, _screenshots("a", 3), "a"),
-                                   (EXPERT_ONLY, _screenshots("b", 3), "b")))
+    a, b = asyncio.run(interleaved(client, None, [(EXPERT_ONLY, _screenshots("a", 3), "a"),
+                                                  (EXPERT_ONLY, _screenshots("b", 3), "b")]))
     assert client.calls == ["a0", "b0", "b1", "a1", "a2", "b2"]
     assert [r.phase for r in a.records] == ["a"] * 3 and [r.index for r in b.records] == [0, 1, 2]
     assert all(r.ok for r in a.records + b.records) and a.duration_s >= 0
+    client = _OrderClient()
+    asyncio.run(interleaved(client, None, [(EXPERT_ONLY, _screenshots(side, 2), side) for side in "abc"]))
+    assert client.calls == ["a0", "b0", "c0", "c1", "b1", "a1"]
 
 
 def test_interleaved_turns_at_a_concurrency_alternate_and_count_each_side_s_cpu():
@@ -203,13 +203,14 @@ def test_interleaved_turns_at_a_concurrency_alternate_and_count_each_side_s_cpu(
         t = next(readings)
         return float(t), 10.0 * t
 
-    a, b = asyncio.run(interleaved(client, None, (EXPERT_ONLY, _screenshots("a", 5), "a"),
-                                   (EXPERT_ONLY, _screenshots("b", 5), "b"), concurrency=2, turn=2, meter=meter))
+    a, b = asyncio.run(interleaved(client, None, [(EXPERT_ONLY, _screenshots("a", 5), "a"),
+                                                  (EXPERT_ONLY, _screenshots("b", 5), "b")], concurrency=2, turn=2,
+                                   meter=meter))
     assert client.calls == ["a0", "a1", "b0", "b1", "b2", "b3", "a2", "a3", "a4", "b4"]
     assert [r.index for r in a.records] == [0, 1, 2, 3, 4] == [r.index for r in b.records]
     assert (a.client_cpu_s, a.server_cpu_s) == (b.client_cpu_s, b.server_cpu_s) == (3.0, 30.0)  # 3 turns each
-    a, _ = asyncio.run(interleaved(client, None, (EXPERT_ONLY, _screenshots("a", 2), "a"),
-                                   (EXPERT_ONLY, _screenshots("b", 2), "b"), meter=lambda: (0.0, None)))
+    a, _ = asyncio.run(interleaved(client, None, [(EXPERT_ONLY, _screenshots("a", 2), "a"),
+                                                  (EXPERT_ONLY, _screenshots("b", 2), "b")], meter=lambda: (0.0, None)))
     assert a.server_cpu_s is None  # a server started elsewhere: its CPU time is not known
 
 
@@ -316,6 +317,25 @@ def test_paired_matches_screenshots_by_index_and_skips_failures():
     assert paired(a, "a", "b") == []
 
 
+def test_one_token_routes_are_checked_on_the_server_only_where_a_phase_has_its_own_metrics():
+    roles, _ = _targets([])
+    mine, other = roles.mode_pairs[16]
+    reduced = roles.resolution_pairs["one-token"][0][1]
+
+    def phase(name: str, workload: str, generated: float, interleaved_with: str | None = None) -> PhaseMetrics:
+        records = [dataclasses.replace(_record(name, i, 0.1), route_completion_tokens=1) for i in range(4)]
+        return dataclasses.replace(_phase(name, records, 1.0, 16, workload), interleaved_with=interleaved_with,
+                                   server={"vllm:generation_tokens_total": generated})
+
+    name = "generated tokens per route in one-token mode (most in any route)"
+    # The pair's counters hold the choice mode's tokens too (3 a route): not held against one-token mode.
+    pair = [phase(mine, "router-only[one-token]", 16.0, other), phase(other, "router-only[choice]", 16.0, mine)]
+    _, targets = _targets([*pair, phase(reduced, "router-only[one-token]", 4.0)])
+    assert targets[name].met is True and "per route in router-only one-token phases 1" in targets[name].detail
+    _, targets = _targets([*pair, phase(reduced, "router-only[one-token]", 8.0)])  # 2 tokens a route on its own
+    assert targets[name].measured == 1 and targets[name].met is False
+
+
 def test_routing_cost_per_expert_and_the_router_mode_targets():
     roles, _ = _targets([])
     ts_name, ex_name = roles.per_expert["calendar"]
@@ -340,20 +360,23 @@ def test_twins_are_the_same_screenshots_in_new_bytes():
     pool = ScreenPool(0, {"calendar": 1.0, "provider-select": 1.0}, image_max_pixels=None, router_max_pixels=20_000,
                       expert_max_tokens=None, answer_tokens=len, image_tokens=lambda w, h: w * h // 1024)
     items = pool.take(2)
-    twins = pool.twins(items)
-    for item, twin in zip(items, twins):
-        assert (twin.index, twin.kind, twin.seed, twin.prompt, twin.max_tokens, twin.image_tokens) == (
-            item.index, item.kind, item.seed, item.prompt, item.max_tokens, item.image_tokens)
-        assert twin.image.data_url != item.image.data_url and twin.router_image is twin.image
-        original, copy = (_pixels(p) for p in (item.image, twin.image))
-        assert original.size == copy.size
-        changed = [xy for xy in ((0, 0), (1, 0), (0, 1), (copy.width - 1, copy.height - 1))
-                   if original.getpixel(xy) != copy.getpixel(xy)]
-        assert changed == [(0, 0)]
-    # Their reduced router images are new beside the originals' too, at the same size.
-    for item, twin in zip(pool.reduced(items), pool.reduced(twins)):
-        assert twin.router_image.data_url != item.router_image.data_url
-        assert (twin.router_image.width, twin.router_image_tokens) == (item.router_image.width, item.router_image_tokens)
+    twins, second = pool.twins(items), pool.twins(items)  # two copies of each, as a group of interleaved phases sends
+    for item, *copies in zip(items, twins, second):
+        for k, twin in enumerate(copies, start=1):
+            assert (twin.index, twin.kind, twin.seed, twin.prompt, twin.max_tokens, twin.image_tokens, twin.copy) == (
+                item.index, item.kind, item.seed, item.prompt, item.max_tokens, item.image_tokens, k)
+            assert twin.router_image is twin.image
+            original, copy = (_pixels(p) for p in (item.image, twin.image))
+            assert original.size == copy.size
+            changed = [xy for xy in ((0, 0), (1, 0), (0, 1), (copy.width - 1, copy.height - 1))
+                       if original.getpixel(xy) != copy.getpixel(xy)]
+            assert changed == [(k - 1, 0)]  # the k-th copy nudges a pixel of its own
+        assert len({image.data_url for image in (item.image, *(c.image for c in copies))}) == 3
+    # Their reduced router images are new beside the original's and each other's too, at the same size.
+    for item, *copies in zip(pool.reduced(items), pool.reduced(twins), pool.reduced(second)):
+        assert len({i.router_image.data_url for i in (item, *copies)}) == 3
+        assert {(i.router_image.width, i.router_image_tokens) for i in copies} == {
+            (item.router_image.width, item.router_image_tokens)}
 
 
 def _pixels(image: PreparedImage):
@@ -500,8 +523,9 @@ def test_smoke_run_accounts_for_every_request(served, tmp_path):
     # Mixed adapters and the base model write exactly max_tokens each (ignore_eos), so they compare the same work.
     exact = [r for r in result.records if r.phase in (plan.roles.mixed_c, plan.roles.base_c) and r.ok]
     assert exact and all(r.expert_completion_tokens == r.max_tokens == 4 for r in exact)
-    gateway_records = [r for r in result.records if r.phase in (plan.roles.gateway_1, plan.roles.gateway_c)]
-    assert len(gateway_records) == 2 * 2
+    gateway_phases = (plan.roles.gateway_1, plan.roles.gateway_c)
+    gateway_records = [r for r in result.records if r.phase in gateway_phases]
+    assert len(gateway_records) == 2 + 4  # at c=2: two turns of 2 each
     for r in gateway_records:
         if r.ok:  # what the gateway's x-route-* headers said
             assert r.route_s > 0 and r.route_mode == result.setup["router_mode"]
