@@ -336,6 +336,22 @@ def test_one_token_routes_are_checked_on_the_server_only_where_a_phase_has_its_o
     assert targets[name].measured == 1 and targets[name].met is False
 
 
+def test_the_multimodal_cache_hit_rate_is_read_from_two_stage_phases_that_ran_alone():
+    roles, _ = _targets([])
+    swept = phase_name(two_stage("one-token"), 4)
+
+    def phase(name: str, hits: float, queries: float, interleaved_with: str | None = None) -> PhaseMetrics:
+        return dataclasses.replace(_phase(name, [_record(name, 0, 0.5)], 1.0, 16), interleaved_with=interleaved_with,
+                                   server={"vllm:mm_cache_hits_total": hits, "vllm:mm_cache_queries_total": queries})
+
+    # A group's counters hold its router-only and expert-only requests too, which never hit: left out.
+    grouped = phase(roles.two_stage_c, 10.0, 100.0, roles.router_c)
+    roles = dataclasses.replace(roles, two_stage_all=[roles.two_stage_c, swept])
+    targets = {t.name: t for t in evaluate({p.name: p for p in (grouped, phase(swept, 8.0, 16.0))}, roles, [], [])}
+    rate = targets["multimodal cache hit rate on two-stage traffic"]
+    assert rate.measured == pytest.approx(0.5) and rate.met is True and "the 1 full-resolution" in rate.detail
+
+
 def test_routing_cost_per_expert_and_the_router_mode_targets():
     roles, _ = _targets([])
     ts_name, ex_name = roles.per_expert["calendar"]
