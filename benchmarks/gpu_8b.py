@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from benchmarks.hf_baselines import BaselineResult, Baselines
 from benchmarks.pool import ScreenPool
 from benchmarks.random_8b import SMALL_SHAPE, Qwen3VLShape, build
-from benchmarks.runner import _image_token_counter, default_out_dir
+from benchmarks.runner import default_out_dir, image_token_counter
 from lora_router.configuration import ConfigError, check_types, parse_command, run_command
 from lora_router.deployment import DeploymentConfig, load_config
 from lora_router.percentiles import Percentiles, percentiles
@@ -174,7 +174,7 @@ def run_baselines(args: Gpu8bArguments, deployment: DeploymentConfig) -> list[Ba
     pool = ScreenPool(0, {label: 1.0 for label in deployment.labels}, image_max_pixels=deployment.engine.max_pixels,
                       router_max_pixels=deployment.engine.max_pixels or 0, expert_max_tokens=None,
                       answer_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
-                      image_tokens=_image_token_counter(processor, deployment))
+                      image_tokens=image_token_counter(processor, deployment))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     baselines = Baselines(deployment.model.path, processor, deployment, pool.take(args.screenshots), device,
                           threads=torch.get_num_threads())

@@ -455,7 +455,7 @@ def _check_mix(bench: BenchConfig, deployment: DeploymentConfig) -> list[str]:
     return kinds
 
 
-def _image_token_counter(processor, deployment: DeploymentConfig):
+def image_token_counter(processor, deployment: DeploymentConfig):
     """(width, height) -> image tokens, as the server's processor resizes (engine pixel limits win)."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
@@ -549,7 +549,7 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
             bench.seed, {k: bench.class_mix[k] for k in kinds}, image_max_pixels=client_config.max_pixels,
             router_max_pixels=bench.router_max_pixels, expert_max_tokens=bench.expert_max_tokens,
             answer_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]),
-            image_tokens=_image_token_counter(processor, deployment))
+            image_tokens=image_token_counter(processor, deployment))
         async with RouterClient(client_config) as client, \
                 aiohttp.ClientSession(headers=bearer_headers(client_config.api_key)) as session, \
                 aiohttp.ClientSession(headers=bearer_headers(deployment.engine.api_key),
