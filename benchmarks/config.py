@@ -35,7 +35,8 @@ class BenchConfig:
         "help": "Fewest measured screenshots in one closed-loop phase (each round sends them again)."})
     requests_per_slot: int = field(default=4, metadata={
         "help": "Measured screenshots per concurrency slot: a phase at concurrency c sends "
-                "max(min_requests, requests_per_slot * c)."})
+                "max(min_requests, requests_per_slot * c); in an interleaved group at c > 1, twice that in two "
+                "turns."})
     per_expert_requests: int = field(default=6, metadata={
         "help": "Screenshots of each class for the per-expert routing overhead at concurrency 1 (0 skips it)."})
     compare_concurrency: int = field(default=16, metadata={
