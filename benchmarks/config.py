@@ -62,8 +62,9 @@ class BenchConfig:
                 "trained expert writes (random stand-ins seldom stop earlier)."})
     peer_requests: int = field(default=32, metadata={
         "help": "Requests `vllm bench serve` sends on the expert-only path (0 skips it)."})
-    hf_requests: int = field(default=8, metadata={
-        "help": "Screenshots per transformers + PEFT baseline, one at a time (0 skips them)."})
+    hf_requests: int = field(default=24, metadata={
+        "help": "Screenshots per transformers + PEFT baseline and round, one at a time (0 skips them); at 8 (about "
+                "1.3 s) the single-load baseline's rounds spread 5.1-6.7 screenshots/s within one run."})
     cpu_threads: int | None = field(default=None, metadata={
         "help": "CPU deployments: OpenMP threads of the vLLM worker the benchmark starts (set as the deployment's "
                 "engine.cpu_threads) and of the transformers baselines; None: the deployment's engine.cpu_threads, "
