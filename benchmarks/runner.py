@@ -565,7 +565,7 @@ async def run_benchmark(bench: BenchConfig, deployment: DeploymentConfig, out_di
                 log.info("loading the transformers + PEFT baselines ...")
                 baselines = hf_baselines.Baselines(model_dir, processor, deployment, hf_items, "cpu", threads)
             # On a CPU each round of the baselines runs right after that round's compare-concurrency phases, as
-            # every compared pair does: the machine's speed drifts over a run, and vLLM idles meanwhile. (On a GPU
+            # every compared group does: the machine's speed drifts over a run, and vLLM idles meanwhile. (On a GPU
             # vLLM holds the memory the model needs: after the server stops.)
             baseline_after = {roles.two_stage_c: i for i, roles in enumerate(plan.rounds)}
             baseline_rounds: list[list[BaselineResult]] = [[] for _ in plan.rounds]
