@@ -1,19 +1,19 @@
 """One benchmark run: the plan of phases, closed and open loop load, the peer tool and the baselines.
 
-Phases run one after another on one server, each on screenshots it alone sends, so a phase's /metrics difference
-is its own (a phase that re-sends an earlier one's screenshots sends copies the server has not seen: twins, or
-reduced-resolution router images). Phases that a target compares run side by side, because the machine's load
-drifts: a group compared on the same screenshots runs interleaved (A | B | C: B and C send twins of A's), in turns
-whose order reverses every time, A B C C B A A B C ...: request by request at concurrency 1, at the compare
-concurrency C two turns each of a phase's worth of screenshots. A group shares one /metrics difference; each phase
-has its own duration and CPU time. The client-side phases talk to vLLM directly; gateway phases send `model: auto`
-to the gateway.
+Phases run one after another on one server, each on screenshots it alone sends, so a phase's /metrics difference is
+its own (a phase that re-sends an earlier one's screenshots sends copies the server has not seen: twins, with
+reduced-resolution router images where it asks). Phases that a target compares run side by side, because the
+machine's load drifts: a group compared on the same screenshots runs interleaved (A | B | C: B and C send twins of
+A's), in turns whose order reverses every time, A B C C B A A B C ...: request by request at concurrency 1, at the
+compare concurrency C two turns each of a phase's worth of screenshots. A group shares one /metrics difference;
+each phase has its own duration and CPU time. The client-side phases talk to vLLM directly; gateway phases send
+`model: auto` to the gateway.
 
     plan  warm-up (every request kind, unmeasured)
           per expert at c=1: expert-only | two-stage                        (routing overhead per expert)
-          c=1: router-only | router-only in the other mode | expert-only | two-stage | gateway
-                                                                            (modes, chaining, gateway added latency)
-          c=1: router-only at reduced resolution (same screenshots); the same in the other router mode
+          c=1: router-only | router-only in the other mode | expert-only | two-stage | gateway | router-only at
+               reduced resolution (in the first round also in the other mode)
+                                                  (modes, chaining, gateway added latency, reduced resolution)
           two-stage sweep below the compare concurrency C
           c=C: router-only | router-only in the other mode | expert-only | two-stage | gateway
                                                                             (modes, pipelining, vs HF, gateway)
@@ -91,7 +91,7 @@ class PhaseSpec:
     concurrency: int | None = None  # closed loop; None: open loop (Poisson)
     kind: str | None = None  # every screenshot of this class; None: drawn from the class mix
     reduced_router: bool = False  # router requests get reduced-resolution images
-    reuse: str | None = None  # send this earlier phase's screenshots again: reduced router images, else twins
+    reuse: str | None = None  # send twins of this earlier phase's screenshots
 
 
 @dataclass
@@ -154,11 +154,11 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway
     def one_round(r: int, first: Roles | None) -> Roles:
         """Round `r`'s phases; the first round (`first` None) also runs the phases measured once."""
 
-        def join(first_name: str, workload: Workload) -> str:
-            """`workload` on twins of phase `first_name`'s screenshots, interleaved with its group: the same work
-            under the same load."""
+        def join(first_name: str, workload: Workload, reduced: bool = False) -> str:
+            """`workload` on twins of phase `first_name`'s screenshots (or, `reduced`, on them with reduced router
+            images), interleaved with its group: the same work under the same load."""
             spec = next(p for p in phases if p.name == first_name)
-            name = add(workload, spec.concurrency, spec.requests, spec.kind, reuse=first_name, round_=r)
+            name = add(workload, spec.concurrency, spec.requests, spec.kind, reduced, reuse=first_name, round_=r)
             interleaved.setdefault(first_name, []).append(name)
             return name
 
@@ -173,8 +173,8 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway
         other_1, expert_1, two_stage_1 = join(router_1, ro_other), join(router_1, EXPERT_ONLY), join(router_1, ts)
         gateway_1 = join(router_1, gw) if with_gateway else ""  # a few ms are measured here
         once = first is None
-        reduced_route_1 = add(ro, 1, n1, reduced=True, reuse=router_1) if once else first.reduced_route_1
-        reduced_other_1 = add(ro_other, 1, n1, reduced=True, reuse=other_1) if once else ""
+        reduced_route_1 = join(router_1, ro, reduced=True)  # the saving is a few ms: measured in the group
+        reduced_other_1 = join(router_1, ro_other, reduced=True) if once else ""
         if once:
             for k in bench.concurrencies:
                 if 1 < k < c:
@@ -190,11 +190,12 @@ def build_plan(bench: BenchConfig, mode: str, kinds: Sequence[str], with_gateway
         compared = dict(
             two_stage_1=two_stage_1, router_1=router_1, expert_1=expert_1, two_stage_c=two_stage_c,
             router_c=router_c, expert_c=expert_c, mixed_c=mixed_c, base_c=base_c, gateway_1=gateway_1,
-            gateway_c=gateway_c, mode_pairs={1: (router_1, other_1), c: (router_c, other_c)}, per_expert=per_expert)
+            gateway_c=gateway_c, mode_pairs={1: (router_1, other_1), c: (router_c, other_c)}, per_expert=per_expert,
+            reduced_route_1=reduced_route_1)
         if not once:
             return dataclasses.replace(first, **compared)
         return Roles(
-            **compared, reduced_route_1=reduced_route_1, reduced_two_stage_c=reduced_two_stage_c, mode=mode,
+            **compared, reduced_two_stage_c=reduced_two_stage_c, mode=mode,
             one_token=[], two_stage_all=[],
             resolution_pairs={mode: [(router_1, reduced_route_1), (router_c, reduced_route_c)],
                               other: [(other_1, reduced_other_1), (other_c, reduced_other_c)]})
@@ -333,14 +334,11 @@ class _Run:
         return {"screenshots": sent, "failed": failed}
 
     def take(self, spec: PhaseSpec) -> list[BenchItem]:
-        """The phase's screenshots: new ones, or copies of an earlier phase's (reduced router images, or twins)."""
-        if spec.reuse:
-            source = self.items[spec.reuse]
-            items = self.pool.reduced(source) if spec.reduced_router else self.pool.twins(source)
-        else:
-            items = self.pool.take(spec.requests, spec.kind)
-            if spec.reduced_router:
-                items = self.pool.reduced(items)
+        """The phase's screenshots: new ones, or twins of an earlier phase's; with reduced router images if the
+        phase asks."""
+        items = self.pool.twins(self.items[spec.reuse]) if spec.reuse else self.pool.take(spec.requests, spec.kind)
+        if spec.reduced_router:
+            items = self.pool.reduced(items)
         self.items[spec.name] = items
         return items
 

@@ -99,19 +99,22 @@ def test_plan_puts_compared_phases_side_by_side_and_names_them_once():
     assert all("one-token" in n for n in roles.one_token)
     specs = {p.name: p for p in plan.phases}
     # Groups compared on the same screenshots run interleaved, each phase after the first on twins of its screenshots:
-    # per expert (routing overhead), and at c=1 and c=16 the router modes, expert-only, two-stage and the gateway.
+    # per expert (routing overhead), and at c=1 and c=16 the router modes, expert-only, two-stage and the gateway; at
+    # c=1 also router-only at reduced resolution (in the first round in both modes).
+    reduced_other_1 = phase_name(router_only("choice"), 1, reduced=True)
     groups = {first: others for r in plan.rounds for first, others in {
         **{ex: [ts] for ts, ex in r.per_expert.values()},
-        **{mine: [other, expert, client, gw] for mine, other, expert, client, gw in (
-            (*r.mode_pairs[1], r.expert_1, r.two_stage_1, r.gateway_1),
-            (*r.mode_pairs[16], r.expert_c, r.two_stage_c, r.gateway_c))},
+        r.router_1: [r.mode_pairs[1][1], r.expert_1, r.two_stage_1, r.gateway_1, r.reduced_route_1,
+                     *([reduced_other_1] if r is plan.roles else [])],
+        r.router_c: [r.mode_pairs[16][1], r.expert_c, r.two_stage_c, r.gateway_c],
         r.mixed_c: [r.base_c]}.items()}
     assert plan.interleaved == groups
     for first, others in plan.interleaved.items():
         at = names.index(first)
         assert names[at:at + 1 + len(others)] == [first, *others]
-        assert all(specs[o].reuse == first and not specs[o].reduced_router and specs[o].concurrency ==
-                   specs[first].concurrency and specs[o].requests == specs[first].requests for o in others)
+        assert all(specs[o].reuse == first and specs[o].reduced_router == ("+reduced" in o) and specs[o].concurrency
+                   == specs[first].concurrency and specs[o].requests == specs[first].requests for o in others)
+    assert roles.resolution_pairs["choice"][0] == (roles.mode_pairs[1][1], reduced_other_1)
     assert (roles.gateway_1, roles.gateway_c) == (phase_name(gateway("one-token"), 1),
                                                   phase_name(gateway("one-token"), 16))
     assert roles.mode_pairs == {1: (roles.router_1, phase_name(router_only("choice"), 1)),
@@ -131,18 +134,19 @@ def test_compared_phases_run_in_every_round_and_the_rest_once():
     names = [p.name for p in plan.phases]
     assert len(names) == len(set(names)) and len(plan.rounds) == 3
     compared = ("two_stage_1", "router_1", "expert_1", "two_stage_c", "router_c", "expert_c", "mixed_c", "base_c",
-                "gateway_1", "gateway_c")
+                "gateway_1", "gateway_c", "reduced_route_1")
     for r, roles in enumerate(plan.rounds, start=1):
         for role in compared:
             name = getattr(roles, role)
             assert name in names and name.endswith(f"#{r}") == (r > 1), (r, role, name)
         assert [roles.mode_pairs[k][1] for k in (1, 16)] == [
             phase_name(router_only("choice"), k, round_=r) for k in (1, 16)]
-        # Measured once: the reduced-resolution router and what every round reads.
-        assert (roles.reduced_route_1, roles.reduced_two_stage_c) == (plan.roles.reduced_route_1,
-                                                                        plan.roles.reduced_two_stage_c)
+        # Measured once: reduced resolution at the compare concurrency (it reads vLLM's counters) and in the other
+        # router mode, and what every round reads.
+        assert roles.reduced_two_stage_c == plan.roles.reduced_two_stage_c
+        assert roles.resolution_pairs == plan.roles.resolution_pairs
         assert roles.two_stage_all == plan.roles.two_stage_all and roles.two_stage_c in roles.two_stage_all
-    assert not any("+reduced" in n and "#" in n for n in names)
+    assert [n for n in names if "+reduced" in n and "#" in n] == [r.reduced_route_1 for r in plan.rounds[1:]]
     # Later rounds after the first, before the sweep above the compare concurrency and the open loop.
     last_round = max(names.index(getattr(r, role)) for r in plan.rounds for role in compared)
     assert last_round < names.index(phase_name(two_stage("one-token"), 32)) < names.index(
@@ -527,7 +531,7 @@ def test_smoke_run_accounts_for_every_request(served, tmp_path):
         assert phase.screenshots == len(records) == spec.requests
         assert phase.completed + phase.failed == spec.requests
     assert len(result.records) == sum(spec.requests for spec in plan.phases)
-    # No screenshot is sent twice, except to the router at reduced resolution, on purpose.
+    # No screenshot is sent twice, except as twins (some with reduced router images), on purpose.
     reusing = {spec.name: spec.reuse for spec in plan.phases if spec.reuse}
     fresh = [r.index for r in result.records if r.phase not in reusing]
     assert len(fresh) == len(set(fresh))
