@@ -149,6 +149,7 @@ class LoopMetrics:
     family_after: float  # ... promoted router
     in_distribution_before: float
     in_distribution_after: float
+    in_distribution_flips: dict[str, int]  # the same screenshots: right before, wrong after ("lost"), and the reverse
     requests: int  # every call made: auto, feedback, admin
     failed: list[dict[str, Any]]
     latency: Percentiles  # auto requests
@@ -218,6 +219,12 @@ def _screens(labels: list[str], per_class: int, seed: int, family: str | None, m
 
 def _accuracy(routed: list[Routed]) -> float:
     return round(sum(r.expert == r.label for r in routed) / len(routed), 4)
+
+
+def _flips(before: list[Routed], after: list[Routed]) -> dict[str, int]:
+    """Screenshots routed right before and wrong after ("lost"), and wrong before and right after ("won")."""
+    pairs = [(b.expert == b.label, a.expert == a.label) for b, a in zip(before, after, strict=True)]
+    return {"lost": sum(b and not a for b, a in pairs), "won": sum(a and not b for b, a in pairs)}
 
 
 def review(store: CaptureStore, truth: dict[str, str], most: int) -> int:
@@ -313,6 +320,7 @@ async def run_loop(target: LoopTarget, base: Path, config: LoopConfig, work: Pat
         train_s=round(train_s, 1), candidate=candidate["served_as"], shadow=shadow,
         family_before=_accuracy(shadowed[:len(fresh)]), family_after=_accuracy(family_after),
         in_distribution_before=_accuracy(shadowed[len(fresh):]), in_distribution_after=_accuracy(today_after),
+        in_distribution_flips=_flips(shadowed[len(fresh):], today_after),
         requests=caller.calls, failed=caller.failed,
         latency=percentiles([r.seconds for r in caller.routed if r.status == 200]), stages_s=stages)
 
@@ -334,7 +342,9 @@ def markdown(metrics: LoopMetrics, config: LoopConfig) -> str:
         f"{metrics.labelled['review']} from review ({metrics.captured} captured); exported {metrics.exported}. "
         f"Retraining ({'from the live router' if config.warm_start else 'from scratch'}, {metrics.base_train} base "
         f"lines beside the captures x{config.weight}): {metrics.train_s:.0f} s. Requests: {metrics.requests}, "
-        f"failed: {len(metrics.failed)}. "
+        f"failed: {len(metrics.failed)}. Today's looks, screenshot by screenshot: "
+        f"{metrics.in_distribution_flips['lost']} right before and wrong after, "
+        f"{metrics.in_distribution_flips['won']} the reverse. "
         f"auto latency p50/p90/p99: {_ms(metrics.latency.p50)}/{_ms(metrics.latency.p90)}/{_ms(metrics.latency.p99)} "
         f"ms. Stages (s): {metrics.stages_s}.", ""])
 
