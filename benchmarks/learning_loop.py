@@ -131,6 +131,10 @@ class Routed:
     status: int | str
     seconds: float
 
+    @property
+    def right(self) -> bool:
+        return self.expert == self.label
+
 
 @dataclass
 class LoopMetrics:
@@ -193,7 +197,7 @@ class _Caller:
         self.routed.append(routed)
         if routed.status != 200:
             self.failed.append({"call": f"auto ({stage})", "status": routed.status, "answer": text[:300]})
-        elif routed.expert != label and self.told < tell:
+        elif not routed.right and self.told < tell:
             self.told += 1
             await self._call("POST", self.target.base_url + "/feedback",
                              {"request_id": routed.request_id, "correct": False, "expert": label},
@@ -218,12 +222,12 @@ def _screens(labels: list[str], per_class: int, seed: int, family: str | None, m
 
 
 def _accuracy(routed: list[Routed]) -> float:
-    return round(sum(r.expert == r.label for r in routed) / len(routed), 4)
+    return round(sum(r.right for r in routed) / len(routed), 4)
 
 
 def _flips(before: list[Routed], after: list[Routed]) -> dict[str, int]:
     """Screenshots routed right before and wrong after ("lost"), and wrong before and right after ("won")."""
-    pairs = [(b.expert == b.label, a.expert == a.label) for b, a in zip(before, after, strict=True)]
+    pairs = [(b.right, a.right) for b, a in zip(before, after, strict=True)]
     return {"lost": sum(b and not a for b, a in pairs), "won": sum(a and not b for b, a in pairs)}
 
 
